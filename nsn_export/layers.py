@@ -1,0 +1,149 @@
+"""The NSN layer: a linear layer factorised so that every rank prefix is a valid, cheaper layer.
+
+At rank ``r`` the layer computes ``y = (x @ A[:r].T) @ B[:, :r].T + bias``. Because every rank-``r``
+layer is a prefix of every higher-rank one, one set of weights serves every rank.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+RANK_MODES = ("slice", "mask")
+
+
+def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
+    """Return ``rank`` as a Python int if it is an integer in ``[1, max_rank]``, else raise ``ValueError``."""
+    value = rank
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{what} must be a single integer in [1, {max_rank}], got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}; pass a Python int"
+            )
+        value = int(value.item())
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{what} must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__}); "
+            f"pass a Python int"
+        )
+    value = int(value)
+    if not 1 <= value <= max_rank:
+        raise ValueError(f"{what} must be in [1, {max_rank}], got {value}; choose a rank within that range")
+    return value
+
+
+class NSNLinear(nn.Module):
+    """A rank-elastic linear layer ``y = B[:, :r] @ (A[:r] @ x) + bias``.
+
+    ``A`` has shape ``(max_rank, in_features)`` and ``B`` has shape ``(out_features, max_rank)``.
+    The active rank is ``self.rank`` (an int, or a 0-d int64 tensor while exporting so that the
+    rank becomes a graph input); it defaults to ``max_rank``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        max_rank: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        limit = min(in_features, out_features)
+        validate_rank(max_rank, limit, what="max_rank")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.max_rank = max_rank
+        self.A = nn.Parameter(torch.empty(max_rank, in_features, **factory))
+        self.B = nn.Parameter(torch.empty(out_features, max_rank, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        nn.init.normal_(self.A, std=in_features**-0.5)
+        nn.init.normal_(self.B, std=max_rank**-0.5)
+        self.rank: int | torch.Tensor = max_rank
+        self.rank_mode = "slice"
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, max_rank: int) -> "NSNLinear":
+        """Factorise a pretrained ``nn.Linear`` or transformers ``Conv1D`` by truncated SVD.
+
+        ``W = U S V^T`` (computed in float64), ``B = U_R sqrt(S_R)``, ``A = sqrt(S_R) V_R^T``; so the
+        rank-``r`` prefix is the best rank-``r`` approximation of ``W`` (Eckart-Young).
+        """
+        weight = dense_weight(layer)
+        out_features, in_features = weight.shape
+        nsn = cls(in_features, out_features, max_rank, bias=layer.bias is not None,
+                  device=weight.device, dtype=weight.dtype)
+        u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+        root = s[:max_rank].sqrt()
+        with torch.no_grad():
+            nsn.B.copy_((u[:, :max_rank] * root).to(weight.dtype))
+            nsn.A.copy_((root[:, None] * vh[:max_rank]).to(weight.dtype))
+            if layer.bias is not None:
+                nsn.bias.copy_(layer.bias.detach())
+        return nsn
+
+    def effective_rank(self):
+        """The rank this layer runs at: ``min(self.rank, max_rank)`` (a tensor while exporting)."""
+        if isinstance(self.rank, torch.Tensor):
+            return torch.clamp(self.rank, min=1, max=self.max_rank)
+        return min(self.rank, self.max_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rank = self.effective_rank()
+        if self.rank_mode == "mask":
+            hidden = x @ self.A.T
+            keep = torch.arange(self.max_rank, device=x.device) < rank
+            y = (hidden * keep.to(hidden.dtype)) @ self.B.T
+        elif isinstance(rank, int) and rank == self.max_rank:
+            y = (x @ self.A.T) @ self.B.T
+        else:
+            y = (x @ self.A[:rank].T) @ self.B[:, :rank].T
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def weight_at(self, rank: int) -> torch.Tensor:
+        """The merged ``(out_features, in_features)`` weight ``B[:, :r] @ A[:r]`` at ``rank``."""
+        r = validate_rank(rank, self.max_rank)
+        return self.B[:, :r] @ self.A[:r]
+
+    def to_dense(self, rank: int) -> nn.Linear:
+        """A plain ``nn.Linear`` equal to this layer at ``rank`` (for specialist baselines and tests)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.A.device, dtype=self.A.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_at(rank))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def flops_per_token(self, rank: int | None = None) -> int:
+        """Multiply-add FLOPs per token at ``rank``: ``2 r (d_in + d_out)`` (bias not counted)."""
+        r = self.max_rank if rank is None else min(rank, self.max_rank)
+        return 2 * r * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_rank={self.max_rank}, bias={self.bias is not None}")
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or transformers ``Conv1D``."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if is_conv1d(layer):
+        return layer.weight.T  # GPT-2's Conv1D stores (in_features, out_features)
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
+
+
+def is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)

@@ -1,0 +1,68 @@
+"""``NSNTrainer``: a ``transformers.Trainer`` that optimises the multi-rank objective.
+
+Being a ``Trainer`` subclass, it runs unchanged under ``torchrun`` / ``accelerate`` (multi-GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from .checkpoint import write_checkpoint
+from .objective import MultiRankObjective
+from .outputs import hf_forward
+
+
+class NSNTrainer(transformers.Trainer):
+    """Trains all ranks jointly: anchor rank + sampled lower ranks per step (``objective``).
+
+    Logs ``loss_rank_{r}`` and ``s_rank_{r}`` and saves NSN checkpoints (``nsn_config.json`` holds
+    the trained ranks and learned ``s_k``). ``teacher``: an optional frozen model whose outputs the
+    ranks are distilled towards (e.g. the original dense model).
+    """
+
+    def __init__(self, *args, objective: MultiRankObjective, teacher=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective.to(self.args.device)
+        self.teacher = teacher.eval() if teacher is not None else None
+        self._rank_logs: dict[str, list[float]] = {}
+
+    def create_optimizer(self):
+        optimizer = super().create_optimizer()
+        # The learned log-variances s_k are trained with the model and never decayed.
+        optimizer.add_param_group({"params": list(self.objective.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        max_steps = max(1, self.state.max_steps)
+        progress = self.state.global_step / max_steps
+        teacher_output = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_output = hf_forward(self.teacher, inputs)[1]
+        loss, per_rank = self.objective(model, hf_forward, inputs, progress, teacher_output)
+        for rank_value, value in per_rank.items():
+            self._rank_logs.setdefault(f"loss_rank_{rank_value}", []).append(float(value))
+        if return_outputs:
+            return loss, None
+        return loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs:
+            for key, values in self._rank_logs.items():
+                logs[key] = round(sum(values) / len(values), 4)
+            for rank_value, s in self.objective.learned_log_variances().items():
+                logs[f"s_rank_{rank_value}"] = round(s, 4)
+            self._rank_logs.clear()
+        super().log(logs, *args, **kwargs)
+
+    def sync_nsn_config(self):
+        """Copy the trained ranks and learned ``s_k`` into ``model.nsn_config``."""
+        config = self.model.nsn_config
+        config.trained_ranks = sorted(set(config.trained_ranks) | self.objective.trained_ranks)
+        config.log_variances = {**config.log_variances, **self.objective.learned_log_variances()}
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        self.sync_nsn_config()
+        write_checkpoint(self.model, output_dir, tokenizer=self.processing_class)
