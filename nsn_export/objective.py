@@ -122,4 +122,4 @@ class MultiRankObjective(nn.Module):
         return self.combine(losses), losses
 
     def learned_log_variances(self) -> dict[int, float]:
-        return {r: float(self.log_variance(r)) for r in sorted(self.trained_ranks)}
+        return {r: float(self.log_variance(r).detach()) for r in sorted(self.trained_ranks)}

@@ -42,7 +42,7 @@ class NSNTrainer(transformers.Trainer):
                 teacher_output = hf_forward(self.teacher, inputs)[1]
         loss, per_rank = self.objective(model, hf_forward, inputs, progress, teacher_output)
         for rank_value, value in per_rank.items():
-            self._rank_logs.setdefault(f"loss_rank_{rank_value}", []).append(float(value))
+            self._rank_logs.setdefault(f"loss_rank_{rank_value}", []).append(float(value.detach()))
         if return_outputs:
             return loss, None
         return loss

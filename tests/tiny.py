@@ -40,3 +40,18 @@ def tiny_model(arch: str, seed: int = 0):
     model_class = transformers.BertModel if arch == "bert" else transformers.AutoModelForCausalLM
     model = model_class.from_config(config) if arch != "bert" else model_class(config)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: words ``w0`` .. ``w94`` plus ``[PAD]``."""
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(95)} | {"[PAD]": 95}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[PAD]",
+                                                eos_token="[PAD]")
+
+
+def tiny_text(count: int, length: int = 12) -> list[str]:
+    return [" ".join(f"w{(i * 7 + j * 3) % 95}" for j in range(length)) for i in range(count)]
