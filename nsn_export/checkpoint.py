@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_directory
 from .config import NSNConfig
 from .surgery import build_skeleton, nsn_layers
 
@@ -45,26 +45,6 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         tensors[name] = tensor.detach().contiguous().cpu()
     return tensors
-
-
-def atomic_directory(path: Path, fill) -> Path:
-    """Write a directory through ``fill(tmp_dir)`` into a sibling temp dir, then swap it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        fill(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def save_nsn(model: nn.Module, path: str | os.PathLike, tokenizer=None,

@@ -93,6 +93,9 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 def collate(tokenizer):
     """Pad a list of tokenised examples into a batch; padded label positions become -100."""
+    # Padding pre-tokenised examples is what we want here; silence transformers' advice against it.
+    getattr(tokenizer, "deprecation_warnings", {})["Asking-to-pad-a-fast-tokenizer"] = True
+
     def collate_fn(items: list[dict]) -> dict:
         labels = [item.get("labels") for item in items]
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]

@@ -18,19 +18,23 @@ class NSNTrainer(transformers.Trainer):
 
     Logs ``loss_rank_{r}`` and ``s_rank_{r}`` and saves NSN checkpoints (``nsn_config.json`` holds
     the trained ranks and learned ``s_k``). ``teacher``: an optional frozen model whose outputs the
-    ranks are distilled towards (e.g. the original dense model).
+    ranks are distilled towards (e.g. the original dense model). ``log_variance_lr``: the learning
+    rate of ``s_k``, which must track ``log L_k`` much faster than the weights move.
     """
 
-    def __init__(self, *args, objective: MultiRankObjective, teacher=None, **kwargs):
+    def __init__(self, *args, objective: MultiRankObjective, teacher=None, log_variance_lr: float = 2e-2,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective.to(self.args.device)
+        self.log_variance_lr = log_variance_lr
         self.teacher = teacher.eval() if teacher is not None else None
         self._rank_logs: dict[str, list[float]] = {}
 
     def create_optimizer(self):
         optimizer = super().create_optimizer()
         # The learned log-variances s_k are trained with the model and never decayed.
-        optimizer.add_param_group({"params": list(self.objective.parameters()), "weight_decay": 0.0})
+        optimizer.add_param_group({"params": list(self.objective.parameters()), "weight_decay": 0.0,
+                                   "lr": self.log_variance_lr})
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -66,3 +70,25 @@ class NSNTrainer(transformers.Trainer):
         output_dir = output_dir or self.args.output_dir
         self.sync_nsn_config()
         write_checkpoint(self.model, output_dir, tokenizer=self.processing_class)
+
+
+def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankObjective, steps: int = 100,
+              batch_size: int = 8, learning_rate: float = 5e-5, teacher=None, collator=None,
+              log_every: int = 10, show_progress: bool = True) -> NSNTrainer:
+    """Train ``model`` with ``objective`` for ``steps`` optimiser steps on CPU or the visible GPUs."""
+    from .data import collate
+
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, logging_steps=log_every, save_strategy="no", report_to=[],
+        disable_tqdm=not show_progress, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(10, steps // 10), remove_unused_columns=False,
+    )
+    trainer = NSNTrainer(model=model, args=args, train_dataset=dataset,
+                         data_collator=collator or collate(tokenizer), objective=objective,
+                         teacher=teacher, processing_class=tokenizer)
+    model.train()
+    trainer.train()
+    model.eval()
+    trainer.sync_nsn_config()
+    return trainer

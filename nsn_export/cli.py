@@ -1,0 +1,206 @@
+"""Command-line tools: thin layers over the library. Every command spells shared options the same way."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .checkpoint import CheckpointError
+
+
+def model_option(required=True, help="NSN checkpoint directory"):
+    return click.option("--model", "model_path", type=click.Path(path_type=Path), required=required, help=help)
+
+
+def output_option(help="output directory"):
+    return click.option("--output", "output_path", type=click.Path(path_type=Path), required=True, help=help)
+
+
+def overwrite_option():
+    return click.option("--overwrite", is_flag=True, help="replace an existing output")
+
+
+def parse_max_rank(value: str) -> int | float:
+    """``"64"`` is an absolute rank; ``"0.5"`` a fraction of each layer's ``min(d_in, d_out)``."""
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is neither an int (absolute rank) nor a fraction in (0, 1]")
+
+
+def parse_ranks(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give ranks as comma-separated integers, e.g. 8,16,32")
+
+
+def user_errors(command):
+    """Show library errors a user can meet as one clear line, not a traceback."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as error:
+            raise click.ClickException(str(error)) from None
+    return run
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def batches_for(records, tokenizer, causal_lm: bool, batch_size: int, max_length: int) -> list[dict]:
+    from .data import TokenizedDataset, collate
+
+    dataset = TokenizedDataset(records, tokenizer, max_length=max_length, causal_lm=causal_lm)
+    collate_fn = collate(tokenizer)
+    return [collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for start in range(0, len(dataset), batch_size)]
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("source", type=click.Path(path_type=Path))
+@output_option("NSN checkpoint directory to write")
+@click.option("--targets", default="all-linear",
+              help="all-linear | attention | mlp, or comma-separated module names / regular expressions")
+@click.option("--max-rank", "max_rank", default="1.0",
+              help="int: absolute rank per layer; float in (0, 1]: fraction of min(d_in, d_out)")
+@overwrite_option()
+@user_errors
+def adapt_command(source, output_path, targets, max_rank, overwrite):
+    """Factorise a local Hugging Face model directory SOURCE into an NSN checkpoint."""
+    from .checkpoint import save_nsn
+    from .models import load_hf_model
+    from .surgery import adapt
+
+    refuse_existing(output_path, overwrite)
+    model = load_hf_model(source)
+    target_spec = targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
+    report = adapt(model, target_spec, parse_max_rank(max_rank))
+    save_nsn(model, output_path, tokenizer_dir=source)
+    click.echo(report.table())
+    click.echo(f"wrote {output_path} (global rank range [1, {model.nsn_config.max_rank}])")
+
+
+@click.command(context_settings={"show_default": True})
+@model_option()
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="text file (one example per line) or JSONL with text (and label)")
+@output_option("NSN checkpoint directory to write")
+@click.option("--steps", default=100, help="optimiser steps")
+@click.option("--batch-size", default=8)
+@click.option("--lr", "learning_rate", default=5e-5)
+@click.option("--max-length", default=128, help="tokens per example")
+@click.option("--ranks", "ranks", default=None, help="lower ranks to sample (default: a grid of R/16 .. 7R/8)")
+@click.option("--ranks-per-step", default=1, help="lower ranks sampled per step, besides the anchor")
+@click.option("--schedule", type=click.Choice(["curriculum", "uniform"]), default="curriculum")
+@click.option("--distill", type=click.Choice(["kl", "cosine", "mse"]), default=None,
+              help="distil lower ranks to the full-rank output (for data without labels)")
+@click.option("--teacher", "teacher_path", type=click.Path(path_type=Path), default=None,
+              help="original dense model directory to distil every rank towards")
+@overwrite_option()
+@user_errors
+def train_command(model_path, data_path, output_path, steps, batch_size, learning_rate, max_length, ranks,
+                  ranks_per_step, schedule, distill, teacher_path, overwrite):
+    """Train all ranks of an NSN checkpoint jointly (the paper's multi-rank objective)."""
+    from .checkpoint import load_nsn, save_nsn
+    from .data import TokenizedDataset, load_records
+    from .models import is_causal_lm, load_hf_model, load_tokenizer
+    from .objective import MultiRankObjective
+    from .trainer import train_nsn
+
+    refuse_existing(output_path, overwrite)
+    model = load_nsn(model_path)
+    tokenizer = load_tokenizer(model_path)
+    records = load_records(data_path)
+    causal = is_causal_lm(model)
+    labelled = causal or "label" in records[0]
+    if not labelled and distill is None:
+        distill = "cosine"  # unlabelled encoder data: keep every rank's embeddings close to the teacher
+    teacher = load_hf_model(teacher_path) if teacher_path else None
+    objective = MultiRankObjective(model.nsn_config.max_rank, ranks=parse_ranks(ranks),
+                                   samples_per_step=ranks_per_step, schedule=schedule, distill=distill)
+    dataset = TokenizedDataset(records, tokenizer, max_length=max_length, causal_lm=causal)
+    trainer = train_nsn(model, dataset, tokenizer, str(output_path) + ".run", objective, steps=steps,
+                        batch_size=batch_size, learning_rate=learning_rate, teacher=teacher)
+    save_nsn(model, output_path, tokenizer=tokenizer)
+    final = {k: v for k, v in trainer.state.log_history[-1].items()}
+    click.echo(json.dumps(final, indent=1))
+    click.echo(f"wrote {output_path}; trained ranks {model.nsn_config.trained_ranks}")
+
+
+@click.command(context_settings={"show_default": True})
+@model_option()
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="text file or JSONL (with label for classifiers)")
+@click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
+@click.option("--batch-size", default=16)
+@click.option("--max-length", default=128)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@user_errors
+def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
+    """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, FLOPs fraction."""
+    from .checkpoint import load_nsn
+    from .data import load_records
+    from .evaluate import evaluate_ranks
+    from .layers import validate_rank
+    from .models import is_causal_lm, load_tokenizer
+
+    model = load_nsn(model_path)
+    top = model.nsn_config.max_rank
+    rank_list = parse_ranks(ranks) or sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
+    rank_list = [validate_rank(r, top) for r in rank_list]
+    batches = batches_for(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
+                          batch_size, max_length)
+    rows = evaluate_ranks(model, batches, rank_list)
+    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--sentences", default=64, help="English sentences (from Python's own docs) to embed")
+@click.option("--ranks", default="24,48,96,192,288,384", help="comma-separated ranks to compare")
+@user_errors
+def quickstart_command(sentences, ranks):
+    """Adapt the built-in MiniLM encoder and show, per rank, FLOPs and fidelity to the dense model."""
+    from .data import english_sentences
+    from .evaluate import evaluate_ranks, outputs_at
+    from .models import default_model_dir, load_hf_model, load_tokenizer
+    from .surgery import adapt
+
+    source = default_model_dir()
+    click.echo(f"model: all-MiniLM-L6-v2 from {source}", err=True)
+    model = load_hf_model(source)
+    tokenizer = load_tokenizer(source)
+    batches = batches_for([{"text": t} for t in english_sentences(sentences)], tokenizer, False, 16, 128)
+    dense = outputs_at(model, batches, None)[1]
+    report = adapt(model, "all-linear", 1.0)
+    click.echo(f"adapted {len(report.layers)} linear layers (R_l = min(d_in, d_out))", err=True)
+    rows = evaluate_ranks(model, batches, parse_ranks(ranks), reference=dense)
+    click.echo(format_table([{"rank": r["rank"], "flops_fraction": r["flops_fraction"],
+                              "cosine_to_dense": r["cosine"]} for r in rows]))
+
+
+def main():  # pragma: no cover
+    sys.exit(quickstart_command())

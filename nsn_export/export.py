@@ -1,0 +1,221 @@
+"""Export an NSN model to ONE ONNX graph whose int64 ``rank`` input selects the rank at run time.
+
+Inputs and outputs are declared by Hugging Face Optimum's ``OnnxConfig`` for the architecture
+(decoders: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/.value``
+-> ``logits``, ``present.{i}.key/.value``; encoders -> ``last_hidden_state``), plus ``rank``.
+``rank`` means exactly what ``set_rank`` means in torch; the graph clamps it into ``[1, R_l]`` per
+layer, so a raw caller's out-of-range value can never index outside a weight.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shutil
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from .architectures import SUPPORTED_ARCHITECTURES, TARGETS
+from .atomic import atomic_directory
+from .checkpoint import TOKENIZER_FILES
+from .flops import attention_flops_per_token, model_flops
+from .layers import RANK_MODES
+from .models import is_causal_lm
+from .surgery import max_rank as model_max_rank
+from .surgery import traced_rank
+
+MODEL_FILE = "model.onnx"
+METADATA_VERSION = "1"
+TASKS = ("text-generation", "feature-extraction")
+MIN_OPSET = 14  # scaled-dot-product attention and Trilu need opset 14
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed: unsupported model, bad option, or an op the opset lacks."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    task: str
+    inputs: list[str]
+    outputs: list[str]
+    metadata: dict[str, str]
+
+
+def infer_task(model) -> str:
+    return "text-generation" if is_causal_lm(model) else "feature-extraction"
+
+
+def check_exportable(model, task: str, opset: int, rank_mode: str) -> None:
+    arch = getattr(model.config, "model_type", None)
+    if arch not in TARGETS:
+        raise ExportError(f"architecture {arch!r} is not supported for export; supported: "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if task not in TASKS:
+        raise ExportError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "text-generation" and not is_causal_lm(model):
+        raise ExportError(f"task text-generation needs a causal LM (e.g. *ForCausalLM), got {type(model).__name__}; "
+                          f"use --task feature-extraction")
+    if rank_mode not in RANK_MODES:
+        raise ExportError(f"rank mode must be one of {RANK_MODES}, got {rank_mode!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset {opset!r} is outside the supported range [{MIN_OPSET}, {newest}]: "
+                          f"attention needs opset >= {MIN_OPSET}; use --opset 17")
+
+
+def rank_onnx_config(model, task: str, dummy_rank: int):
+    """Optimum's ``OnnxConfig`` for this architecture, with an extra scalar int64 ``rank`` input."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the configs with the TasksManager)
+    from optimum.exporters.tasks import TasksManager
+    from optimum.utils.input_generators import DummyInputGenerator
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model=model, task=task, library_name="transformers")
+    except (KeyError, ValueError) as error:
+        raise ExportError(f"Optimum has no ONNX config for {type(model).__name__} / {task}: {error}") from None
+    base_class = type(constructor(model.config, task=task))
+
+    class RankInputGenerator(DummyInputGenerator):
+        SUPPORTED_INPUT_NAMES = ("rank",)
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, input_name, framework="pt", int_dtype="int64", float_dtype="fp32"):
+            return torch.tensor(dummy_rank, dtype=torch.int64)
+
+    class RankOnnxConfig(base_class):
+        DUMMY_INPUT_GENERATOR_CLASSES = base_class.DUMMY_INPUT_GENERATOR_CLASSES + (RankInputGenerator,)
+
+        @property
+        def inputs(self):
+            inputs = super().inputs
+            inputs["rank"] = {}  # a scalar: no dynamic axes
+            return inputs
+
+    if task == "text-generation":
+        # One graph for prefill and decode: the cache is always an input (empty at prefill).
+        return RankOnnxConfig(model.config, task=task, use_past=True, use_past_in_inputs=True)
+    return RankOnnxConfig(model.config, task=task)
+
+
+def forward_with_rank(model, rank_mode: str):
+    """A forward that names ``rank`` (Optimum passes only named inputs) and drives the NSN layers."""
+    from optimum.exporters.onnx._traceable_decorator import traceable_check_model_inputs
+
+    original = type(model).forward
+    if hasattr(original, "__wrapped__"):
+        original = traceable_check_model_inputs(original.__wrapped__)
+    accepted = set(inspect.signature(type(model).forward).parameters)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                token_type_ids=None, rank=None, use_cache=None, **kwargs):
+        named = {"position_ids": position_ids, "past_key_values": past_key_values,
+                 "token_type_ids": token_type_ids, "use_cache": use_cache}
+        extra = {k: v for k, v in named.items() if v is not None and k in accepted}
+        with traced_rank(self, rank, rank_mode):
+            return original(self, input_ids=input_ids, attention_mask=attention_mask, **extra, **kwargs)
+
+    return types.MethodType(forward, model)
+
+
+def nsn_metadata(model, task: str, rank_mode: str, opset: int) -> dict[str, str]:
+    """The NSN facts every downstream tool reads from the ONNX file (all values are strings)."""
+    config = model.nsn_config
+    top = model_max_rank(model)
+    flops = [model_flops(model, r) for r in range(1, top + 1)]
+    return {
+        "nsn.format_version": METADATA_VERSION,
+        "nsn.task": task,
+        "nsn.rank_mode": rank_mode,
+        "nsn.max_rank": str(top),
+        "nsn.layer_ranks": json.dumps(config.layer_ranks),
+        "nsn.trained_ranks": json.dumps(config.trained_ranks),
+        "nsn.log_variances": json.dumps({str(k): v for k, v in config.log_variances.items()}),
+        # FLOPs per token at rank r (index r-1); add attention_flops_per_context_token * context.
+        "nsn.flops_per_rank": json.dumps(flops),
+        "nsn.dense_flops": str(model_flops(model, None)),
+        "nsn.attention_flops_per_context_token": str(attention_flops_per_token(model.config, 1)),
+        "nsn.source_model": f"{model.config.model_type}/{type(model).__name__}",
+        "nsn.opset": str(opset),
+    }
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata_props`` without loading external weight data into memory."""
+    proto = onnx.load(str(path), load_external_data=False)
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in metadata.items():
+        prop = existing.get(key) or proto.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(proto, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def run_optimum_export(model, config, path: Path, opset: int) -> tuple[list[str], list[str]]:
+    from optimum.exporters.onnx.convert import export_pytorch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about the rank-dependent slice are expected
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            return export_pytorch(model, config, opset, path)
+    except torch.onnx.errors.UnsupportedOperatorError as error:
+        raise ExportError(f"opset {opset} is too old for an operator in this model ({error}); "
+                          f"use a newer opset, e.g. --opset 17") from None
+    except torch.onnx.errors.OnnxExporterError as error:
+        raise ExportError(f"ONNX export failed at opset {opset}: {error}") from None
+
+
+def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str = "slice", task: str | None = None,
+                overwrite: bool = False, tokenizer_dir: str | Path | None = None,
+                progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``model`` (an NSN model) to ``output_dir/model.onnx`` plus its config and tokenizer files.
+
+    The directory appears whole or not at all; an existing one is refused unless ``overwrite``.
+    """
+    report = progress or (lambda message: None)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    task = task or infer_task(model)
+    check_exportable(model, task, opset, rank_mode)
+    top = model_max_rank(model)
+    config = rank_onnx_config(model, task, dummy_rank=max(1, top // 2))
+    metadata = nsn_metadata(model, task, rank_mode, opset)
+    names: dict[str, list[str]] = {}
+
+    def fill(tmp: Path) -> None:
+        report(f"tracing {type(model).__name__} with a dynamic rank input (opset {opset}, {rank_mode} mode)")
+        saved_forward = model.__dict__.get("forward")
+        model.forward = forward_with_rank(model, rank_mode)
+        try:
+            names["inputs"], names["outputs"] = run_optimum_export(model, config, tmp / MODEL_FILE, opset)
+        finally:
+            if saved_forward is None:
+                del model.forward
+            else:
+                model.forward = saved_forward
+        report("writing NSN metadata")
+        write_metadata(tmp / MODEL_FILE, metadata)
+        model.config.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+
+    atomic_directory(output_dir, fill)
+    return ExportResult(output_dir / MODEL_FILE, task, names["inputs"], names["outputs"], metadata)
