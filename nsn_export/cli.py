@@ -202,5 +202,69 @@ def quickstart_command(sentences, ranks):
                               "cosine_to_dense": r["cosine"]} for r in rows]))
 
 
+def stage_printer():
+    """Progress for multi-step work: each stage on stderr with the seconds since the start."""
+    import time
+
+    start = time.perf_counter()
+    return lambda message: click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
+
+
+def checks_table(checks) -> str:
+    return format_table([c.as_row() for c in checks])
+
+
+@click.command(context_settings={"show_default": True})
+@model_option()
+@click.option("--opset", default=17, help="ONNX opset (14 or newer)")
+@click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
+              help="export directory [default: <model>-onnx]")
+@click.option("--task", type=click.Choice(["auto", "text-generation", "feature-extraction"]), default="auto")
+@click.option("--rank-mode", type=click.Choice(["slice", "mask"]), default="slice",
+              help="slice: compute only the first rank components; mask: static shapes, zero the rest")
+@click.option("--no-verify", is_flag=True, help="skip the comparison with PyTorch")
+@overwrite_option()
+@user_errors
+def export_command(model_path, opset, output_path, task, rank_mode, no_verify, overwrite):
+    """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input."""
+    from .checkpoint import load_nsn
+    from .export import export_onnx
+
+    output_path = output_path or model_path.with_name(model_path.name + "-onnx")
+    refuse_existing(output_path, overwrite)
+    progress = stage_printer()
+    progress(f"loading {model_path}")
+    model = load_nsn(model_path)
+    result = export_onnx(model, output_path, opset=opset, rank_mode=rank_mode, task=None if task == "auto" else task,
+                         overwrite=overwrite, tokenizer_dir=model_path, verify=not no_verify, progress=progress)
+    if result.checks:
+        click.echo(checks_table(result.checks))
+    click.echo(f"wrote {result.path} (task {result.task}, rank in [1, {result.metadata['nsn.max_rank']}], "
+               f"{rank_mode} mode, opset {opset})")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("onnx_path", type=click.Path(path_type=Path))
+@model_option()
+@click.option("--ranks", default=None, help="comma-separated ranks [default: min, max, trained, untrained, between]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@user_errors
+def verify_command(onnx_path, model_path, ranks, as_json):
+    """Compare an exported graph with the PyTorch checkpoint at several ranks (prefill and decode)."""
+    from .checkpoint import load_nsn
+    from .verify import TOLERANCE, VerificationError, require_passed, verify_onnx
+
+    onnx_path = onnx_path / "model.onnx" if onnx_path.is_dir() else onnx_path
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
+    checks = verify_onnx(onnx_path, load_nsn(model_path), ranks=parse_ranks(ranks), progress=stage_printer())
+    click.echo(json.dumps([c.as_row() for c in checks], indent=1) if as_json else checks_table(checks))
+    try:
+        require_passed(checks)
+    except VerificationError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"all {len(checks)} checks within the fp32 tolerance {TOLERANCE:g}", err=True)
+
+
 def main():  # pragma: no cover
     sys.exit(quickstart_command())

@@ -48,6 +48,7 @@ class ExportResult:
     inputs: list[str]
     outputs: list[str]
     metadata: dict[str, str]
+    checks: list = None
 
 
 def infer_task(model) -> str:
@@ -182,12 +183,16 @@ def run_optimum_export(model, config, path: Path, opset: int) -> tuple[list[str]
 
 
 def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str = "slice", task: str | None = None,
-                overwrite: bool = False, tokenizer_dir: str | Path | None = None,
+                overwrite: bool = False, tokenizer_dir: str | Path | None = None, verify: bool = True,
                 progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``model`` (an NSN model) to ``output_dir/model.onnx`` plus its config and tokenizer files.
 
-    The directory appears whole or not at all; an existing one is refused unless ``overwrite``.
+    With ``verify`` the graph is checked against PyTorch (``verify.verify_onnx``) before it lands;
+    a mismatch raises ``VerificationError``. The directory appears whole and verified or not at
+    all; an existing one is refused unless ``overwrite``.
     """
+    from .verify import require_passed, verify_onnx
+
     report = progress or (lambda message: None)
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -197,7 +202,7 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
     top = model_max_rank(model)
     config = rank_onnx_config(model, task, dummy_rank=max(1, top // 2))
     metadata = nsn_metadata(model, task, rank_mode, opset)
-    names: dict[str, list[str]] = {}
+    names: dict[str, list] = {}
 
     def fill(tmp: Path) -> None:
         report(f"tracing {type(model).__name__} with a dynamic rank input (opset {opset}, {rank_mode} mode)")
@@ -212,10 +217,14 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
                 model.forward = saved_forward
         report("writing NSN metadata")
         write_metadata(tmp / MODEL_FILE, metadata)
+        if verify:
+            names["checks"] = verify_onnx(tmp / MODEL_FILE, model, progress=report)
+            require_passed(names["checks"])
         model.config.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
 
     atomic_directory(output_dir, fill)
-    return ExportResult(output_dir / MODEL_FILE, task, names["inputs"], names["outputs"], metadata)
+    return ExportResult(output_dir / MODEL_FILE, task, names["inputs"], names["outputs"], metadata,
+                        names.get("checks"))

@@ -1,0 +1,66 @@
+"""The NSN facts an exported graph carries in its ``metadata_props`` (no checkpoint needed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+SUPPORTED_FORMAT_VERSIONS = ("1",)
+
+
+@dataclass(frozen=True)
+class NSNModelInfo:
+    max_rank: int
+    task: str
+    rank_mode: str
+    layer_ranks: dict[str, int]
+    trained_ranks: list[int]
+    flops_per_rank: list[int]
+    dense_flops: int
+    attention_flops_per_context_token: int
+    source_model: str
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "model") -> "NSNModelInfo":
+        version = props.get("nsn.format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(f"{source}: not an nsn-export graph or unknown NSN metadata version {version!r} "
+                             f"(supported: {', '.join(SUPPORTED_FORMAT_VERSIONS)}); re-export it with nsn-export")
+        return cls(
+            max_rank=int(props["nsn.max_rank"]),
+            task=props["nsn.task"],
+            rank_mode=props["nsn.rank_mode"],
+            layer_ranks=json.loads(props["nsn.layer_ranks"]),
+            trained_ranks=json.loads(props["nsn.trained_ranks"]),
+            flops_per_rank=json.loads(props["nsn.flops_per_rank"]),
+            dense_flops=int(props["nsn.dense_flops"]),
+            attention_flops_per_context_token=int(props["nsn.attention_flops_per_context_token"]),
+            source_model=props.get("nsn.source_model", ""),
+        )
+
+    def flops(self, rank: int, context_length: int = 0) -> int:
+        """FLOPs per token at ``rank`` with ``context_length`` tokens of attention context."""
+        return self.flops_per_rank[rank - 1] + self.attention_flops_per_context_token * context_length
+
+    def flops_fraction(self, rank: int, context_length: int = 0) -> float:
+        dense = self.dense_flops + self.attention_flops_per_context_token * context_length
+        return self.flops(rank, context_length) / dense
+
+
+def validate_rank(rank, max_rank: int) -> int:
+    """``rank`` as an int in ``[1, max_rank]``; anything else is a ``ValueError`` naming the range."""
+    import numbers
+
+    import numpy as np
+
+    value = rank
+    if isinstance(value, np.ndarray):
+        if value.size != 1 or value.dtype.kind not in "iu":
+            raise ValueError(f"rank must be a single integer in [1, {max_rank}], got an array of shape "
+                             f"{value.shape} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"rank must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__})")
+    if not 1 <= int(value) <= max_rank:
+        raise ValueError(f"rank must be in [1, {max_rank}], got {int(value)}; choose a rank within that range")
+    return int(value)

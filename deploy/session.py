@@ -1,0 +1,188 @@
+"""``NSNSession``: one exported NSN graph in ONNX Runtime, serving every rank.
+
+Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a device image.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from .metadata import NSNModelInfo, validate_rank
+from .text import encode_batch, load_tokenizer, stop_token_ids
+
+MODEL_FILE = "model.onnx"
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu is installed (it falls back to CPU without a GPU), else CPU."""
+    available = ort.get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return preferred + ["CPUExecutionProvider"]
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str | None
+    ranks: list[int] = field(default_factory=list)
+    step_latency_ms: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_ms(self) -> float:
+        return self.step_latency_ms[0] if self.step_latency_ms else 0.0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        steps = self.step_latency_ms[1:]
+        return sum(steps) / len(steps) if steps else 0.0
+
+
+class NSNSession:
+    """Load ``model.onnx`` (a directory or the file), read its NSN metadata, run it at ``rank``.
+
+    ``rank`` is validated: an int in ``[1, info.max_rank]``. Changing it is instant (it is just the
+    value fed to the graph's ``rank`` input) and may happen between generation steps.
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
+                 rank: int | None = None):
+        path = Path(path)
+        self.model_path = path / MODEL_FILE if path.is_dir() else path
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"{self.model_path}: no exported model here; run nsn-export first")
+        self.model_dir = self.model_path.parent
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=providers or default_providers())
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.stop_ids = stop_token_ids(self.model_dir)
+        self._rank = self.info.max_rank
+        if rank is not None:
+            self.rank = rank
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self._rank = validate_rank(value, self.info.max_rank)
+
+    def set_rank(self, value: int) -> None:
+        """The governor's interface: same as assigning ``rank``."""
+        self.rank = value
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""
+        feeds = {**feeds, "rank": np.array(self._rank, np.int64)}
+        values = self.session.run(outputs, feeds)
+        return dict(zip(outputs or self.output_names, values))
+
+    # ---- encoders -------------------------------------------------------------------------
+    def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int = 512) -> np.ndarray:
+        """Sentence embeddings: the attention-masked mean of ``last_hidden_state`` (L2-normalised)."""
+        if self.info.task != "feature-extraction":
+            raise ValueError(f"embed needs an encoder export (task feature-extraction), this one is {self.info.task}")
+        self._require_tokenizer()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids, mask = encode_batch(self.tokenizer, texts, max_length)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self.run(feeds, ["last_hidden_state"])["last_hidden_state"]
+        weights = mask[..., None].astype(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        if normalize:
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+    # ---- decoders -------------------------------------------------------------------------
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_dir} has no tokenizer.json; pass token ids instead of text")
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        return [np.zeros((batch, shapes[n][1], 0, shapes[n][3]), np.float32)
+                for n in self.input_names if n.startswith("past_key_values.")]
+
+    def decode_step(self, token_ids: np.ndarray, cache: list[np.ndarray], past_length: int):
+        """One decoder call: returns ``(logits of the last position, new cache)``."""
+        batch, length = token_ids.shape
+        feeds = {"input_ids": token_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.arange(past_length, past_length + length, dtype=np.int64)[None].repeat(batch, 0)
+        past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
+        feeds.update(zip(past_names, cache))
+        values = self.session.run(None, {**feeds, "rank": np.array(self._rank, np.int64)})
+        return values[0][:, -1], values[1:]
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop_ids: set[int] | None = None, rank_at: Callable[[int], int | None] | None = None) -> Generation:
+        """Greedy or sampled generation with a KV cache (batch 1).
+
+        ``rank_at(step)`` (step 0 is the prompt) may return a new rank before each step; the cache
+        is kept, so earlier keys and values keep the rank they were computed at.
+        """
+        if self.info.task != "text-generation":
+            raise ValueError(f"generate needs a decoder export (task text-generation), this one is {self.info.task}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(prompt, str):
+            self._require_tokenizer()
+            prompt_ids = self.tokenizer.encode(prompt).ids
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        stops = self.stop_ids if stop_ids is None else set(stop_ids)
+        random = np.random.default_rng(seed)
+        cache, past, step_input = self.empty_cache(), 0, np.array([prompt_ids], np.int64)
+        result = Generation([], None)
+        for step in range(max_new_tokens):
+            if rank_at is not None and (new_rank := rank_at(step)) is not None:
+                self.rank = new_rank
+            start = time.perf_counter()
+            logits, cache = self.decode_step(step_input, cache, past)
+            result.step_latency_ms.append((time.perf_counter() - start) * 1e3)
+            result.ranks.append(self._rank)
+            past += step_input.shape[1]
+            token = self._choose(logits[0], do_sample, temperature, top_k, random)
+            result.token_ids.append(token)
+            if token in stops:
+                break
+            step_input = np.array([[token]], np.int64)
+        if self.tokenizer is not None:
+            result.text = self.tokenizer.decode(result.token_ids)
+        return result
+
+    @staticmethod
+    def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, random) -> int:
+        if not do_sample:
+            return int(np.argmax(logits))
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        scores = logits.astype(np.float64) / temperature
+        if top_k:
+            cutoff = np.partition(scores, -top_k)[-top_k]
+            scores = np.where(scores < cutoff, -np.inf, scores)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        return int(random.choice(len(probs), p=probs))
