@@ -101,10 +101,10 @@ class NSNSession:
             raise ValueError(f"embed needs an encoder export (task feature-extraction), this one is {self.info.task}")
         self._require_tokenizer()
         texts = [texts] if isinstance(texts, str) else list(texts)
-        ids, mask = encode_batch(self.tokenizer, texts, max_length)
+        ids, mask, types = encode_batch(self.tokenizer, texts, max_length)
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
+            feeds["token_type_ids"] = types
         hidden = self.run(feeds, ["last_hidden_state"])["last_hidden_state"]
         weights = mask[..., None].astype(hidden.dtype)
         pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)

@@ -13,7 +13,12 @@ def load_tokenizer(model_dir: str | Path):
     from tokenizers import Tokenizer
 
     path = Path(model_dir) / "tokenizer.json"
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # we pad per batch ourselves, with a matching attention mask
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def stop_token_ids(model_dir: str | Path) -> set[int]:
@@ -30,14 +35,14 @@ def stop_token_ids(model_dir: str | Path) -> set[int]:
     return ids
 
 
-def encode_batch(tokenizer, texts: list[str], max_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, right-padded to the longest text."""
+def encode_batch(tokenizer, texts: list[str], max_length: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, attention mask and token type ids, right-padded to the longest text."""
+    tokenizer.enable_truncation(max_length)
     encodings = tokenizer.encode_batch(texts)
-    rows = [e.ids[:max_length] for e in encodings]
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
+    width = max(len(e.ids) for e in encodings)
+    ids, mask, types = (np.zeros((len(encodings), width), np.int64) for _ in range(3))
+    for i, e in enumerate(encodings):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = e.attention_mask
+        types[i, : len(e.ids)] = e.type_ids
+    return ids, mask, types

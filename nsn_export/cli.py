@@ -179,27 +179,70 @@ def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
 
 
 @click.command(context_settings={"show_default": True})
+@click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("runs/quickstart"),
+              help="work directory (checkpoint and export are written here)")
+@model_option(required=False, help="use this NSN checkpoint of MiniLM instead of adapting the built-in one")
 @click.option("--sentences", default=64, help="English sentences (from Python's own docs) to embed")
 @click.option("--ranks", default="24,48,96,192,288,384", help="comma-separated ranks to compare")
+@click.option("--repeats", default=5, help="timed ONNX Runtime runs per rank (median reported)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
-def quickstart_command(sentences, ranks):
-    """Adapt the built-in MiniLM encoder and show, per rank, FLOPs and fidelity to the dense model."""
+def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_json):
+    """The whole path on the built-in MiniLM encoder: adapt -> export (opset 17) -> verify -> run.
+
+    Prints per rank the FLOPs fraction, ONNX Runtime latency and the cosine similarity of the
+    sentence embeddings to the dense PyTorch model's.
+    """
+    import statistics
+    import time
+
+    import numpy as np
+
+    from deploy import NSNSession
+
+    from .checkpoint import load_nsn, save_nsn
     from .data import english_sentences
-    from .evaluate import evaluate_ranks, outputs_at
+    from .evaluate import outputs_at
+    from .export import export_onnx
     from .models import default_model_dir, load_hf_model, load_tokenizer
     from .surgery import adapt
 
+    progress = stage_printer()
     source = default_model_dir()
-    click.echo(f"model: all-MiniLM-L6-v2 from {source}", err=True)
-    model = load_hf_model(source)
+    progress(f"loading all-MiniLM-L6-v2 from {source}")
     tokenizer = load_tokenizer(source)
-    batches = batches_for([{"text": t} for t in english_sentences(sentences)], tokenizer, False, 16, 128)
-    dense = outputs_at(model, batches, None)[1]
-    report = adapt(model, "all-linear", 1.0)
-    click.echo(f"adapted {len(report.layers)} linear layers (R_l = min(d_in, d_out))", err=True)
-    rows = evaluate_ranks(model, batches, parse_ranks(ranks), reference=dense)
-    click.echo(format_table([{"rank": r["rank"], "flops_fraction": r["flops_fraction"],
-                              "cosine_to_dense": r["cosine"]} for r in rows]))
+    texts = english_sentences(sentences)
+    batches = batches_for([{"text": t} for t in texts], tokenizer, False, len(texts), 128)
+    dense = outputs_at(load_hf_model(source), batches, None)[1][0].numpy()
+    if model_path is None:
+        model = load_hf_model(source)
+        report = adapt(model, "all-linear", 1.0)
+        model_path = save_nsn(model, output_path / "minilm-nsn", tokenizer_dir=source)
+        progress(f"adapted {len(report.layers)} linear layers (R_l = min(d_in, d_out)) -> {model_path}")
+    else:
+        model = load_nsn(model_path)
+    export_dir = output_path / "minilm-nsn-onnx"
+    result = export_onnx(model, export_dir, opset=17, overwrite=True, tokenizer_dir=model_path, progress=progress)
+    worst = max(c.max_rel_error for c in result.checks)
+    progress(f"exported and verified {result.path} at ranks {sorted({c.rank for c in result.checks})} "
+             f"(worst relative error {worst:.1e})")
+
+    session = NSNSession(export_dir)
+    rows = []
+    for rank_value in parse_ranks(ranks):
+        session.rank = rank_value
+        embeddings = session.embed(texts, normalize=False)
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.embed(texts, normalize=False)
+            timings.append((time.perf_counter() - start) * 1e3)
+        cosine = np.sum(embeddings * dense, -1) / (np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(dense, axis=-1))
+        rows.append({"rank": rank_value, "flops_fraction": round(session.info.flops_fraction(rank_value), 4),
+                     "ort_latency_ms": round(statistics.median(timings), 2),
+                     "cosine_to_dense": round(float(cosine.mean()), 4)})
+    progress(f"ran {len(texts)} sentences per call on {session.providers[0]}")
+    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
 
 
 def stage_printer():

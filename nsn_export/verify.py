@@ -44,7 +44,7 @@ def verification_ranks(top: int, trained: list[int]) -> list[tuple[int, str]]:
     if trained_inner:
         chosen.setdefault(trained_inner[len(trained_inner) // 2], "trained")
     middle = max(1, top // 2)
-    candidates = [middle, middle + 1, middle - 1, top // 3, (2 * top) // 3, 2, top - 1]
+    candidates = [middle, top // 4, (3 * top) // 4, middle + 1, 2, top - 1]
     for r in candidates:
         if 1 <= r <= top and r not in chosen and r not in trained:
             chosen[r] = "untrained"
