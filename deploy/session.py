@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .metadata import NSNModelInfo, validate_rank
 from .text import encode_batch, load_tokenizer, stop_token_ids
+from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
 
@@ -46,12 +48,16 @@ class Generation:
 class NSNSession:
     """Load ``model.onnx`` (a directory or the file), read its NSN metadata, run it at ``rank``.
 
-    ``rank`` is validated: an int in ``[1, info.max_rank]``. Changing it is instant (it is just the
-    value fed to the graph's ``rank`` input) and may happen between generation steps.
+    ``rank`` is validated: an int in ``[1, info.max_rank]``. Changing it is instant (it selects the
+    value fed to ``rank`` and the weight views) and may happen between generation steps.
+
+    ``weight_views`` (default: on for slice-mode graphs on the CPU) serves the factors as zero-copy
+    prefix views instead of letting the graph slice them on every run (see ``deploy.views``);
+    outputs are identical, decoding is several times faster. Off, the graph runs as exported.
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
-                 rank: int | None = None):
+                 rank: int | None = None, weight_views: bool | None = None):
         path = Path(path)
         self.model_path = path / MODEL_FILE if path.is_dir() else path
         if not self.model_path.is_file():
@@ -61,10 +67,25 @@ class NSNSession:
         options.log_severity_level = 3
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=providers or default_providers())
+        providers = providers or default_providers()
+        self.views: list[RankView] = []
+        self._view_cache: dict[int, dict[str, np.ndarray]] = {}
+        model_source: str | bytes = str(self.model_path)
+        if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
+            proto = onnx.load(model_source)
+            mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
+            if mode == "slice":
+                model_source, self.views = to_view_graph(proto)
+            elif weight_views:
+                raise ValueError(f"{self.model_path}: weight views need a slice-mode export, this one is "
+                                 f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
+            del proto
+        self.session = ort.InferenceSession(model_source, options, providers=providers)
+        del model_source
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        view_names = {view.name for view in self.views}
+        self.input_names = [i.name for i in self.session.get_inputs() if i.name not in view_names]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_ids = stop_token_ids(self.model_dir)
@@ -88,11 +109,24 @@ class NSNSession:
         """The governor's interface: same as assigning ``rank``."""
         self.rank = value
 
+    @property
+    def weight_views(self) -> bool:
+        return bool(self.views)
+
+    def rank_feeds(self) -> dict[str, np.ndarray]:
+        """``rank`` plus, with weight views, every factor's prefix view (cached per rank)."""
+        feeds = self._view_cache.get(self._rank)
+        if feeds is None:
+            feeds = {"rank": np.array(self._rank, np.int64), **views_at(self.views, self._rank)}
+            self._view_cache[self._rank] = feeds
+        return feeds
+
+    def run_raw(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        return self.session.run(outputs, {**feeds, **self.rank_feeds()})
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""
-        feeds = {**feeds, "rank": np.array(self._rank, np.int64)}
-        values = self.session.run(outputs, feeds)
-        return dict(zip(outputs or self.output_names, values))
+        return dict(zip(outputs or self.output_names, self.run_raw(feeds, outputs)))
 
     # ---- encoders -------------------------------------------------------------------------
     def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int = 512) -> np.ndarray:
@@ -130,7 +164,7 @@ class NSNSession:
             feeds["position_ids"] = np.arange(past_length, past_length + length, dtype=np.int64)[None].repeat(batch, 0)
         past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
         feeds.update(zip(past_names, cache))
-        values = self.session.run(None, {**feeds, "rank": np.array(self._rank, np.int64)})
+        values = self.run_raw(feeds)
         return values[0][:, -1], values[1:]
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,

@@ -26,9 +26,10 @@ from .architectures import SUPPORTED_ARCHITECTURES, TARGETS
 from .atomic import atomic_directory
 from .checkpoint import TOKENIZER_FILES
 from .flops import attention_flops_per_token, model_flops
-from .layers import RANK_MODES
+from .layers import RANK_MODES, validate_rank
 from .models import is_causal_lm
 from .surgery import max_rank as model_max_rank
+from .surgery import rank as at_rank
 from .surgery import traced_rank
 
 MODEL_FILE = "model.onnx"
@@ -73,8 +74,9 @@ def check_exportable(model, task: str, opset: int, rank_mode: str) -> None:
                           f"attention needs opset >= {MIN_OPSET}; use --opset 17")
 
 
-def rank_onnx_config(model, task: str, dummy_rank: int):
-    """Optimum's ``OnnxConfig`` for this architecture, with an extra scalar int64 ``rank`` input."""
+def rank_onnx_config(model, task: str, dummy_rank: int | None):
+    """Optimum's ``OnnxConfig`` for this architecture, with an extra scalar int64 ``rank`` input
+    (none when ``dummy_rank`` is ``None``: a fixed-rank graph)."""
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the configs with the TasksManager)
     from optimum.exporters.tasks import TasksManager
     from optimum.utils.input_generators import DummyInputGenerator
@@ -85,6 +87,8 @@ def rank_onnx_config(model, task: str, dummy_rank: int):
     except (KeyError, ValueError) as error:
         raise ExportError(f"Optimum has no ONNX config for {type(model).__name__} / {task}: {error}") from None
     base_class = type(constructor(model.config, task=task))
+    if dummy_rank is None:
+        return configured(base_class, model, task)
 
     class RankInputGenerator(DummyInputGenerator):
         SUPPORTED_INPUT_NAMES = ("rank",)
@@ -104,10 +108,14 @@ def rank_onnx_config(model, task: str, dummy_rank: int):
             inputs["rank"] = {}  # a scalar: no dynamic axes
             return inputs
 
+    return configured(RankOnnxConfig, model, task)
+
+
+def configured(config_class, model, task: str):
     if task == "text-generation":
         # One graph for prefill and decode: the cache is always an input (empty at prefill).
-        return RankOnnxConfig(model.config, task=task, use_past=True, use_past_in_inputs=True)
-    return RankOnnxConfig(model.config, task=task)
+        return config_class(model.config, task=task, use_past=True, use_past_in_inputs=True)
+    return config_class(model.config, task=task)
 
 
 def forward_with_rank(model, rank_mode: str):
@@ -130,7 +138,7 @@ def forward_with_rank(model, rank_mode: str):
     return types.MethodType(forward, model)
 
 
-def nsn_metadata(model, task: str, rank_mode: str, opset: int) -> dict[str, str]:
+def nsn_metadata(model, task: str, rank_mode: str, opset: int, fixed_rank: int | None = None) -> dict[str, str]:
     """The NSN facts every downstream tool reads from the ONNX file (all values are strings)."""
     config = model.nsn_config
     top = model_max_rank(model)
@@ -149,6 +157,7 @@ def nsn_metadata(model, task: str, rank_mode: str, opset: int) -> dict[str, str]
         "nsn.attention_flops_per_context_token": str(attention_flops_per_token(model.config, 1)),
         "nsn.source_model": f"{model.config.model_type}/{type(model).__name__}",
         "nsn.opset": str(opset),
+        **({"nsn.fixed_rank": str(fixed_rank)} if fixed_rank is not None else {}),
     }
 
 
@@ -184,12 +193,15 @@ def run_optimum_export(model, config, path: Path, opset: int) -> tuple[list[str]
 
 def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str = "slice", task: str | None = None,
                 overwrite: bool = False, tokenizer_dir: str | Path | None = None, verify: bool = True,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
+                fixed_rank: int | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``model`` (an NSN model) to ``output_dir/model.onnx`` plus its config and tokenizer files.
 
     With ``verify`` the graph is checked against PyTorch (``verify.verify_onnx``) before it lands;
     a mismatch raises ``VerificationError``. The directory appears whole and verified or not at
     all; an existing one is refused unless ``overwrite``.
+
+    ``fixed_rank`` instead exports a *specialist*: the weights pre-sliced at that rank and no
+    ``rank`` input (a baseline for benchmarks; it is not verified here).
     """
     from .verify import require_passed, verify_onnx
 
@@ -200,21 +212,27 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
     task = task or infer_task(model)
     check_exportable(model, task, opset, rank_mode)
     top = model_max_rank(model)
-    config = rank_onnx_config(model, task, dummy_rank=max(1, top // 2))
-    metadata = nsn_metadata(model, task, rank_mode, opset)
+    if fixed_rank is not None:
+        fixed_rank, verify = validate_rank(fixed_rank, top), False
+    config = rank_onnx_config(model, task, dummy_rank=None if fixed_rank else max(1, top // 2))
+    metadata = nsn_metadata(model, task, rank_mode, opset, fixed_rank)
     names: dict[str, list] = {}
 
     def fill(tmp: Path) -> None:
         report(f"tracing {type(model).__name__} with a dynamic rank input (opset {opset}, {rank_mode} mode)")
-        saved_forward = model.__dict__.get("forward")
-        model.forward = forward_with_rank(model, rank_mode)
-        try:
-            names["inputs"], names["outputs"] = run_optimum_export(model, config, tmp / MODEL_FILE, opset)
-        finally:
-            if saved_forward is None:
-                del model.forward
-            else:
-                model.forward = saved_forward
+        if fixed_rank is not None:
+            with at_rank(model, fixed_rank, rank_mode):
+                names["inputs"], names["outputs"] = run_optimum_export(model, config, tmp / MODEL_FILE, opset)
+        else:
+            saved_forward = model.__dict__.get("forward")
+            model.forward = forward_with_rank(model, rank_mode)
+            try:
+                names["inputs"], names["outputs"] = run_optimum_export(model, config, tmp / MODEL_FILE, opset)
+            finally:
+                if saved_forward is None:
+                    del model.forward
+                else:
+                    model.forward = saved_forward
         report("writing NSN metadata")
         write_metadata(tmp / MODEL_FILE, metadata)
         if verify:

@@ -95,6 +95,9 @@ class NSNLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rank = self.effective_rank()
+        # B.T is (max_rank, out_features): its first `rank` rows are one contiguous block. While
+        # exporting, the transpose of the constant B folds into a stored initializer, so the graph
+        # slices both factors along their leading axis (a contiguous prefix of each).
         if self.rank_mode == "mask":
             hidden = x @ self.A.T
             keep = torch.arange(self.max_rank, device=x.device) < rank
@@ -102,7 +105,7 @@ class NSNLinear(nn.Module):
         elif isinstance(rank, int) and rank == self.max_rank:
             y = (x @ self.A.T) @ self.B.T
         else:
-            y = (x @ self.A[:rank].T) @ self.B[:, :rank].T
+            y = (x @ self.A[:rank].T) @ self.B.T[:rank]
         if self.bias is not None:
             y = y + self.bias
         return y
