@@ -68,7 +68,9 @@ class MultiRankObjective(nn.Module):
         self.distill = distill
         self.temperature = temperature
         self.all_ranks = [max_rank] + self.ranks[::-1]
-        self.log_variances = nn.Parameter(torch.zeros(len(self.all_ranks)))
+        # One scalar per rank: a rank not sampled this step has no gradient (grad None), so Adam
+        # leaves its s_k alone instead of drifting it on stale momentum.
+        self.log_variances = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in self.all_ranks)
         self.trained_ranks: set[int] = set()
         self._random = random.Random(seed)
 
@@ -88,6 +90,10 @@ class MultiRankObjective(nn.Module):
 
     def log_variance(self, rank: int) -> torch.Tensor:
         return self.log_variances[self.all_ranks.index(rank)]
+
+    def log_variance_vector(self) -> torch.Tensor:
+        """All ``s_k`` in the order of ``all_ranks`` (anchor first), detached."""
+        return torch.stack([s.detach() for s in self.log_variances])
 
     def combine(self, losses: dict[int, torch.Tensor]) -> torch.Tensor:
         """``sum_k exp(-s_k) L_k + s_k`` over the ranks in ``losses``."""

@@ -1,0 +1,340 @@
+"""``nsn-bench``: is a lower rank really faster, and is one dynamic-rank graph as fast as a graph
+exported for that rank alone?
+
+Measured side by side in one process, on the same shapes (batch 1): prefill of ``prefill_tokens``
+tokens and one decode step after a ``cache_tokens``-token KV cache, ONNX Runtime CPU. Variants:
+
+- ``dynamic``: the one exported graph, fed ``rank`` (what any ONNX Runtime caller gets);
+- ``dynamic_views``: the same file through ``deploy.NSNSession`` with zero-copy weight views;
+- ``specialist``: a graph exported at that rank alone (weights pre-sliced, no ``rank`` input);
+- ``dense``: the original model exported by Hugging Face Optimum, what a user deploys without NSN.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SCHEMA = "nsn-bench/1"
+
+# Llama-style decoders. "realistic" has the layer sizes of a 0.5B-class model (Qwen2-0.5B: hidden
+# 896, intermediate 4864, 24 layers, 14 heads / 2 KV heads) with a 32k vocabulary.
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "realistic": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                      num_key_value_heads=2, vocab_size=32000),
+}
+RANK_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> "Timing":
+        ordered = sorted(samples_ms)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return cls(round(statistics.median(ordered), 4), round(pick(0.1), 4), round(pick(0.9), 4), len(ordered))
+
+
+# ---- models and graphs ----------------------------------------------------------------------
+
+def build_dense_model(shape: str, seed: int = 0):
+    import torch
+    import transformers
+
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=1024, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def export_dense(model, directory: Path, opset: int) -> Path:
+    """The original model through Optimum's exporter, as a user deploying it without NSN would."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from nsn_export.atomic import atomic_directory
+
+    atomic_directory(directory, lambda tmp: onnx_export_from_model(
+        model, tmp, task="text-generation-with-past", opset=opset, do_validation=False))
+    return directory / "model.onnx"
+
+
+def prepare_graphs(shape: str, work_dir: Path, ranks_for: Callable, opset: int = 17,
+                   progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Export the dense model, the dynamic NSN graph and one specialist per rank level (cached)."""
+    import nsn_export as nsn
+    from nsn_export.export import export_onnx
+
+    key = hashlib.sha256(json.dumps([SHAPES[shape], opset, 2], sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(work_dir) / f"{shape}-{key}"
+    dense_model = build_dense_model(shape)
+    dense_path = root / "dense"
+    if not (dense_path / "model.onnx").is_file():
+        progress(f"exporting the dense model with Optimum -> {dense_path}")
+        export_dense(dense_model, dense_path, opset)
+    nsn.adapt(dense_model, "all-linear", max_rank=0.5)
+    model = dense_model
+    ranks = ranks_for(model)
+    graphs = {"root": root, "dense": dense_path / "model.onnx", "ranks": ranks, "specialists": {}}
+    dynamic = root / "dynamic"
+    if not (dynamic / "model.onnx").is_file():
+        progress(f"exporting the dynamic-rank NSN graph -> {dynamic}")
+        export_onnx(model, dynamic, opset=opset, verify=shape == "tiny", overwrite=True)
+    graphs["dynamic"] = dynamic / "model.onnx"
+    for r in ranks:
+        path = root / f"specialist-{r}"
+        if not (path / "model.onnx").is_file():
+            progress(f"exporting the rank-{r} specialist -> {path}")
+            export_onnx(model, path, opset=opset, fixed_rank=r, overwrite=True)
+        graphs["specialists"][r] = path / "model.onnx"
+    return graphs
+
+
+def rank_levels(model, fractions=RANK_FRACTIONS) -> list[int]:
+    """Rank levels as fractions of the max rank, plus the rank whose FLOPs are 50% of dense."""
+    import nsn_export as nsn
+
+    top = nsn.max_rank(model)
+    levels = {max(1, round(top * f)) for f in fractions}
+    levels.add(nsn.rank_for_budget(model, 0.5))
+    return sorted(levels)
+
+
+# ---- running ------------------------------------------------------------------------------
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def plain_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def decoder_workload(session_inputs, vocab: int, prefill_tokens: int, cache_tokens: int, seed: int = 0):
+    """Feeds for prefill (empty cache) and for one decode step (cache of ``cache_tokens``)."""
+    generator = np.random.default_rng(seed)
+    shapes = {i.name: i.shape for i in session_inputs}
+    past_names = [n for n in shapes if n.startswith("past_key_values.")]
+
+    def feeds(length: int, past: int) -> dict:
+        feed = {"input_ids": generator.integers(0, vocab, (1, length)).astype(np.int64),
+                "attention_mask": np.ones((1, past + length), np.int64),
+                "position_ids": np.arange(past, past + length, dtype=np.int64)[None]}
+        for name in past_names:
+            feed[name] = generator.standard_normal((1, shapes[name][1], past, shapes[name][3])).astype(np.float32)
+        return feed
+
+    return feeds(prefill_tokens, 0), feeds(1, cache_tokens)
+
+
+def time_calls(call: Callable[[], object], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def measure_interleaved(calls: dict[str, Callable[[], object]], runs: int, warmup: int, rounds: int = 3) -> dict:
+    """Time every variant in ``rounds`` alternating blocks, so drift in the machine hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for name, call in calls.items():
+        time_calls(call, 0, warmup)
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            samples[name] += time_calls(call, per_round, 0)
+    return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def copy_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth of a large copy (bytes read + bytes written, per second), in GB/s."""
+    source = np.ones(megabytes * 2**20 // 4, np.float32)
+    target = np.empty_like(source)
+    best = min(time_calls(lambda: np.copyto(target, source), repeats, 1))
+    return 2 * source.nbytes / (best / 1e3) / 1e9
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def decode_bytes(info, rank: int, decode: dict) -> int:
+    """Bytes one decode step must read at ``rank``: every fp32 weight it multiplies (4 bytes per
+    multiply-add, i.e. 2 bytes per linear FLOP) plus the KV cache."""
+    cache = sum(v.nbytes for k, v in decode.items() if k.startswith("past_key_values."))
+    return 2 * info.flops(rank) + cache
+
+
+def max_abs_difference(first: list[np.ndarray], second: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(first, second))
+
+
+def run_benchmark(shape: str = "tiny", work_dir: str | Path = "runs/bench", threads: int = 2,
+                  prefill_tokens: int = 128, cache_tokens: int = 128, decode_runs: int = 60,
+                  prefill_runs: int = 12, warmup: int = 3, fractions=RANK_FRACTIONS,
+                  progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Run the whole comparison; returns the JSON-ready report (schema ``nsn-bench/1``)."""
+    from deploy import NSNSession
+
+    graphs = prepare_graphs(shape, Path(work_dir), lambda model: rank_levels(model, fractions), progress=progress)
+    ranks = graphs["ranks"]
+    bandwidth = copy_bandwidth_gbs()
+    progress(f"copy bandwidth {bandwidth:.1f} GB/s; loading sessions ({threads} threads)")
+
+    rss_before = rss_bytes()
+    views = NSNSession(graphs["dynamic"], intra_op_threads=threads, weight_views=True)
+    info = views.info
+    dynamic = plain_session(graphs["dynamic"], threads)
+    dense = plain_session(graphs["dense"], threads)
+    prefill, decode = decoder_workload(dense.get_inputs(), SHAPES[shape]["vocab_size"], prefill_tokens, cache_tokens)
+    factor_bytes = sum(v.weight.nbytes for v in views.views)
+
+    dense_time = measure_interleaved({"prefill": lambda: dense.run(None, prefill)}, prefill_runs, warmup)
+    dense_time |= measure_interleaved({"decode": lambda: dense.run(None, decode)}, decode_runs, warmup)
+    rows = []
+    for r in ranks:
+        progress(f"rank {r}: measuring prefill ({prefill_tokens} tokens) and decode (cache {cache_tokens})")
+        specialist = plain_session(graphs["specialists"][r], threads)
+        rank_feed = {"rank": np.array(r, np.int64)}
+        views.rank = r
+        outputs = {
+            "dynamic": dynamic.run(None, {**decode, **rank_feed}),
+            "dynamic_views": views.run_raw(decode),
+            "specialist": specialist.run(None, decode),
+        }
+        row = {"rank": r, "flops_fraction": round(info.flops_fraction(r, cache_tokens), 4),
+               "max_abs_diff_vs_specialist": {k: max_abs_difference(v, outputs["specialist"])
+                                              for k, v in outputs.items() if k != "specialist"}}
+        for phase, feeds, runs in (("prefill", prefill, prefill_runs), ("decode", decode, decode_runs)):
+            timings = measure_interleaved({
+                "dynamic": lambda: dynamic.run(None, {**feeds, **rank_feed}),
+                "dynamic_views": lambda: views.run_raw(feeds),
+                "specialist": lambda: specialist.run(None, feeds),
+            }, runs, warmup)
+            timings["dense"] = dense_time[phase]
+            row[phase] = {name: vars(t) for name, t in timings.items()}
+            special = timings["specialist"].median_ms
+            row[phase]["ratio_vs_specialist"] = {
+                name: round(timings[name].median_ms / special, 3) for name in ("dynamic", "dynamic_views")}
+            row[phase]["speedup_vs_dense"] = {
+                name: round(timings["dense"].median_ms / timings[name].median_ms, 3)
+                for name in ("dynamic", "dynamic_views", "specialist")}
+        token_bytes = decode_bytes(info, r, decode)
+        row["decode"]["bytes_read_per_token"] = token_bytes
+        row["decode"]["bandwidth_fraction"] = {
+            name: round(token_bytes / (row["decode"][name]["median_ms"] / 1e3) / 1e9 / bandwidth, 3)
+            for name in ("dynamic", "dynamic_views", "specialist")}
+        rows.append(row)
+        del specialist
+        gc.collect()
+
+    switch = measure_switch(views, decode, ranks[0], ranks[-1], decode_runs, warmup)
+    memory = {"factor_bytes": factor_bytes, "all_weight_bytes": 2 * info.flops(info.max_rank) + embedding_bytes(shape)}
+    memory.update(measure_session_memory(graphs["dynamic"], ranks, decode, threads))
+    return {
+        "schema": SCHEMA,
+        "shape": {"name": shape, **SHAPES[shape]},
+        "max_rank": info.max_rank,
+        "workload": {"batch": 1, "prefill_tokens": prefill_tokens, "cache_tokens": cache_tokens,
+                     "decode_runs": decode_runs, "prefill_runs": prefill_runs, "warmup": warmup},
+        "machine": machine_facts(threads, bandwidth),
+        "rows": rows,
+        "switch": switch,
+        "memory": memory,
+        "rss_growth_bytes_main_process": rss_bytes() - rss_before,
+    }
+
+
+def embedding_bytes(shape: str) -> int:
+    return 4 * SHAPES[shape]["vocab_size"] * SHAPES[shape]["hidden_size"]
+
+
+def measure_switch(views, decode: dict, low: int, high: int, runs: int, warmup: int) -> dict:
+    """Cost of switching rank between two consecutive decode calls (weight-views session)."""
+    for r in (low, high):  # build both ranks' view feeds first: the governor's levels are warm
+        views.rank = r
+        views.rank_feeds()
+
+    def at(r):
+        views.rank = r
+        return views.run_raw(decode)
+
+    toggle = iter(range(10**9))
+    timings = measure_interleaved({
+        "low": lambda: at(low),
+        "high": lambda: at(high),
+        "alternating": lambda: at(low if next(toggle) % 2 else high),
+    }, runs, warmup)
+    setter = time_calls(lambda: (setattr(views, "rank", low), views.rank_feeds(),
+                                 setattr(views, "rank", high), views.rank_feeds()), 2000, 10)
+    steady = (timings["low"].median_ms + timings["high"].median_ms) / 2
+    return {"ranks": [low, high], "decode_ms": {k: vars(v) for k, v in timings.items()},
+            "added_ms_per_switch": round(timings["alternating"].median_ms - steady, 4),
+            "rank_setter_us": round(statistics.median(setter) * 1e3 / 2, 3)}
+
+
+def machine_facts(threads: int, bandwidth: float) -> dict:
+    import onnxruntime as ort
+
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+            "onnxruntime": ort.__version__, "intra_op_threads": threads, "copy_bandwidth_gbs": round(bandwidth, 2)}
+
+
+def measure_session_memory(path: Path, ranks: list[int], decode: dict, threads: int) -> dict:
+    """RSS of a fresh process before and after one weight-views session has served every rank."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "decode.npz", **decode)
+        script = (
+            "import json, sys, numpy as np, psutil, os\n"
+            "from deploy import NSNSession\n"
+            "rss = lambda: psutil.Process(os.getpid()).memory_info().rss\n"
+            f"feeds = dict(np.load({str(Path(tmp) / 'decode.npz')!r}))\n"
+            "base = rss()\n"
+            f"s = NSNSession({str(path)!r}, intra_op_threads={threads}, weight_views=True)\n"
+            "loaded = rss()\n"
+            f"for r in {ranks!r}:\n"
+            "    s.rank = r; s.run_raw(feeds)\n"
+            "factors = sum(v.weight.nbytes for v in s.views)\n"
+            "print(json.dumps({'rss_base': base, 'rss_loaded': loaded, 'rss_after_all_ranks': rss(), "
+            "'factor_bytes': factors}))\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    grown = facts["rss_after_all_ranks"] - facts["rss_base"]
+    return {"views_session_rss_delta_bytes": grown,
+            "views_session_rss_delta_over_factor_bytes": round(grown / facts["factor_bytes"], 3)}

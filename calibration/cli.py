@@ -1,0 +1,71 @@
+"""``nsn-bench``: the performance comparison of docs/PERFORMANCE.md, as one command."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+def bench_table(report: dict) -> str:
+    lines = []
+    for phase in ("prefill", "decode"):
+        lines.append(f"{phase}: median ms (ratio to specialist) | speedup vs dense Optimum export "
+                     f"({report['rows'][0][phase]['dense']['median_ms']:.2f} ms)")
+        lines.append(f"{'rank':>5} {'FLOPs':>6} {'dynamic':>16} {'dynamic+views':>16} {'specialist':>11} "
+                     f"{'views vs dense':>15}")
+        for row in report["rows"]:
+            data = row[phase]
+            ratio = data["ratio_vs_specialist"]
+            lines.append(
+                f"{row['rank']:>5} {row['flops_fraction']:>6.3f} "
+                f"{data['dynamic']['median_ms']:>8.2f} ({ratio['dynamic']:>5.2f}) "
+                f"{data['dynamic_views']['median_ms']:>8.2f} ({ratio['dynamic_views']:>5.2f}) "
+                f"{data['specialist']['median_ms']:>11.2f} {data['speedup_vs_dense']['dynamic_views']:>14.2f}x")
+        lines.append("")
+    switch, memory = report["switch"], report["memory"]
+    lines.append(f"rank switch {switch['ranks'][0]}<->{switch['ranks'][1]} between decode calls: "
+                 f"{switch['added_ms_per_switch']:+.3f} ms per call (setter {switch['rank_setter_us']:.1f} us)")
+    lines.append(f"one weight-views session serving all ranks: RSS +{memory['views_session_rss_delta_bytes'] / 2**20:.0f} MiB "
+                 f"= {memory['views_session_rss_delta_over_factor_bytes']:.2f}x the full-rank factor bytes "
+                 f"({memory['factor_bytes'] / 2**20:.0f} MiB; all weights {memory['all_weight_bytes'] / 2**20:.0f} MiB)")
+    fractions = ", ".join(f"r{row['rank']}: {row['decode']['bandwidth_fraction']['dynamic_views']:.2f}"
+                          for row in report["rows"])
+    lines.append(f"decode bandwidth fraction (views; copy bandwidth {report['machine']['copy_bandwidth_gbs']} GB/s): "
+                 f"{fractions}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--shape", type=click.Choice(["tiny", "realistic"]), default="tiny",
+              help="tiny: CI smoke test; realistic: 0.5B-class Llama-style decoder")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/bench"),
+              help="exported graphs are cached here")
+@click.option("--threads", default=2, help="ONNX Runtime intra-op threads")
+@click.option("--prefill-tokens", default=128)
+@click.option("--cache-tokens", default=128, help="KV cache length before the decode step")
+@click.option("--decode-runs", default=60)
+@click.option("--prefill-runs", default=12)
+@click.option("--output", "output_path", type=click.Path(path_type=Path), default=None, help="write JSON here")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
+                  output_path, as_json):
+    """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
+    from nsn_export.atomic import atomic_file
+
+    from .bench import run_benchmark
+
+    start = time.perf_counter()
+    report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
+    try:
+        report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
+                               progress=report_progress)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    text = json.dumps(report, indent=1)
+    if output_path:
+        atomic_file(output_path, text + "\n")
+        report_progress(f"wrote {output_path}")
+    click.echo(text if as_json else bench_table(report))
