@@ -14,20 +14,20 @@ def bench_table(report: dict) -> str:
     for phase in ("prefill", "decode"):
         lines.append(f"{phase}: median ms (ratio to specialist) | speedup vs dense Optimum export "
                      f"({report['rows'][0][phase]['dense']['median_ms']:.2f} ms)")
-        lines.append(f"{'rank':>5} {'FLOPs':>6} {'dynamic':>16} {'dynamic+views':>16} {'specialist':>11} "
-                     f"{'views vs dense':>15}")
+        lines.append(f"{'rank':>5} {'FLOPs':>6} {'dynamic':>16} {'dynamic mask':>16} {'dynamic+views':>16} "
+                     f"{'specialist':>11} {'views vs dense':>15}")
         for row in report["rows"]:
             data = row[phase]
             ratio = data["ratio_vs_specialist"]
-            lines.append(
-                f"{row['rank']:>5} {row['flops_fraction']:>6.3f} "
-                f"{data['dynamic']['median_ms']:>8.2f} ({ratio['dynamic']:>5.2f}) "
-                f"{data['dynamic_views']['median_ms']:>8.2f} ({ratio['dynamic_views']:>5.2f}) "
-                f"{data['specialist']['median_ms']:>11.2f} {data['speedup_vs_dense']['dynamic_views']:>14.2f}x")
+            cells = " ".join(f"{data[v]['median_ms']:>8.2f} ({ratio[v]:>5.2f})"
+                             for v in ("dynamic", "dynamic_mask", "dynamic_views"))
+            lines.append(f"{row['rank']:>5} {row['flops_fraction']:>6.3f} {cells} "
+                         f"{data['specialist']['median_ms']:>11.2f} {data['speedup_vs_dense']['dynamic_views']:>14.2f}x")
         lines.append("")
     switch, memory = report["switch"], report["memory"]
     lines.append(f"rank switch {switch['ranks'][0]}<->{switch['ranks'][1]} between decode calls: "
-                 f"{switch['added_ms_per_switch']:+.3f} ms per call (setter {switch['rank_setter_us']:.1f} us)")
+                 f"{switch['added_ms_per_switch']:+.3f} ms per call (standard error {switch['standard_error_ms']:.3f} ms; "
+                 f"setter {switch['rank_setter_us']:.1f} us)")
     lines.append(f"one weight-views session serving all ranks: RSS +{memory['views_session_rss_delta_bytes'] / 2**20:.0f} MiB "
                  f"= {memory['views_session_rss_delta_over_factor_bytes']:.2f}x the full-rank factor bytes "
                  f"({memory['factor_bytes'] / 2**20:.0f} MiB; all weights {memory['all_weight_bytes'] / 2**20:.0f} MiB)")
@@ -35,6 +35,8 @@ def bench_table(report: dict) -> str:
                           for row in report["rows"])
     lines.append(f"decode bandwidth fraction (views; copy bandwidth {report['machine']['copy_bandwidth_gbs']} GB/s): "
                  f"{fractions}")
+    lines.append("targets: " + ", ".join(f"{name} {check['value']} ({'met' if check['met'] else 'NOT met'})"
+                                         for name, check in report["targets"].items()))
     return "\n".join(lines)
 
 

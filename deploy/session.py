@@ -72,10 +72,13 @@ class NSNSession:
         self._view_cache: dict[int, dict[str, np.ndarray]] = {}
         model_source: str | bytes = str(self.model_path)
         if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
-            proto = onnx.load(model_source)
+            proto = onnx.load(model_source, load_external_data=False)
             mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
             if mode == "slice":
-                model_source, self.views = to_view_graph(proto)
+                model_source, self.views = to_view_graph(proto, self.model_dir)
+                # The rewritten graph is loaded from memory: point it at the external weight file.
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(self.model_dir))
             elif weight_views:
                 raise ValueError(f"{self.model_path}: weight views need a slice-mode export, this one is "
                                  f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
@@ -113,16 +116,21 @@ class NSNSession:
     def weight_views(self) -> bool:
         return bool(self.views)
 
-    def rank_feeds(self) -> dict[str, np.ndarray]:
-        """``rank`` plus, with weight views, every factor's prefix view (cached per rank)."""
+    def rank_feeds(self) -> dict[str, ort.OrtValue]:
+        """``rank`` plus, with weight views, every factor's prefix view, as ``OrtValue``s that
+        wrap the factors' memory without copying (built once per rank, then cached)."""
         feeds = self._view_cache.get(self._rank)
         if feeds is None:
-            feeds = {"rank": np.array(self._rank, np.int64), **views_at(self.views, self._rank)}
+            arrays = {"rank": np.array(self._rank, np.int64), **views_at(self.views, self._rank)}
+            feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
             self._view_cache[self._rank] = feeds
         return feeds
 
     def run_raw(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-        return self.session.run(outputs, {**feeds, **self.rank_feeds()})
+        """Run at the current rank; ``feeds`` are numpy arrays of the standard inputs."""
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
+        results = self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds()})
+        return [result.numpy() for result in results]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""

@@ -14,6 +14,7 @@ transformation happens in memory when a session is created.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -93,15 +94,29 @@ def prune_dead_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def to_view_graph(model: onnx.ModelProto, rank_input: str = "rank") -> tuple[bytes, list[RankView]]:
+def factor_array(init: onnx.TensorProto, model_dir: Path | None) -> np.ndarray:
+    """The weight as a numpy array: memory-mapped read-only from the external data file when the
+    export stored it there (no copy, pages shared with the OS cache), else decoded from the graph."""
+    if init.data_location == onnx.TensorProto.EXTERNAL and model_dir is not None:
+        info = {entry.key: entry.value for entry in init.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        return np.memmap(model_dir / info["location"], dtype=dtype, mode="r",
+                         offset=int(info.get("offset", 0)), shape=tuple(init.dims))
+    return numpy_helper.to_array(init, base_dir=str(model_dir or ""))
+
+
+def to_view_graph(model: onnx.ModelProto, model_dir: str | Path | None = None,
+                  rank_input: str = "rank") -> tuple[bytes, list[RankView]]:
     """Rewrite ``model`` (in place) so rank-sliced weights become inputs; returns the serialized
-    graph and the factors whose prefix views feed those inputs. Raises ``ValueError`` when the
-    graph has no rank slices (e.g. a mask-mode export)."""
+    graph and the factors whose prefix views feed those inputs. ``model_dir`` resolves external
+    data (load the model with ``load_external_data=False`` to keep weights out of memory).
+    Raises ``ValueError`` when the graph has no rank slices (e.g. a mask-mode export)."""
     graph = model.graph
     slices = rank_slices(model, rank_input)
     if not slices:
         raise ValueError("the graph has no rank-sliced weights (is it a mask-mode export?); "
                          "weight views need a slice-mode export")
+    model_dir = Path(model_dir) if model_dir is not None else None
     initializers = {init.name: init for init in graph.initializer}
     consumers: dict[str, int] = {}
     for node in graph.node:
@@ -110,7 +125,7 @@ def to_view_graph(model: onnx.ModelProto, rank_input: str = "rank") -> tuple[byt
     views, removed_nodes, removed_inits = [], set(), set()
     for node in slices:
         source = initializers[node.input[0]]
-        weight = numpy_helper.to_array(source)
+        weight = factor_array(source, model_dir)
         views.append(RankView(node.output[0], weight))
         info = onnx.helper.make_tensor_value_info(
             node.output[0], source.data_type, [f"{node.output[0]}_rows", *weight.shape[1:]])

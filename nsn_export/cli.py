@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -143,8 +144,9 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
     objective = MultiRankObjective(model.nsn_config.max_rank, ranks=parse_ranks(ranks),
                                    samples_per_step=ranks_per_step, schedule=schedule, distill=distill)
     dataset = TokenizedDataset(records, tokenizer, max_length=max_length, causal_lm=causal)
-    trainer = train_nsn(model, dataset, tokenizer, str(output_path) + ".run", objective, steps=steps,
-                        batch_size=batch_size, learning_rate=learning_rate, teacher=teacher)
+    with tempfile.TemporaryDirectory(prefix="nsn-train-") as run_dir:  # Trainer's scratch space
+        trainer = train_nsn(model, dataset, tokenizer, run_dir, objective, steps=steps, batch_size=batch_size,
+                            learning_rate=learning_rate, teacher=teacher)
     save_nsn(model, output_path, tokenizer=tokenizer)
     final = {k: v for k, v in trainer.state.log_history[-1].items()}
     click.echo(json.dumps(final, indent=1))

@@ -33,6 +33,7 @@ from .surgery import rank as at_rank
 from .surgery import traced_rank
 
 MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
 METADATA_VERSION = "1"
 TASKS = ("text-generation", "feature-extraction")
 MIN_OPSET = 14  # scaled-dot-product attention and Trilu need opset 14
@@ -162,13 +163,21 @@ def nsn_metadata(model, task: str, rank_mode: str, opset: int, fixed_rank: int |
 
 
 def write_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Add ``metadata_props`` without loading external weight data into memory."""
-    proto = onnx.load(str(path), load_external_data=False)
+    """Add ``metadata_props`` and store every weight in one external file, ``model.onnx_data``.
+
+    External data keeps models over 2 GB valid, lets ONNX Runtime and our weight views map the
+    weights from the file instead of copying them, and lets TensorRT parse the same pair.
+    """
+    proto = onnx.load(str(path), load_external_data=True)
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in metadata.items():
         prop = existing.get(key) or proto.metadata_props.add()
         prop.key, prop.value = key, value
-    onnx.save(proto, str(path))
+    for stale in path.parent.iterdir():  # tensors the exporter wrote one file per tensor
+        if stale != path:
+            stale.unlink()
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

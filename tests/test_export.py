@@ -161,3 +161,17 @@ def test_missing_or_corrupt_checkpoint_is_a_one_line_error(nsn_checkpoint, tmp_p
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
     result = runner.invoke(export_command, ["--model", str(broken)])
     assert result.exit_code == 1 and "corrupt or truncated" in result.output and "Traceback" not in result.output
+
+
+def test_external_data_exports_keep_metadata_and_run_with_views(tmp_path, monkeypatch):
+    # Optimum moves the weights to one external file for models over 2 GB; force that path here.
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    model = tiny_model("llama")
+    nsn.adapt(model, "all-linear", max_rank=8)
+    result = export_onnx(model, tmp_path / "big")
+    assert (tmp_path / "big" / "model.onnx_data").is_file() and all(c.passed for c in result.checks)
+    from deploy import NSNSession
+
+    session = NSNSession(tmp_path / "big", rank=3)
+    assert session.weight_views and session.info.max_rank == 8
+    assert len(session.generate([1, 2, 3], max_new_tokens=4, stop_ids=set()).token_ids) == 4

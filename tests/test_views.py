@@ -54,3 +54,11 @@ def test_mask_mode_runs_without_views_and_refuses_them_explicitly(exported):
     assert not NSNSession(result.path.parent).weight_views
     with pytest.raises(ValueError, match="slice-mode export"):
         NSNSession(result.path.parent, weight_views=True)
+
+
+def test_session_maps_factors_from_the_external_weight_file(exported):
+    result, _ = exported("llama")
+    assert (result.path.parent / "model.onnx_data").is_file()
+    session = NSNSession(result.path.parent)
+    assert session.views and all(isinstance(view.weight, np.memmap) for view in session.views)
+    assert not any(view.weight.flags.writeable for view in session.views)

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import nsn_export as nsn
+from nsn_export.cli import adapt_command, eval_command, train_command
+from tiny import tiny_model, tiny_text, tiny_tokenizer
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("\n".join(tiny_text(24)) + "\n")
+    return path
+
+
+def invoke(command, args):
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_adapt_train_eval_round_trip(hf_dir, text_file, tmp_path):
+    adapted = invoke(adapt_command, [hf_dir, "--output", tmp_path / "ckpt", "--max-rank", "0.5"])
+    assert "model.layers.1.mlp.down_proj" in adapted.output and "[1, 16]" in adapted.output
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    invoke(train_command, ["--model", tmp_path / "ckpt", "--data", text_file, "--output", tmp_path / "trained",
+                           "--steps", "3", "--batch-size", "4", "--ranks-per-step", "2", "--distill", "kl"])
+    trained = nsn.load_nsn(tmp_path / "trained")
+    assert 16 in trained.nsn_config.trained_ranks and trained.nsn_config.log_variances
+    result = invoke(eval_command, ["--model", tmp_path / "trained", "--data", text_file, "--ranks", "2,8,16",
+                                   "--json"])
+    rows = json.loads(result.stdout)
+    assert [row["rank"] for row in rows] == [2, 8, 16]
+    assert all({"loss", "perplexity", "flops_fraction", "cosine"} <= set(row) for row in rows)
+    assert rows[-1]["cosine"] == pytest.approx(1.0)
+
+
+def test_adapt_refuses_to_overwrite_and_names_bad_max_rank(hf_dir, tmp_path):
+    invoke(adapt_command, [hf_dir, "--output", tmp_path / "ckpt", "--targets", "mlp", "--max-rank", "8"])
+    again = CliRunner().invoke(adapt_command, [str(hf_dir), "--output", str(tmp_path / "ckpt")])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    bad = CliRunner().invoke(adapt_command, [str(hf_dir), "--output", str(tmp_path / "x"), "--max-rank", "1.5"])
+    assert bad.exit_code == 1 and "(0, 1]" in bad.output
+
+
+def test_eval_rejects_ranks_out_of_range(hf_dir, text_file, tmp_path):
+    invoke(adapt_command, [hf_dir, "--output", tmp_path / "ckpt", "--max-rank", "8"])
+    result = CliRunner().invoke(eval_command, ["--model", str(tmp_path / "ckpt"), "--data", str(text_file),
+                                               "--ranks", "0,4"])
+    assert result.exit_code == 1 and "[1, 8]" in result.output
