@@ -29,8 +29,8 @@ def bench_table(report: dict) -> str:
                  f"{switch['added_ms_per_switch']:+.3f} ms per call (standard error {switch['standard_error_ms']:.3f} ms; "
                  f"setter {switch['rank_setter_us']:.1f} us)")
     lines.append(f"one weight-views session serving all ranks: RSS +{memory['views_session_rss_delta_bytes'] / 2**20:.0f} MiB "
-                 f"= {memory['views_session_rss_delta_over_factor_bytes']:.2f}x the full-rank factor bytes "
-                 f"({memory['factor_bytes'] / 2**20:.0f} MiB; all weights {memory['all_weight_bytes'] / 2**20:.0f} MiB)")
+                 f"= {memory['views_session_rss_delta_over_all_weight_bytes']:.2f}x the full-rank model's weight bytes "
+                 f"({memory['all_weight_bytes'] / 2**20:.0f} MiB, of which factors {memory['factor_bytes'] / 2**20:.0f} MiB)")
     fractions = ", ".join(f"r{row['rank']}: {row['decode']['bandwidth_fraction']['dynamic_views']:.2f}"
                           for row in report["rows"])
     lines.append(f"decode bandwidth fraction (views; copy bandwidth {report['machine']['copy_bandwidth_gbs']} GB/s): "

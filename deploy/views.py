@@ -33,26 +33,21 @@ class RankView:
         return self.weight.shape[0]
 
 
-def depends_on(graph: onnx.GraphProto, value: str, source: str) -> bool:
-    """Whether ``value`` is computed (transitively) from the graph input ``source``."""
-    producers = {out: node for node in graph.node for out in node.output}
-    stack, seen = [value], set()
-    while stack:
-        current = stack.pop()
-        if current == source:
-            return True
-        if current in seen or current not in producers:
-            continue
-        seen.add(current)
-        stack.extend(producers[current].input)
-    return False
+def dependents(graph: onnx.GraphProto, source: str) -> set[str]:
+    """Every value computed (transitively) from the graph input ``source`` (nodes are in
+    topological order, as ONNX requires)."""
+    reached = {source}
+    for node in graph.node:
+        if any(name in reached for name in node.input):
+            reached.update(node.output)
+    return reached
 
 
 def small_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values of the graph's small constants (initializers and Constant nodes of <= 8 elements)."""
     values = {}
     for init in graph.initializer:
-        if int(np.prod(init.dims)) <= 8:
+        if int(np.prod(init.dims)) <= 8 and init.data_location != onnx.TensorProto.EXTERNAL:
             values[init.name] = numpy_helper.to_array(init)
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -65,6 +60,7 @@ def rank_slices(model: onnx.ModelProto, rank_input: str = "rank") -> list[onnx.N
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     constants = small_constants(graph)
+    rank_dependent = dependents(graph, rank_input)
 
     def equals(name: str, expected: int) -> bool:
         value = constants.get(name)
@@ -76,7 +72,7 @@ def rank_slices(model: onnx.ModelProto, rank_input: str = "rank") -> list[onnx.N
             continue
         unit_steps = len(node.input) < 5 or not node.input[4] or equals(node.input[4], 1)
         if (equals(node.input[1], 0) and equals(node.input[3], 0) and unit_steps
-                and depends_on(graph, node.input[2], rank_input)):
+                and node.input[2] in rank_dependent):
             found.append(node)
     return found
 

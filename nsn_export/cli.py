@@ -96,10 +96,17 @@ def adapt_command(source, output_path, targets, max_rank, overwrite):
     from .models import load_hf_model
     from .surgery import adapt
 
+    from tqdm import tqdm
+
     refuse_existing(output_path, overwrite)
     model = load_hf_model(source)
     target_spec = targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
-    report = adapt(model, target_spec, parse_max_rank(max_rank))
+    with tqdm(desc="factorising (SVD)", unit="layer", file=sys.stderr) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = adapt(model, target_spec, parse_max_rank(max_rank), progress=advance)
     save_nsn(model, output_path, tokenizer_dir=source)
     click.echo(report.table())
     click.echo(f"wrote {output_path} (global rank range [1, {model.nsn_config.max_rank}])")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -136,11 +137,13 @@ def adapt(
     model: nn.Module,
     targets: str | list[str] = "all-linear",
     max_rank: int | float = 1.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> AdaptReport:
     """Replace the selected linear layers of ``model`` in place by SVD-initialised ``NSNLinear``.
 
     ``targets``: ``"all-linear"``, ``"attention"``, ``"mlp"`` or module names / regular expressions.
     ``max_rank``: an int (capped per layer at ``min(d_in, d_out)``) or a fraction of it.
+    ``progress(done, total)`` is called after each layer (SVDs of large models take a while).
     The NSN facts are stored on ``model.nsn_config``. Returns a per-layer report.
     """
     if any(isinstance(m, NSNLinear) for m in model.modules()):
@@ -166,6 +169,8 @@ def adapt(
             flops_before=2 * in_features * out_features,
             flops_after=nsn.flops_per_token(),
         ))
+        if progress is not None:
+            progress(len(rows), len(names))
     model.nsn_config = NSNConfig(layer_ranks=layer_ranks, targets=targets, max_rank_spec=max_rank,
                                  base_model=type(model).__name__)
     return AdaptReport(rows)
