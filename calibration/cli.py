@@ -40,6 +40,27 @@ def bench_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_markdown(report: dict) -> str:
+    """The report as the markdown tables of docs/PERFORMANCE.md."""
+    lines = []
+    for phase in ("prefill", "decode"):
+        dense = report["rows"][0][phase]["dense"]["median_ms"]
+        lines += [f"**{phase}** (median ms; ratio to the specialist in brackets; dense Optimum export "
+                  f"{dense:.1f} ms)", "",
+                  "| rank | FLOPs | dynamic (plain ORT) | dynamic, mask mode | dynamic + weight views | specialist "
+                  "| views vs dense | specialist vs dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in report["rows"]:
+            data = row[phase]
+            ratio = data["ratio_vs_specialist"]
+            cells = " | ".join(f"{data[v]['median_ms']:.1f} ({ratio[v]:.2f})"
+                               for v in ("dynamic", "dynamic_mask", "dynamic_views"))
+            lines.append(f"| {row['rank']} | {row['flops_fraction']:.3f} | {cells} | {data['specialist']['median_ms']:.1f} "
+                         f"| {data['speedup_vs_dense']['dynamic_views']:.2f}x | {data['speedup_vs_dense']['specialist']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--shape", type=click.Choice(["tiny", "realistic"]), default="tiny",
               help="tiny: CI smoke test; realistic: 0.5B-class Llama-style decoder")
@@ -52,8 +73,11 @@ def bench_table(report: dict) -> str:
 @click.option("--prefill-runs", default=12)
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None, help="write JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--markdown", is_flag=True, help="print markdown tables (as in docs/PERFORMANCE.md)")
+@click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True), default=None,
+              help="format an earlier --output instead of measuring again")
 def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
-                  output_path, as_json):
+                  output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
     from nsn_export.atomic import atomic_file
 
@@ -61,13 +85,16 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
 
     start = time.perf_counter()
     report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
-    try:
-        report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
-                               progress=report_progress)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    if from_json:
+        report = json.loads(from_json.read_text())
+    else:
+        try:
+            report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
+                                   progress=report_progress)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
     text = json.dumps(report, indent=1)
-    if output_path:
+    if output_path and not from_json:
         atomic_file(output_path, text + "\n")
         report_progress(f"wrote {output_path}")
-    click.echo(text if as_json else bench_table(report))
+    click.echo(text if as_json else bench_markdown(report) if markdown else bench_table(report))
