@@ -70,22 +70,11 @@ def build_dense_model(shape: str, seed: int = 0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def export_dense(model, directory: Path, opset: int) -> Path:
-    """The original model through Optimum's exporter, as a user deploying it without NSN would."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    from nsn_export.atomic import atomic_directory
-
-    atomic_directory(directory, lambda tmp: onnx_export_from_model(
-        model, tmp, task="text-generation-with-past", opset=opset, do_validation=False))
-    return directory / "model.onnx"
-
-
 def prepare_graphs(shape: str, work_dir: Path, ranks_for: Callable, opset: int = 17,
                    progress: Callable[[str], None] = lambda m: None) -> dict:
     """Export the dense model, the dynamic NSN graph and one specialist per rank level (cached)."""
     import nsn_export as nsn
-    from nsn_export.export import export_onnx
+    from nsn_export.export import export_dense_onnx, export_onnx
 
     key = hashlib.sha256(json.dumps([SHAPES[shape], opset, 3], sort_keys=True).encode()).hexdigest()[:10]
     root = Path(work_dir) / f"{shape}-{key}"
@@ -93,7 +82,7 @@ def prepare_graphs(shape: str, work_dir: Path, ranks_for: Callable, opset: int =
     dense_path = root / "dense"
     if not (dense_path / "model.onnx").is_file():
         progress(f"exporting the dense model with Optimum -> {dense_path}")
-        export_dense(dense_model, dense_path, opset)
+        export_dense_onnx(dense_model, dense_path, opset)
     nsn.adapt(dense_model, "all-linear", max_rank=0.5)
     model = dense_model
     ranks = ranks_for(model)

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from .metadata import NSNModelInfo, validate_rank
-from .text import encode_batch, load_tokenizer, stop_token_ids
+from .text import encode_batch, load_tokenizer, mean_pool, stop_token_ids
 from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
@@ -147,9 +147,7 @@ class NSNSession:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = types
-        hidden = self.run(feeds, ["last_hidden_state"])["last_hidden_state"]
-        weights = mask[..., None].astype(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        pooled = mean_pool(self.run(feeds, ["last_hidden_state"])["last_hidden_state"], mask)
         if normalize:
             pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
         return pooled

@@ -46,3 +46,9 @@ def encode_batch(tokenizer, texts: list[str], max_length: int = 512) -> tuple[np
         mask[i, : len(e.ids)] = e.attention_mask
         types[i, : len(e.ids)] = e.type_ids
     return ids, mask, types
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings: the mean of the token states where ``mask`` is 1."""
+    weights = mask[..., None].astype(hidden.dtype)
+    return (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)

@@ -255,3 +255,16 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
     atomic_directory(output_dir, fill)
     return ExportResult(output_dir / MODEL_FILE, task, names["inputs"], names["outputs"], metadata,
                         names.get("checks"))
+
+
+def export_dense_onnx(model, output_dir: str | Path, opset: int = 17, task: str | None = None) -> Path:
+    """Export a plain (not NSN) Hugging Face model with Optimum: the baseline a user would deploy
+    without NSN. Returns the path of ``model.onnx``; the directory appears whole or not at all."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    optimum_task = {"text-generation": "text-generation-with-past"}.get(task or infer_task(model), "feature-extraction")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        atomic_directory(Path(output_dir), lambda tmp: onnx_export_from_model(
+            model, tmp, task=optimum_task, opset=opset, do_validation=False))
+    return Path(output_dir) / MODEL_FILE

@@ -83,6 +83,7 @@ def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankOb
         learning_rate=learning_rate, logging_steps=log_every, save_strategy="no", report_to=[],
         disable_tqdm=not show_progress, lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(10, steps // 10), remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = NSNTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=collator or collate(tokenizer), objective=objective,
