@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 
 import torch
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--ranks-per-step", type=int, default=2)
+    parser.add_argument("--held-out", type=int, default=256, help="sentences kept for evaluation")
+    parser.add_argument("--train-sentences", type=int, default=None, help="limit the training sentences")
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="ranks to report")
     parser.add_argument("--output", default=None, help="save the trained NSN checkpoint here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -44,20 +48,22 @@ def main() -> None:
     nsn.adapt(student, "all-linear", max_rank=1.0)
 
     sentences = english_sentences()
-    held_out, train_text = sentences[:256], sentences[256:]
+    held_out, train_text = sentences[: args.held_out], sentences[args.held_out:][: args.train_sentences]
+    ranks = [int(r) for r in args.ranks.split(",")]
     print(f"{len(train_text)} training sentences, {len(held_out)} held out (Python standard library docs)")
     eval_batches = batches_for([{"text": t} for t in held_out], tokenizer, False, 32, 64)
     dense = outputs_at(teacher, eval_batches, None)[1]
-    before = evaluate_ranks(student, eval_batches, list(RANKS), reference=dense)
+    before = evaluate_ranks(student, eval_batches, ranks, reference=dense)
 
     objective = nsn.MultiRankObjective(nsn.max_rank(student), samples_per_step=args.ranks_per_step,
                                        schedule="curriculum", warmup_fraction=0.3, distill="cosine")
     dataset = TokenizedDataset([{"text": t} for t in train_text], tokenizer, max_length=64)
     start = time.perf_counter()
-    train_nsn(student, dataset, tokenizer, "runs/minilm-distill", objective, steps=args.steps,
-              batch_size=args.batch_size, learning_rate=args.lr, teacher=teacher, log_every=25)
+    with tempfile.TemporaryDirectory(prefix="minilm-distill-") as run_dir:
+        train_nsn(student, dataset, tokenizer, run_dir, objective, steps=args.steps, batch_size=args.batch_size,
+                  learning_rate=args.lr, teacher=teacher, log_every=25)
     minutes = (time.perf_counter() - start) / 60
-    after = evaluate_ranks(student, eval_batches, list(RANKS), reference=dense)
+    after = evaluate_ranks(student, eval_batches, ranks, reference=dense)
 
     rows = [{"rank": b["rank"], "flops_fraction": b["flops_fraction"], "cosine_svd": b["cosine"],
              "cosine_trained": a["cosine"]} for b, a in zip(before, after)]
