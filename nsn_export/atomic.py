@@ -8,6 +8,21 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_permissions(root: Path) -> None:
+    """Temp files are private (0600/0700); give the finished output the permissions the user's
+    umask gives any new file."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for entry in root.rglob("*"):
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def atomic_directory(path: Path, fill) -> Path:
     """Write a directory through ``fill(tmp_dir)`` into a sibling temp dir, then swap it into place."""
     path = Path(path)
@@ -15,6 +30,7 @@ def atomic_directory(path: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         fill(tmp)
+        apply_default_permissions(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "x")
@@ -36,6 +52,7 @@ def atomic_file(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -99,3 +99,14 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(checkpoint, monkeypat
         nsn.save_nsn(model, path)
     assert (path / "model.safetensors").read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
+
+
+def test_saved_checkpoint_has_the_users_default_permissions(checkpoint):
+    import os
+    import stat
+
+    _, path = checkpoint
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == 0o666 & ~mask
