@@ -72,15 +72,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def batches_for(records, tokenizer, causal_lm: bool, batch_size: int, max_length: int) -> list[dict]:
-    from .data import TokenizedDataset, collate
-
-    dataset = TokenizedDataset(records, tokenizer, max_length=max_length, causal_lm=causal_lm)
-    collate_fn = collate(tokenizer)
-    return [collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            for start in range(0, len(dataset), batch_size)]
-
-
 @click.command(context_settings={"show_default": True})
 @click.argument("source", type=click.Path(path_type=Path))
 @output_option("NSN checkpoint directory to write")
@@ -172,7 +163,7 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
 def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
     """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, FLOPs fraction."""
     from .checkpoint import load_nsn
-    from .data import load_records
+    from .data import load_records, make_batches
     from .evaluate import evaluate_ranks
     from .layers import validate_rank
     from .models import is_causal_lm, load_tokenizer
@@ -181,7 +172,7 @@ def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
     top = model.nsn_config.max_rank
     rank_list = parse_ranks(ranks) or sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
     rank_list = [validate_rank(r, top) for r in rank_list]
-    batches = batches_for(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
+    batches = make_batches(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
                           batch_size, max_length)
     rows = evaluate_ranks(model, batches, rank_list)
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
@@ -210,7 +201,7 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     from deploy import NSNSession
 
     from .checkpoint import load_nsn, save_nsn
-    from .data import english_sentences
+    from .data import english_sentences, make_batches
     from .evaluate import outputs_at
     from .export import export_dense_onnx, export_onnx
     from .models import default_model_dir, load_hf_model, load_tokenizer
@@ -221,7 +212,7 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     progress(f"loading all-MiniLM-L6-v2 from {source}")
     tokenizer = load_tokenizer(source)
     texts = english_sentences(sentences)
-    batches = batches_for([{"text": t} for t in texts], tokenizer, False, len(texts), 128)
+    batches = make_batches([{"text": t} for t in texts], tokenizer, False, len(texts), 128)
     dense_model = load_hf_model(source)
     dense = outputs_at(dense_model, batches, None)[1][0].numpy()
     dense_path = export_dense_onnx(dense_model, output_path / "minilm-dense-onnx")
@@ -344,7 +335,3 @@ def verify_command(onnx_path, model_path, ranks, as_json):
     except VerificationError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"all {len(checks)} checks within the fp32 tolerance {TOLERANCE:g}", err=True)
-
-
-def main():  # pragma: no cover
-    sys.exit(quickstart_command())

@@ -114,3 +114,11 @@ def collate(tokenizer):
         batch["labels"] = padded
         return batch
     return collate_fn
+
+
+def make_batches(records: list[dict], tokenizer, causal_lm: bool, batch_size: int, max_length: int) -> list[dict]:
+    """Tokenise ``records`` and pad them into batches of ``batch_size`` (for evaluation)."""
+    dataset = TokenizedDataset(records, tokenizer, max_length=max_length, causal_lm=causal_lm)
+    collate_fn = collate(tokenizer)
+    return [collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for start in range(0, len(dataset), batch_size)]

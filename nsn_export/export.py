@@ -9,6 +9,7 @@ layer, so a raw caller's out-of-range value can never index outside a weight.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -185,13 +186,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Silence a library's advice (e.g. Optimum preferring opset 18) while we export."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_optimum_export(model, config, path: Path, opset: int) -> tuple[list[str], list[str]]:
     from optimum.exporters.onnx.convert import export_pytorch
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_logger("torch.onnx"), quiet_logger("optimum"):
             warnings.simplefilter("ignore")  # tracer warnings about the rank-dependent slice are expected
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             return export_pytorch(model, config, opset, path)
     except torch.onnx.errors.UnsupportedOperatorError as error:
         raise ExportError(f"opset {opset} is too old for an operator in this model ({error}); "
@@ -263,7 +275,7 @@ def export_dense_onnx(model, output_dir: str | Path, opset: int = 17, task: str 
     from optimum.exporters.onnx import onnx_export_from_model
 
     optimum_task = {"text-generation": "text-generation-with-past"}.get(task or infer_task(model), "feature-extraction")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_logger("optimum"):
         warnings.simplefilter("ignore")
         atomic_directory(Path(output_dir), lambda tmp: onnx_export_from_model(
             model, tmp, task=optimum_task, opset=opset, do_validation=False))

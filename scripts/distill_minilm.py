@@ -18,8 +18,8 @@ import time
 import torch
 
 import nsn_export as nsn
-from nsn_export.cli import batches_for, format_table
-from nsn_export.data import TokenizedDataset, english_sentences
+from nsn_export.cli import format_table
+from nsn_export.data import TokenizedDataset, english_sentences, make_batches
 from nsn_export.evaluate import evaluate_ranks, outputs_at
 from nsn_export.models import default_model_dir, load_hf_model, load_tokenizer
 from nsn_export.trainer import train_nsn
@@ -51,7 +51,7 @@ def main() -> None:
     held_out, train_text = sentences[: args.held_out], sentences[args.held_out:][: args.train_sentences]
     ranks = [int(r) for r in args.ranks.split(",")]
     print(f"{len(train_text)} training sentences, {len(held_out)} held out (Python standard library docs)")
-    eval_batches = batches_for([{"text": t} for t in held_out], tokenizer, False, 32, 64)
+    eval_batches = make_batches([{"text": t} for t in held_out], tokenizer, False, 32, 64)
     dense = outputs_at(teacher, eval_batches, None)[1]
     before = evaluate_ranks(student, eval_batches, ranks, reference=dense)
 
