@@ -9,56 +9,43 @@ from pathlib import Path
 import click
 
 
-def bench_table(report: dict) -> str:
-    lines = []
-    for phase in ("prefill", "decode"):
-        lines.append(f"{phase}: median ms (ratio to specialist) | speedup vs dense Optimum export "
-                     f"({report['rows'][0][phase]['dense']['median_ms']:.2f} ms)")
-        lines.append(f"{'rank':>5} {'FLOPs':>6} {'dynamic':>16} {'dynamic mask':>16} {'dynamic+views':>16} "
-                     f"{'specialist':>11} {'views vs dense':>15}")
-        for row in report["rows"]:
-            data = row[phase]
-            ratio = data["ratio_vs_specialist"]
-            cells = " ".join(f"{data[v]['median_ms']:>8.2f} ({ratio[v]:>5.2f})"
-                             for v in ("dynamic", "dynamic_mask", "dynamic_views"))
-            lines.append(f"{row['rank']:>5} {row['flops_fraction']:>6.3f} {cells} "
-                         f"{data['specialist']['median_ms']:>11.2f} {data['speedup_vs_dense']['dynamic_views']:>14.2f}x")
-        lines.append("")
-    switch, memory = report["switch"], report["memory"]
-    lines.append(f"rank switch {switch['ranks'][0]}<->{switch['ranks'][1]} between decode calls: "
-                 f"{switch['added_ms_per_switch']:+.3f} ms per call (standard error {switch['standard_error_ms']:.3f} ms; "
-                 f"setter {switch['rank_setter_us']:.1f} us)")
-    lines.append(f"one weight-views session serving all ranks: RSS +{memory['views_session_rss_delta_bytes'] / 2**20:.0f} MiB "
-                 f"= {memory['views_session_rss_delta_over_all_weight_bytes']:.2f}x the full-rank model's weight bytes "
-                 f"({memory['all_weight_bytes'] / 2**20:.0f} MiB, of which factors {memory['factor_bytes'] / 2**20:.0f} MiB)")
-    fractions = ", ".join(f"r{row['rank']}: {row['decode']['bandwidth_fraction']['dynamic_views']:.2f}"
-                          for row in report["rows"])
-    lines.append(f"decode bandwidth fraction (views; copy bandwidth {report['machine']['copy_bandwidth_gbs']} GB/s): "
-                 f"{fractions}")
-    lines.append("targets: " + ", ".join(f"{name} {check['value']} ({'met' if check['met'] else 'NOT met'})"
-                                         for name, check in report["targets"].items()))
-    return "\n".join(lines)
-
-
 def bench_markdown(report: dict) -> str:
-    """The report as the markdown tables of docs/PERFORMANCE.md."""
+    """Per-phase tables (markdown, as in docs/PERFORMANCE.md; they read fine in a terminal too)."""
     lines = []
     for phase in ("prefill", "decode"):
-        dense = report["rows"][0][phase]["dense"]["median_ms"]
-        lines += [f"**{phase}** (median ms; ratio to the specialist in brackets; dense Optimum export "
-                  f"{dense:.1f} ms)", "",
+        lines += [f"**{phase}** (median ms; ratio to the specialist in brackets)", "",
                   "| rank | FLOPs | dynamic (plain ORT) | dynamic, mask mode | dynamic + weight views | specialist "
-                  "| views vs dense | specialist vs dense |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| dense (Optimum) | views vs dense | specialist vs dense |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in report["rows"]:
             data = row[phase]
-            ratio = data["ratio_vs_specialist"]
+            ratio, speedup = data["ratio_vs_specialist"], data["speedup_vs_dense"]
             cells = " | ".join(f"{data[v]['median_ms']:.1f} ({ratio[v]:.2f})"
                                for v in ("dynamic", "dynamic_mask", "dynamic_views"))
             lines.append(f"| {row['rank']} | {row['flops_fraction']:.3f} | {cells} | {data['specialist']['median_ms']:.1f} "
-                         f"| {data['speedup_vs_dense']['dynamic_views']:.2f}x | {data['speedup_vs_dense']['specialist']:.2f}x |")
+                         f"| {data['dense']['median_ms']:.1f} | {speedup['dynamic_views']:.2f}x "
+                         f"| {speedup['specialist']:.2f}x |")
         lines.append("")
     return "\n".join(lines)
+
+
+def bench_summary(report: dict) -> str:
+    """Switch cost, memory, bandwidth and the targets, one line each."""
+    switch, memory = report["switch"], report["memory"]
+    fractions = ", ".join(f"r{row['rank']}: {row['decode']['bandwidth_fraction']['dynamic_views']:.2f}"
+                          for row in report["rows"])
+    targets = ", ".join(f"{name} {check['value']} ({'met' if check['met'] else 'NOT met'})"
+                        for name, check in report["targets"].items())
+    return "\n".join([
+        f"rank switch {switch['ranks'][0]}<->{switch['ranks'][1]} between decode calls: "
+        f"{switch['added_ms_per_switch']:+.3f} ms per call (standard error {switch['standard_error_ms']:.3f} ms; "
+        f"setter {switch['rank_setter_us']:.1f} us)",
+        f"one weight-views session serving all ranks: RSS +{memory['views_session_rss_delta_bytes'] / 2**20:.0f} MiB "
+        f"= {memory['views_session_rss_delta_over_all_weight_bytes']:.2f}x the full-rank model's weight bytes "
+        f"({memory['all_weight_bytes'] / 2**20:.0f} MiB, of which factors {memory['factor_bytes'] / 2**20:.0f} MiB)",
+        f"decode bandwidth fraction (views; copy bandwidth {report['machine']['copy_bandwidth_gbs']} GB/s): {fractions}",
+        f"targets: {targets}",
+    ])
 
 
 @click.command(context_settings={"show_default": True})
@@ -97,4 +84,7 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
     if output_path and not from_json:
         atomic_file(output_path, text + "\n")
         report_progress(f"wrote {output_path}")
-    click.echo(text if as_json else bench_markdown(report) if markdown else bench_table(report))
+    if as_json:
+        click.echo(text)
+    else:
+        click.echo(bench_markdown(report) + ("" if markdown else "\n" + bench_summary(report)))

@@ -32,7 +32,7 @@ def test_bench_command_writes_json_and_prints_the_table(tmp_path):
                                                 "--cache-tokens", "8", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["schema"] == "nsn-bench/1"
-    assert "ratio to specialist" in result.stdout and "rank switch" in result.stdout
+    assert "ratio to the specialist" in result.stdout and "rank switch" in result.stdout
 
 
 def test_report_states_every_target_with_its_measured_value(tmp_path):
