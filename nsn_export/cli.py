@@ -174,7 +174,10 @@ def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
     rank_list = [validate_rank(r, top) for r in rank_list]
     batches = make_batches(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
                           batch_size, max_length)
-    rows = evaluate_ranks(model, batches, rank_list)
+    from tqdm import tqdm
+
+    with tqdm(total=len(rank_list), desc="evaluating ranks", unit="rank", file=sys.stderr) as bar:
+        rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,13 @@ def outputs_at(model, batches, rank_value: int | None) -> tuple[list, list]:
 
 
 def evaluate_ranks(model, batches: list[dict], ranks: list[int], reference: list | None = None,
-                   context_length: int = 0) -> list[dict]:
+                   context_length: int = 0, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One row per rank: ``rank``, ``flops_fraction`` and the metrics the model supports.
 
     Models with a loss report ``loss`` plus ``perplexity`` (causal LMs) or ``accuracy``
     (classifiers). Every model reports ``cosine``: the mean cosine similarity of its output to
     ``reference`` (per-batch outputs of the dense model; default: this model at its maximum rank).
+    ``progress(rank)`` is called after each rank.
     """
     model.eval()
     if reference is None:
@@ -54,4 +56,6 @@ def evaluate_ranks(model, batches: list[dict], ranks: list[int], reference: list
             else:
                 row["perplexity"] = round(math.exp(min(loss, 50.0)), 3)
         rows.append(row)
+        if progress is not None:
+            progress(rank_value)
     return rows
