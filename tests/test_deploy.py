@@ -147,3 +147,18 @@ def test_run_command_generates_and_embeds(exported):
     assert result.output.count("embedding[32]") == 2
     bad = runner.invoke(run_command, [str(encoder.path.parent), "--rank", "99", "--text", "w1"])
     assert bad.exit_code == 1 and "[1, 16]" in bad.output
+
+
+def test_cuda_is_preferred_when_onnxruntime_gpu_offers_it_and_views_stay_off_there(exported, monkeypatch):
+    import deploy.session as session_module
+
+    monkeypatch.setattr(session_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert session_module.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    result, _ = exported("llama")
+    # This machine's onnxruntime has no CUDA: it falls back to the CPU, but host-side weight
+    # views are only chosen automatically when the first provider is the CPU.
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+        session = NSNSession(result.path.parent, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not session.weight_views
+    assert len(session.generate([1, 2], max_new_tokens=2, stop_ids=set()).token_ids) == 2
