@@ -58,3 +58,30 @@ def test_eval_rejects_ranks_out_of_range(hf_dir, text_file, tmp_path):
     result = CliRunner().invoke(eval_command, ["--model", str(tmp_path / "ckpt"), "--data", str(text_file),
                                                "--ranks", "0,4"])
     assert result.exit_code == 1 and "[1, 8]" in result.output
+
+
+def test_classifier_trains_on_labelled_jsonl_and_reports_accuracy(tmp_path):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=2)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": text, "label": i % 2}) for i, text in enumerate(tiny_text(16))))
+    invoke(adapt_command, [tmp_path / "hf", "--output", tmp_path / "ckpt", "--max-rank", "16"])
+    layers = nsn.load_nsn(tmp_path / "ckpt").nsn_config.layer_ranks
+    assert len(layers) == 12 and not any("classifier" in name or "pooler" in name for name in layers)
+    invoke(train_command, ["--model", tmp_path / "ckpt", "--data", data, "--output", tmp_path / "trained",
+                           "--steps", "2", "--batch-size", "8", "--ranks-per-step", "1", "--schedule", "uniform"])
+    rows = json.loads(invoke(eval_command, ["--model", tmp_path / "trained", "--data", data, "--ranks", "4,16",
+                                            "--json"]).stdout)
+    assert all(0.0 <= row["accuracy"] <= 1.0 and "loss" in row for row in rows)
+
+
+def test_bad_jsonl_names_the_line(hf_dir, tmp_path):
+    invoke(adapt_command, [hf_dir, "--output", tmp_path / "ckpt", "--max-rank", "8"])
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "w1 w2"}\n{"txt": "w3"}\n')
+    result = CliRunner().invoke(eval_command, ["--model", str(tmp_path / "ckpt"), "--data", str(data)])
+    assert result.exit_code == 1 and "bad.jsonl:2" in result.output and '"text"' in result.output

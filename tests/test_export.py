@@ -175,3 +175,13 @@ def test_external_data_exports_keep_metadata_and_run_with_views(tmp_path, monkey
     session = NSNSession(tmp_path / "big", rank=3)
     assert session.weight_views and session.info.max_rank == 8
     assert len(session.generate([1, 2, 3], max_new_tokens=4, stop_ids=set()).token_ids) == 4
+
+
+def test_verify_command_fails_with_the_worst_rank_when_the_checkpoint_differs(exported, tmp_path):
+    result, model = exported("llama")
+    other = nsn.load_nsn(nsn.save_nsn(model, tmp_path / "other"))
+    with torch.no_grad():
+        other.get_submodule("model.layers.0.mlp.up_proj").A.add_(0.5)
+    nsn.save_nsn(other, tmp_path / "other")
+    verified = CliRunner().invoke(verify_command, [str(result.path), "--model", str(tmp_path / "other")])
+    assert verified.exit_code == 1 and "exceed the fp32 tolerance" in verified.output and "worst: rank" in verified.output
