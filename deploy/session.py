@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import google.protobuf.message
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +20,34 @@ from .text import encode_batch, load_tokenizer, mean_pool, stop_token_ids
 from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
+
+
+def open_session(model_path: Path, options, providers: list[str], weight_views: bool | None):
+    """An ONNX Runtime session for the export, with weight views when asked (or by default on the
+    CPU for slice-mode graphs). Returns ``(session, views)``."""
+    views: list[RankView] = []
+    source: str | bytes = str(model_path)
+    try:
+        if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
+            proto = onnx.load(source, load_external_data=False)
+            mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
+            if mode == "slice":
+                source, views = to_view_graph(proto, model_path.parent)
+                # The rewritten graph is loaded from memory: point it at the external weight file.
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(model_path.parent))
+            elif weight_views:
+                raise WeightViewsError(f"{model_path}: weight views need a slice-mode export, this one is "
+                                       f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
+        return ort.InferenceSession(source, options, providers=providers), views
+    except (OSError, RuntimeError, google.protobuf.message.DecodeError) as error:
+        # onnxruntime's load failures are RuntimeErrors; a truncated graph fails to parse.
+        raise ValueError(f"{model_path}: cannot load the exported model ({type(error).__name__}: {error}); "
+                         f"re-export it with nsn-export, keeping model.onnx_data next to it") from None
+
+
+class WeightViewsError(ValueError):
+    """Weight views were requested for a graph that does not slice its weights by rank."""
 
 
 def default_providers() -> list[str]:
@@ -69,23 +98,8 @@ class NSNSession:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         providers = providers or default_providers()
-        self.views: list[RankView] = []
         self._view_cache: dict[int, dict[str, ort.OrtValue]] = {}
-        model_source: str | bytes = str(self.model_path)
-        if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
-            proto = onnx.load(model_source, load_external_data=False)
-            mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
-            if mode == "slice":
-                model_source, self.views = to_view_graph(proto, self.model_dir)
-                # The rewritten graph is loaded from memory: point it at the external weight file.
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 str(self.model_dir))
-            elif weight_views:
-                raise ValueError(f"{self.model_path}: weight views need a slice-mode export, this one is "
-                                 f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
-            del proto
-        self.session = ort.InferenceSession(model_source, options, providers=providers)
-        del model_source
+        self.session, self.views = open_session(self.model_path, options, providers, weight_views)
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
         view_names = {view.name for view in self.views}

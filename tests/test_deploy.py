@@ -162,3 +162,19 @@ def test_cuda_is_preferred_when_onnxruntime_gpu_offers_it_and_views_stay_off_the
         session = NSNSession(result.path.parent, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert not session.weight_views
     assert len(session.generate([1, 2], max_new_tokens=2, stop_ids=set()).token_ids) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate-graph", "drop-weights"])
+def test_damaged_export_is_a_clear_error(exported, tmp_path, damage):
+    import shutil
+
+    result, _ = exported("gpt2")
+    copy = tmp_path / "copy"
+    shutil.copytree(result.path.parent, copy)
+    if damage == "truncate-graph":
+        data = (copy / "model.onnx").read_bytes()
+        (copy / "model.onnx").write_bytes(data[: len(data) // 3])
+    else:
+        (copy / "model.onnx_data").unlink()
+    with pytest.raises(ValueError, match="cannot load the exported model.*re-export it with nsn-export"):
+        NSNSession(copy)
