@@ -22,3 +22,13 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 def test_top_level_layout_matches_the_design():
     for name in ("nsn_export", "deploy", "calibration", "tests", "scripts", "pyproject.toml"):
         assert (ROOT / name).exists(), name
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.+?)```", text, re.S) if not b.startswith("# needs")]
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "runs" / "readme-onnx" / "model.onnx").is_file()
