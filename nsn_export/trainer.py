@@ -27,14 +27,16 @@ class NSNTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.objective = objective.to(self.args.device)
         self.log_variance_lr = log_variance_lr
-        self.teacher = teacher.eval() if teacher is not None else None
+        self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         self._rank_logs: dict[str, list[float]] = {}
 
     def create_optimizer(self):
         optimizer = super().create_optimizer()
         # The learned log-variances s_k are trained with the model and never decayed.
-        optimizer.add_param_group({"params": list(self.objective.parameters()), "weight_decay": 0.0,
-                                   "lr": self.log_variance_lr})
+        params = list(self.objective.parameters())
+        already = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in already for p in params):
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0, "lr": self.log_variance_lr})
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
