@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 SUPPORTED_FORMAT_VERSIONS = ("1",)
 
@@ -46,21 +49,29 @@ class NSNModelInfo:
         dense = self.dense_flops + self.attention_flops_per_context_token * context_length
         return self.flops(rank, context_length) / dense
 
+    def rank_for_budget(self, fraction: float, context_length: int = 0) -> int:
+        """The largest rank whose FLOPs are within ``fraction`` of the dense model's."""
+        within = [r for r in range(1, self.max_rank + 1) if self.flops_fraction(r, context_length) <= fraction]
+        if not within:
+            raise ValueError(f"even rank 1 needs {self.flops_fraction(1, context_length):.3f} of the dense FLOPs, "
+                             f"above the budget {fraction}; raise the budget")
+        return within[-1]
 
-def validate_rank(rank, max_rank: int) -> int:
-    """``rank`` as an int in ``[1, max_rank]``; anything else is a ``ValueError`` naming the range."""
-    import numbers
 
-    import numpy as np
+def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
+    """``rank`` as an int in ``[1, max_rank]``; anything else is a ``ValueError`` naming the range.
 
+    The one definition of a valid rank: the torch layer, the ONNX Runtime session and Optimum
+    interop all call it."""
     value = rank
     if isinstance(value, np.ndarray):
         if value.size != 1 or value.dtype.kind not in "iu":
-            raise ValueError(f"rank must be a single integer in [1, {max_rank}], got an array of shape "
+            raise ValueError(f"{what} must be a single integer in [1, {max_rank}], got an array of shape "
                              f"{value.shape} and dtype {value.dtype}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"rank must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__})")
+        raise ValueError(f"{what} must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__}); "
+                         f"pass a Python int")
     if not 1 <= int(value) <= max_rank:
-        raise ValueError(f"rank must be in [1, {max_rank}], got {int(value)}; choose a rank within that range")
+        raise ValueError(f"{what} must be in [1, {max_rank}], got {int(value)}; choose a rank within that range")
     return int(value)

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from .metadata import NSNModelInfo, validate_rank
-from .text import encode_batch, load_tokenizer, mean_pool, stop_token_ids
+from .text import encoder_feeds, load_tokenizer, mean_pool, stop_token_ids
 from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
@@ -48,6 +48,26 @@ def open_session(model_path: Path, options, providers: list[str], weight_views: 
 
 class WeightViewsError(ValueError):
     """Weight views were requested for a graph that does not slice its weights by rank."""
+
+
+def input_shapes(session) -> dict[str, list]:
+    """Each graph input's declared shape (symbolic dimensions as strings), by name."""
+    return {i.name: i.shape for i in session.get_inputs()}
+
+
+def decoder_feeds(shapes: dict[str, list], input_ids: np.ndarray, past: list | None = None,
+                  past_length: int = 0) -> dict:
+    """The standard inputs of one decoder call: ids, a full attention mask, positions (when the graph
+    takes them) and the KV cache in input order — ``past``, or empty tensors at prefill."""
+    batch, length = input_ids.shape
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
+    if "position_ids" in shapes:
+        feeds["position_ids"] = np.tile(np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
+    past_names = [name for name in shapes if name.startswith("past_key_values.")]
+    if past is None:
+        past = [np.zeros((batch, shapes[name][1], 0, shapes[name][3]), np.float32) for name in past_names]
+    feeds.update(zip(past_names, past))
+    return feeds
 
 
 def default_providers() -> list[str]:
@@ -103,7 +123,9 @@ class NSNSession:
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
         view_names = {view.name for view in self.views}
-        self.input_names = [i.name for i in self.session.get_inputs() if i.name not in view_names]
+        self.input_shapes = {name: shape for name, shape in input_shapes(self.session).items()
+                             if name not in view_names}
+        self.input_names = list(self.input_shapes)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_ids = stop_token_ids(self.model_dir)
@@ -141,11 +163,16 @@ class NSNSession:
             self._view_cache[self._rank] = feeds
         return feeds
 
-    def run_raw(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    def run_values(self, feeds: dict, outputs: list[str] | None = None) -> list[ort.OrtValue]:
+        """Run at the current rank; ``feeds`` are numpy arrays or ``OrtValue``s (passed through, so a
+        KV cache returned by one call feeds the next without a copy)."""
+        values = {name: value if isinstance(value, ort.OrtValue)
+                  else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
+        return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds()})
+
+    def run_raw(self, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
         """Run at the current rank; ``feeds`` are numpy arrays of the standard inputs."""
-        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
-        results = self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds()})
-        return [result.numpy() for result in results]
+        return [result.numpy() for result in self.run_values(feeds, outputs)]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""
@@ -158,11 +185,8 @@ class NSNSession:
             raise ValueError(f"embed needs an encoder export (task feature-extraction), this one is {self.info.task}")
         self._require_tokenizer()
         texts = [texts] if isinstance(texts, str) else list(texts)
-        ids, mask, types = encode_batch(self.tokenizer, texts, max_length)
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = types
-        pooled = mean_pool(self.run(feeds, ["last_hidden_state"])["last_hidden_state"], mask)
+        feeds = encoder_feeds(self.tokenizer, texts, self.input_shapes, max_length)
+        pooled = mean_pool(self.run(feeds, ["last_hidden_state"])["last_hidden_state"], feeds["attention_mask"])
         if normalize:
             pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
         return pooled
@@ -172,21 +196,11 @@ class NSNSession:
         if self.tokenizer is None:
             raise ValueError(f"{self.model_dir} has no tokenizer.json; pass token ids instead of text")
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        return [np.zeros((batch, shapes[n][1], 0, shapes[n][3]), np.float32)
-                for n in self.input_names if n.startswith("past_key_values.")]
-
-    def decode_step(self, token_ids: np.ndarray, cache: list[np.ndarray], past_length: int):
-        """One decoder call: returns ``(logits of the last position, new cache)``."""
-        batch, length = token_ids.shape
-        feeds = {"input_ids": token_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = np.arange(past_length, past_length + length, dtype=np.int64)[None].repeat(batch, 0)
-        past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
-        feeds.update(zip(past_names, cache))
-        values = self.run_raw(feeds)
-        return values[0][:, -1], values[1:]
+    def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int):
+        """One decoder call (``cache`` None at prefill): returns ``(logits of the last position, new
+        cache)``; the cache stays as ONNX Runtime values for the next call."""
+        values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, past_length))
+        return values[0].numpy()[:, -1], values[1:]
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -209,7 +223,7 @@ class NSNSession:
             raise ValueError("the prompt is empty; give at least one token")
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
         random = np.random.default_rng(seed)
-        cache, past, step_input = self.empty_cache(), 0, np.array([prompt_ids], np.int64)
+        cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
         result = Generation([], None)
         for step in range(max_new_tokens):
             if rank_at is not None and (new_rank := rank_at(step)) is not None:

@@ -35,8 +35,9 @@ def stop_token_ids(model_dir: str | Path) -> set[int]:
     return ids
 
 
-def encode_batch(tokenizer, texts: list[str], max_length: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids, attention mask and token type ids, right-padded to the longest text."""
+def encoder_feeds(tokenizer, texts: list[str], input_names, max_length: int = 512) -> dict[str, np.ndarray]:
+    """An encoder's standard inputs for ``texts`` (those among ``input_names``): token ids,
+    attention mask and token type ids, right-padded to the longest text."""
     tokenizer.enable_truncation(max_length)
     encodings = tokenizer.encode_batch(texts)
     width = max(len(e.ids) for e in encodings)
@@ -45,7 +46,8 @@ def encode_batch(tokenizer, texts: list[str], max_length: int = 512) -> tuple[np
         ids[i, : len(e.ids)] = e.ids
         mask[i, : len(e.ids)] = e.attention_mask
         types[i, : len(e.ids)] = e.type_ids
-    return ids, mask, types
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: value for name, value in feeds.items() if name in input_names}
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

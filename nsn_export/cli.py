@@ -83,11 +83,11 @@ def format_table(rows: list[dict]) -> str:
 @user_errors
 def adapt_command(source, output_path, targets, max_rank, overwrite):
     """Factorise a local Hugging Face model directory SOURCE into an NSN checkpoint."""
+    from tqdm import tqdm
+
     from .checkpoint import save_nsn
     from .models import load_hf_model
     from .surgery import adapt
-
-    from tqdm import tqdm
 
     refuse_existing(output_path, overwrite)
     model = load_hf_model(source)
@@ -146,8 +146,7 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
         trainer = train_nsn(model, dataset, tokenizer, run_dir, objective, steps=steps, batch_size=batch_size,
                             learning_rate=learning_rate, teacher=teacher)
     save_nsn(model, output_path, tokenizer=tokenizer)
-    final = {k: v for k, v in trainer.state.log_history[-1].items()}
-    click.echo(json.dumps(final, indent=1))
+    click.echo(json.dumps(trainer.state.log_history[-1], indent=1))
     click.echo(f"wrote {output_path}; trained ranks {model.nsn_config.trained_ranks}")
 
 
@@ -162,6 +161,8 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
 @user_errors
 def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
     """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, FLOPs fraction."""
+    from tqdm import tqdm
+
     from .checkpoint import load_nsn
     from .data import load_records, make_batches
     from .evaluate import evaluate_ranks
@@ -174,8 +175,6 @@ def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
     rank_list = [validate_rank(r, top) for r in rank_list]
     batches = make_batches(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
                           batch_size, max_length)
-    from tqdm import tqdm
-
     with tqdm(total=len(rank_list), desc="evaluating ranks", unit="rank", file=sys.stderr) as bar:
         rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
@@ -216,13 +215,12 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     tokenizer = load_tokenizer(source)
     texts = english_sentences(sentences)
     batches = make_batches([{"text": t} for t in texts], tokenizer, False, len(texts), 128)
-    dense_model = load_hf_model(source)
-    dense = outputs_at(dense_model, batches, None)[1][0].numpy()
-    dense_path = export_dense_onnx(dense_model, output_path / "minilm-dense-onnx")
+    model = load_hf_model(source)
+    dense = outputs_at(model, batches, None)[1][0].numpy()
+    dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
     if model_path is None:
-        model = load_hf_model(source)
-        report = adapt(model, "all-linear", 1.0)
+        report = adapt(model, "all-linear", 1.0)  # the dense baseline is taken: factorise in place
         model_path = save_nsn(model, output_path / "minilm-nsn", tokenizer_dir=source)
         progress(f"adapted {len(report.layers)} linear layers (R_l = min(d_in, d_out)) -> {model_path}")
     else:
@@ -262,16 +260,15 @@ def dense_embedder(model_path: Path, like):
     """Mean-pooled embeddings from a dense encoder export, tokenised like the NSN session ``like``."""
     import onnxruntime as ort
 
-    from deploy.text import encode_batch, mean_pool
+    from deploy.session import input_shapes
+    from deploy.text import encoder_feeds, mean_pool
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
+    names = input_shapes(session)
 
     def embed(texts):
-        ids, mask, types = encode_batch(like.tokenizer, texts)
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        hidden = session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0]
-        return mean_pool(hidden, mask)
+        feeds = encoder_feeds(like.tokenizer, texts, names)
+        return mean_pool(session.run(["last_hidden_state"], feeds)[0], feeds["attention_mask"])
 
     return embed
 

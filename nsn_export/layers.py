@@ -6,33 +6,26 @@ layer is a prefix of every higher-rank one, one set of weights serves every rank
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
+
+from deploy.metadata import validate_rank as check_rank
 
 RANK_MODES = ("slice", "mask")
 
 
 def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
-    """Return ``rank`` as a Python int if it is an integer in ``[1, max_rank]``, else raise ``ValueError``."""
-    value = rank
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+    """Return ``rank`` as a Python int if it is an integer in ``[1, max_rank]``, else raise ``ValueError``.
+
+    Accepts a one-element integer tensor too; the rule itself is ``deploy.metadata.validate_rank``."""
+    if isinstance(rank, torch.Tensor):
+        if rank.numel() != 1 or rank.is_floating_point() or rank.dtype == torch.bool:
             raise ValueError(
                 f"{what} must be a single integer in [1, {max_rank}], got a tensor of shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}; pass a Python int"
+                f"{tuple(rank.shape)} and dtype {rank.dtype}; pass a Python int"
             )
-        value = int(value.item())
-    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"{what} must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__}); "
-            f"pass a Python int"
-        )
-    value = int(value)
-    if not 1 <= value <= max_rank:
-        raise ValueError(f"{what} must be in [1, {max_rank}], got {value}; choose a rank within that range")
-    return value
+        rank = int(rank.item())
+    return check_rank(rank, max_rank, what)
 
 
 class NSNLinear(nn.Module):

