@@ -66,7 +66,7 @@ def bench_summary(report: dict) -> str:
 def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
                   output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
-    from nsn_export.atomic import atomic_file
+    from deploy.atomic import atomic_file
 
     from .bench import run_benchmark
 

@@ -1,6 +1,9 @@
 """Device side of nsn-export: runs exported NSN graphs. Never imports torch or transformers."""
 
+from .external_data import UnsafeModelError
 from .metadata import NSNModelInfo, validate_rank
-from .session import Generation, NSNSession
+from .session import Generation, NonFiniteOutputWarning, NSNSession
+from .text import TruncationWarning
 
-__all__ = ["NSNSession", "NSNModelInfo", "Generation", "validate_rank"]
+__all__ = ["NSNSession", "NSNModelInfo", "Generation", "validate_rank", "UnsafeModelError",
+           "NonFiniteOutputWarning", "TruncationWarning"]

@@ -6,48 +6,60 @@ Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a dev
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import google.protobuf.message
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .external_data import load_graph
 from .metadata import NSNModelInfo, validate_rank
-from .text import encoder_feeds, load_tokenizer, mean_pool, stop_token_ids
+from .text import (encode_texts, length_sorted_batches, load_tokenizer, mean_pool, model_max_length,
+                   pad_encodings, stop_token_ids)
 from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
 
 
-def open_session(model_path: Path, options, providers: list[str], weight_views: bool | None):
+def open_session(model_path: Path, options, providers: list[str], weight_views: bool | None = False):
     """An ONNX Runtime session for the export, with weight views when asked (or by default on the
-    CPU for slice-mode graphs). Returns ``(session, views)``."""
+    CPU for slice-mode graphs). Every weight location is checked first (``load_graph``): nothing
+    outside the model directory is read. Returns ``(session, views)``."""
+    proto = load_graph(model_path)
     views: list[RankView] = []
     source: str | bytes = str(model_path)
+    if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
+        mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
+        if mode == "slice":
+            source, views = to_view_graph(proto, model_path.parent)
+            # The rewritten graph is loaded from memory: point it at the external weight file.
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(model_path.parent))
+        elif weight_views:
+            raise WeightViewsError(f"{model_path}: weight views need a slice-mode export, this one is "
+                                   f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
     try:
-        if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
-            proto = onnx.load(source, load_external_data=False)
-            mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
-            if mode == "slice":
-                source, views = to_view_graph(proto, model_path.parent)
-                # The rewritten graph is loaded from memory: point it at the external weight file.
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 str(model_path.parent))
-            elif weight_views:
-                raise WeightViewsError(f"{model_path}: weight views need a slice-mode export, this one is "
-                                       f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
         return ort.InferenceSession(source, options, providers=providers), views
-    except (OSError, RuntimeError, google.protobuf.message.DecodeError) as error:
-        # onnxruntime's load failures are RuntimeErrors; a truncated graph fails to parse.
-        raise ValueError(f"{model_path}: cannot load the exported model ({type(error).__name__}: {error}); "
-                         f"re-export it with nsn-export, keeping model.onnx_data next to it") from None
+    except Exception as error:  # onnxruntime's load failures are of several pybind11 types
+        raise ValueError(f"{model_path}: ONNX Runtime cannot load the exported model ({type(error).__name__}: "
+                         f"{error}); re-export it with nsn-export, keeping model.onnx_data next to it") from None
 
 
 class WeightViewsError(ValueError):
     """Weight views were requested for a graph that does not slice its weights by rank."""
+
+
+class NonFiniteOutputWarning(RuntimeWarning):
+    """The model produced NaN or inf: its weights are damaged or it overflowed."""
+
+
+def warn_if_not_finite(values: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(values)):
+        warnings.warn(f"the model produced NaN or inf {what}; its weights (model.onnx_data) are damaged or "
+                      f"from another export: re-export it", NonFiniteOutputWarning, stacklevel=3)
 
 
 def input_shapes(session) -> dict[str, list]:
@@ -129,6 +141,7 @@ class NSNSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_ids = stop_token_ids(self.model_dir)
+        self.max_length = model_max_length(self.model_dir)
         self._rank = self.info.max_rank
         if rank is not None:
             self.rank = rank
@@ -179,14 +192,34 @@ class NSNSession:
         return dict(zip(outputs or self.output_names, self.run_raw(feeds, outputs)))
 
     # ---- encoders -------------------------------------------------------------------------
-    def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int = 512) -> np.ndarray:
-        """Sentence embeddings: the attention-masked mean of ``last_hidden_state`` (L2-normalised)."""
+    def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int | None = None,
+              batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings, one row per text in order: the attention-masked mean of
+        ``last_hidden_state`` (L2-normalised unless ``normalize=False``).
+
+        Texts run in batches of at most ``batch_size``, grouped by length, so peak memory depends on
+        the batch, not on how many texts there are. Texts longer than ``max_length`` (default: the
+        model's maximum) are cut, with a ``TruncationWarning``; NaN or inf in the result gives a
+        ``NonFiniteOutputWarning`` (the weights are damaged)."""
         if self.info.task != "feature-extraction":
             raise ValueError(f"embed needs an encoder export (task feature-extraction), this one is {self.info.task}")
         self._require_tokenizer()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        feeds = encoder_feeds(self.tokenizer, texts, self.input_shapes, max_length)
-        pooled = mean_pool(self.run(feeds, ["last_hidden_state"])["last_hidden_state"], feeds["attention_mask"])
+        if not texts:
+            width = self.session.get_outputs()[self.output_names.index("last_hidden_state")].shape[-1]
+            return np.zeros((0, width if isinstance(width, int) else 0), np.float32)
+        encodings = encode_texts(self.tokenizer, texts, max_length or self.max_length)
+        order, parts = [], []
+        for batch in length_sorted_batches(encodings, batch_size):
+            feeds = pad_encodings([encodings[i] for i in batch], self.input_shapes)
+            hidden = self.run(feeds, ["last_hidden_state"])["last_hidden_state"]
+            parts.append(mean_pool(hidden, feeds["attention_mask"]))
+            order += batch
+        pooled = np.empty((len(texts), parts[0].shape[-1]), parts[0].dtype)
+        pooled[order] = np.concatenate(parts)
+        warn_if_not_finite(pooled, "embeddings")
         if normalize:
             pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
         return pooled
@@ -200,7 +233,9 @@ class NSNSession:
         """One decoder call (``cache`` None at prefill): returns ``(logits of the last position, new
         cache)``; the cache stays as ONNX Runtime values for the next call."""
         values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, past_length))
-        return values[0].numpy()[:, -1], values[1:]
+        logits = values[0].numpy()[:, -1]
+        warn_if_not_finite(logits, "logits")
+        return logits, values[1:]
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int | None = None,

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .external_data import check_external_data, confined_path
+
 
 @dataclass
 class RankView:
@@ -96,7 +98,7 @@ def factor_array(init: onnx.TensorProto, model_dir: Path | None) -> np.ndarray:
     if init.data_location == onnx.TensorProto.EXTERNAL and model_dir is not None:
         info = {entry.key: entry.value for entry in init.external_data}
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-        return np.memmap(model_dir / info["location"], dtype=dtype, mode="r",
+        return np.memmap(confined_path(model_dir, info["location"], f"tensor {init.name!r}"), dtype=dtype, mode="r",
                          offset=int(info.get("offset", 0)), shape=tuple(init.dims))
     return numpy_helper.to_array(init, base_dir=str(model_dir or ""))
 
@@ -113,6 +115,8 @@ def to_view_graph(model: onnx.ModelProto, model_dir: str | Path | None = None,
         raise ValueError("the graph has no rank-sliced weights (is it a mask-mode export?); "
                          "weight views need a slice-mode export")
     model_dir = Path(model_dir) if model_dir is not None else None
+    if model_dir is not None:
+        check_external_data(model, model_dir)  # before any weight is mapped
     initializers = {init.name: init for init in graph.initializer}
     consumers: dict[str, int] = {}
     for node in graph.node:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_directory
+from deploy.atomic import atomic_directory
 from .config import NSNConfig
 from .surgery import build_skeleton, nsn_layers
 
@@ -49,8 +49,10 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_nsn(model: nn.Module, path: str | os.PathLike, tokenizer=None,
              tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Save an NSN model as a checkpoint directory (atomically: all files or none)."""
-    return atomic_directory(Path(path), lambda tmp: write_checkpoint(model, tmp, tokenizer, tokenizer_dir))
+    """Save an NSN model as a checkpoint directory (atomically: all files or none). An existing
+    ``path`` is replaced only if nsn-export wrote it, and never when it overlaps ``tokenizer_dir``."""
+    return atomic_directory(Path(path), lambda tmp: write_checkpoint(model, tmp, tokenizer, tokenizer_dir),
+                            kind="nsn-checkpoint", inputs=[tokenizer_dir])
 
 
 def write_checkpoint(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
@@ -78,9 +80,12 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: file is missing; an NSN checkpoint needs {CONFIG_FILE}, "
                               f"{NSN_CONFIG_FILE} and {WEIGHTS_FILE} (write one with nsn-adapt)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error}); the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, expected an object; the file is corrupt")
+    return data
 
 
 def load_nsn_config(path: str | os.PathLike) -> NSNConfig:
@@ -130,7 +135,10 @@ def load_nsn(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.
     if model_class is None:
         raise CheckpointError(f"{path / NSN_CONFIG_FILE}: base model class {class_name!r} is not in "
                               f"transformers {transformers.__version__}")
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / CONFIG_FILE}: not a usable model config ({error})") from None
     dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     model = model_class(config).to(dtype)
     build_skeleton(model, nsn_config.layer_ranks)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import tempfile
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .checkpoint import CheckpointError
+from deploy.atomic import check_output
+from deploy.cli import parse_ranks, user_errors
 
 
 def model_option(required=True, help="NSN checkpoint directory"):
@@ -26,39 +26,19 @@ def overwrite_option():
 
 
 def parse_max_rank(value: str) -> int | float:
-    """``"64"`` is an absolute rank; ``"0.5"`` a fraction of each layer's ``min(d_in, d_out)``."""
+    """``"64"`` is an absolute rank (>= 1); ``"0.5"`` a fraction of each layer's ``min(d_in, d_out)``
+    in (0, 1]. Checked before any model is loaded."""
     try:
-        return int(value)
+        number: int | float = int(value)
     except ValueError:
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            raise click.BadParameter(f"{value!r} is neither an int (absolute rank) nor a fraction in (0, 1]")
-
-
-def parse_ranks(value: str | None) -> list[int] | None:
-    if not value:
-        return None
-    try:
-        return [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give ranks as comma-separated integers, e.g. 8,16,32")
-
-
-def user_errors(command):
-    """Show library errors a user can meet as one clear line, not a traceback."""
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as error:
-            raise click.ClickException(str(error)) from None
-    return run
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+            number = float("nan")
+    if (isinstance(number, int) and number >= 1) or (isinstance(number, float) and 0 < number <= 1):
+        return number
+    raise click.BadParameter(f"{value!r} is neither an int >= 1 (absolute rank) nor a fraction in (0, 1]; "
+                             f"e.g. --max-rank 64 or --max-rank 0.5", param_hint="--max-rank")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -89,7 +69,8 @@ def adapt_command(source, output_path, targets, max_rank, overwrite):
     from .models import load_hf_model
     from .surgery import adapt
 
-    refuse_existing(output_path, overwrite)
+    check_output(output_path, [source], overwrite)
+    max_rank_value = parse_max_rank(max_rank)
     model = load_hf_model(source)
     target_spec = targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
     with tqdm(desc="factorising (SVD)", unit="layer", file=sys.stderr) as bar:
@@ -97,7 +78,7 @@ def adapt_command(source, output_path, targets, max_rank, overwrite):
             bar.total = total
             bar.update(done - bar.n)
 
-        report = adapt(model, target_spec, parse_max_rank(max_rank), progress=advance)
+        report = adapt(model, target_spec, max_rank_value, progress=advance)
     save_nsn(model, output_path, tokenizer_dir=source)
     click.echo(report.table())
     click.echo(f"wrote {output_path} (global rank range [1, {model.nsn_config.max_rank}])")
@@ -130,7 +111,8 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
     from .objective import MultiRankObjective
     from .trainer import train_nsn
 
-    refuse_existing(output_path, overwrite)
+    check_output(output_path, [model_path, data_path, teacher_path], overwrite)
+    lower_ranks = parse_ranks(ranks)
     model = load_nsn(model_path)
     tokenizer = load_tokenizer(model_path)
     records = load_records(data_path)
@@ -139,7 +121,7 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
     if not labelled and distill is None:
         distill = "cosine"  # unlabelled encoder data: keep every rank's embeddings close to the teacher
     teacher = load_hf_model(teacher_path) if teacher_path else None
-    objective = MultiRankObjective(model.nsn_config.max_rank, ranks=parse_ranks(ranks),
+    objective = MultiRankObjective(model.nsn_config.max_rank, ranks=lower_ranks,
                                    samples_per_step=ranks_per_step, schedule=schedule, distill=distill)
     dataset = TokenizedDataset(records, tokenizer, max_length=max_length, causal_lm=causal)
     with tempfile.TemporaryDirectory(prefix="nsn-train-") as run_dir:  # Trainer's scratch space
@@ -169,9 +151,10 @@ def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
     from .layers import validate_rank
     from .models import is_causal_lm, load_tokenizer
 
+    given_ranks = parse_ranks(ranks)
     model = load_nsn(model_path)
     top = model.nsn_config.max_rank
-    rank_list = parse_ranks(ranks) or sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
+    rank_list = given_ranks or sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
     rank_list = [validate_rank(r, top) for r in rank_list]
     batches = make_batches(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
                           batch_size, max_length)
@@ -294,20 +277,27 @@ def checks_table(checks) -> str:
 @click.option("--rank-mode", type=click.Choice(["slice", "mask"]), default="slice",
               help="slice: compute only the first rank components; mask: static shapes, zero the rest")
 @click.option("--no-verify", is_flag=True, help="skip the comparison with PyTorch")
+@click.option("--json", "as_json", is_flag=True, help="print the result (path, metadata, checks) as JSON")
 @overwrite_option()
 @user_errors
-def export_command(model_path, opset, output_path, task, rank_mode, no_verify, overwrite):
+def export_command(model_path, opset, output_path, task, rank_mode, no_verify, as_json, overwrite):
     """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input."""
     from .checkpoint import load_nsn
-    from .export import export_onnx
+    from .export import check_opset, export_onnx
 
     output_path = output_path or model_path.with_name(model_path.name + "-onnx")
-    refuse_existing(output_path, overwrite)
+    check_output(output_path, [model_path], overwrite)
+    check_opset(opset)
     progress = stage_printer()
     progress(f"loading {model_path}")
     model = load_nsn(model_path)
     result = export_onnx(model, output_path, opset=opset, rank_mode=rank_mode, task=None if task == "auto" else task,
                          overwrite=overwrite, tokenizer_dir=model_path, verify=not no_verify, progress=progress)
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), "task": result.task, "inputs": result.inputs,
+                               "outputs": result.outputs, "metadata": result.metadata,
+                               "checks": [c.as_row() for c in result.checks or []]}, indent=1))
+        return
     if result.checks:
         click.echo(checks_table(result.checks))
     click.echo(f"wrote {result.path} (task {result.task}, rank in [1, {result.metadata['nsn.max_rank']}], "
@@ -328,7 +318,8 @@ def verify_command(onnx_path, model_path, ranks, as_json):
     onnx_path = onnx_path / "model.onnx" if onnx_path.is_dir() else onnx_path
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
-    checks = verify_onnx(onnx_path, load_nsn(model_path), ranks=parse_ranks(ranks), progress=stage_printer())
+    rank_list = parse_ranks(ranks)
+    checks = verify_onnx(onnx_path, load_nsn(model_path), ranks=rank_list, progress=stage_printer())
     click.echo(json.dumps([c.as_row() for c in checks], indent=1) if as_json else checks_table(checks))
     try:
         require_passed(checks)

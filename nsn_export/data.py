@@ -56,7 +56,12 @@ def load_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+    if not lines:
+        raise ValueError(f"{path}: no examples (the file is empty or blank); give one example per line")
     if path.suffix != ".jsonl":
         return [{"text": line} for line in lines]
     records = []

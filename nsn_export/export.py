@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from .architectures import SUPPORTED_ARCHITECTURES, TARGETS
-from .atomic import atomic_directory
+from deploy.atomic import atomic_directory, check_output
 from .checkpoint import TOKENIZER_FILES
 from .flops import attention_flops_per_token, model_flops
 from .layers import RANK_MODES, validate_rank
@@ -70,10 +70,21 @@ def check_exportable(model, task: str, opset: int, rank_mode: str) -> None:
                           f"use --task feature-extraction")
     if rank_mode not in RANK_MODES:
         raise ExportError(f"rank mode must be one of {RANK_MODES}, got {rank_mode!r}")
-    newest = onnx.defs.onnx_opset_version()
-    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ExportError(f"opset {opset!r} is outside the supported range [{MIN_OPSET}, {newest}]: "
-                          f"attention needs opset >= {MIN_OPSET}; use --opset 17")
+    check_opset(opset)
+
+
+def newest_opset() -> int:
+    """The newest opset both the installed torch exporter and the installed onnx can write."""
+    from torch.onnx import _constants
+
+    return min(onnx.defs.onnx_opset_version(), int(getattr(_constants, "ONNX_MAX_OPSET", 20)))
+
+
+def check_opset(opset) -> None:
+    newest = newest_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset {opset!r} is outside the supported range [{MIN_OPSET}, {newest}] (attention "
+                          f"needs >= {MIN_OPSET}; torch {torch.__version__} exports up to {newest}); use --opset 17")
 
 
 def rank_onnx_config(model, task: str, dummy_rank: int | None):
@@ -182,7 +193,10 @@ def write_metadata(path: Path, metadata: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    proto = onnx.load(str(path), load_external_data=False)
+    """The graph's ``metadata_props`` (its weight locations checked, no weight read)."""
+    from deploy.external_data import load_graph
+
+    proto = load_graph(path)
     return {p.key: p.value for p in proto.metadata_props}
 
 
@@ -228,8 +242,7 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
 
     report = progress or (lambda message: None)
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(output_dir, [tokenizer_dir], overwrite)
     task = task or infer_task(model)
     check_exportable(model, task, opset, rank_mode)
     top = model_max_rank(model)
@@ -264,7 +277,7 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
             if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
 
-    atomic_directory(output_dir, fill)
+    atomic_directory(output_dir, fill, kind="nsn-onnx-export", inputs=[tokenizer_dir])
     return ExportResult(output_dir / MODEL_FILE, task, names["inputs"], names["outputs"], metadata,
                         names.get("checks"))
 
@@ -278,5 +291,5 @@ def export_dense_onnx(model, output_dir: str | Path, opset: int = 17, task: str 
     with warnings.catch_warnings(), quiet_logger("optimum"):
         warnings.simplefilter("ignore")
         atomic_directory(Path(output_dir), lambda tmp: onnx_export_from_model(
-            model, tmp, task=optimum_task, opset=opset, do_validation=False))
+            model, tmp, task=optimum_task, opset=opset, do_validation=False), kind="dense-onnx-export")
     return Path(output_dir) / MODEL_FILE

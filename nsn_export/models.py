@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json
 
 
 def default_model_dir() -> Path:
@@ -28,12 +27,12 @@ def load_hf_model(path: str | Path):
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: file is missing; pass a Hugging Face model directory "
                               f"(config.json + weights)")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    architectures = read_json(config_file).get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     model_class = model_class or transformers.AutoModel
     try:
         model = model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: cannot load the model ({error})") from None
     return model.eval()
 

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from deploy.session import decoder_feeds, input_shapes
+from deploy.session import decoder_feeds, input_shapes, open_session
 
 from .surgery import max_rank as model_max_rank
 from .surgery import rank as at_rank
@@ -60,6 +60,9 @@ def verification_ranks(top: int, trained: list[int]) -> list[tuple[int, str]]:
 
 
 def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """``(max abs error, max relative error)``; infinite when the graph produced NaN or inf."""
+    if not np.all(np.isfinite(actual)):
+        return float("inf"), float("inf")
     diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     return diff, diff / max(scale, 1e-12)
@@ -75,11 +78,12 @@ def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def session_for(path: Path):
+    """A plain CPU session on the graph as exported (no weight views), its weights checked first."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(Path(path), options, ["CPUExecutionProvider"], weight_views=False)[0]
 
 
 def verify_decoder(session, model, rank_value: int, seed: int = 0) -> dict[str, tuple[float, float]]:
@@ -131,11 +135,11 @@ def verify_onnx(onnx_path: str | Path, model, ranks: list[int] | None = None, to
 
     Returns one ``RankCheck`` per rank and phase; raise on failure with ``require_passed``.
     """
-    from .export import read_metadata
-
     report = progress or (lambda message: None)
+    if ranks is not None and not ranks:
+        raise ValueError("no ranks to verify; give at least one, e.g. --ranks 1,8,16")
     session = session_for(Path(onnx_path))
-    task = read_metadata(onnx_path).get("nsn.task", "feature-extraction")
+    task = session.get_modelmeta().custom_metadata_map.get("nsn.task", "feature-extraction")
     top = model_max_rank(model)
     plan = verification_ranks(top, model.nsn_config.trained_ranks) if ranks is None else [(r, "given") for r in ranks]
     run = verify_decoder if task == "text-generation" else verify_encoder
@@ -152,6 +156,10 @@ def require_passed(checks: list[RankCheck], tolerance: float = TOLERANCE) -> Non
     failed = [c for c in checks if not c.passed]
     if failed:
         worst_check = max(failed, key=lambda c: c.max_rel_error)
+        if worst_check.max_rel_error == float("inf"):
+            raise VerificationError(
+                f"ONNX Runtime produced NaN or inf at rank {worst_check.rank} ({worst_check.phase}) where PyTorch "
+                f"is finite; the weights file (model.onnx_data) is damaged or from another export: re-export")
         raise VerificationError(
             f"{len(failed)} check(s) exceed the fp32 tolerance {tolerance:g} (max |onnx - torch| / max |torch|); "
             f"worst: rank {worst_check.rank} {worst_check.phase} relative error {worst_check.max_rel_error:.2e}")

@@ -34,7 +34,7 @@ def test_nsn_config_round_trips(checkpoint):
     _, path = checkpoint
     config = nsn.load_nsn(path).nsn_config
     assert config.trained_ranks == [4, 16] and config.log_variances == {4: 0.7, 16: -0.2}
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "nsn_config.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "nsn_config.json", "nsn_output.json"]
 
 
 @pytest.mark.parametrize("name", ["config.json", "nsn_config.json", "model.safetensors"])

@@ -50,7 +50,7 @@ def test_adapt_refuses_to_overwrite_and_names_bad_max_rank(hf_dir, tmp_path):
     again = CliRunner().invoke(adapt_command, [str(hf_dir), "--output", str(tmp_path / "ckpt")])
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = CliRunner().invoke(adapt_command, [str(hf_dir), "--output", str(tmp_path / "x"), "--max-rank", "1.5"])
-    assert bad.exit_code == 1 and "(0, 1]" in bad.output
+    assert bad.exit_code == 2 and "(0, 1]" in bad.output  # a bad option value is a usage error
 
 
 def test_eval_rejects_ranks_out_of_range(hf_dir, text_file, tmp_path):

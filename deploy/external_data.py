@@ -1,0 +1,113 @@
+"""The one gate between an untrusted model directory and the bytes we read from it.
+
+An ONNX graph names the files that hold its weights (``external_data``: ``location``, ``offset``,
+``length``). A crafted graph could name ``../../etc/passwd``, an absolute path, a device file or a
+FIFO (which blocks the reader forever). Every place that reads an exported model — ONNX Runtime
+sessions, the zero-copy weight views, verification, calibration, the TensorRT builder — goes
+through ``load_graph`` / ``check_external_data`` first, so nothing is read before every location
+is proven to be a regular file inside the model directory with the tensor's bytes in range.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import google.protobuf.message
+import numpy as np
+import onnx
+
+
+class UnsafeModelError(ValueError):
+    """A model file points outside its directory, at a non-regular file, or past a file's end."""
+
+
+def confined_path(model_dir: str | os.PathLike, name: str, what: str = "file") -> Path:
+    """``model_dir / name`` when ``name`` is relative and, with symlinks resolved, stays inside
+    ``model_dir`` and is a regular file (or does not exist); else ``UnsafeModelError``."""
+    root = Path(model_dir).resolve()
+    if not name or os.path.isabs(name) or "\x00" in name:
+        raise UnsafeModelError(f"{what} location {name!r} is not a relative path inside {root}; "
+                               f"a model may only reference files in its own directory (re-export it)")
+    path = Path(model_dir) / name
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise UnsafeModelError(f"{what} location {name!r} resolves to {resolved}, outside the model directory "
+                               f"{root}; a model may only reference files in its own directory (re-export it)")
+    try:
+        mode = os.stat(resolved).st_mode  # stat, never open: opening a FIFO would block
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        raise UnsafeModelError(f"{what} location {name!r} is not a regular file (a device, FIFO, socket or "
+                               f"directory); refusing to read it")
+    return path
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def external_tensors(graph: onnx.GraphProto):
+    """Every tensor stored outside the graph: initializers and ``Constant`` node values, in
+    subgraphs too."""
+    for init in graph.initializer:
+        yield init
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                yield from external_tensors(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from external_tensors(subgraph)
+
+
+def check_external_data(model: onnx.ModelProto, model_dir: str | os.PathLike) -> None:
+    """Refuse any external tensor whose location leaves ``model_dir``, is not a regular file, is
+    missing, or whose ``offset + length`` does not fit in the file. Reads no tensor bytes."""
+    sizes: dict[Path, int] = {}
+    for tensor in external_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        what = f"tensor {tensor.name!r}: external data"
+        path = confined_path(model_dir, location, what)
+        if path not in sizes:
+            if not path.is_file():
+                raise UnsafeModelError(f"{what} file {location!r} is missing from {model_dir}; copy it next to "
+                                       f"model.onnx or re-export")
+            sizes[path] = path.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info.get("length", tensor_nbytes(tensor)))
+        except ValueError:
+            raise UnsafeModelError(f"{what} has a non-integer offset or length {info}; the graph is corrupt, "
+                                   f"re-export it") from None
+        if offset < 0 or length != tensor_nbytes(tensor):
+            raise UnsafeModelError(f"{what} offset {offset} / length {length} do not describe the tensor's "
+                                   f"{tensor_nbytes(tensor)} bytes; the graph is corrupt, re-export it")
+        if offset + length > sizes[path]:
+            raise UnsafeModelError(f"{what} bytes [{offset}, {offset + length}) lie past the end of {location!r} "
+                                   f"({sizes[path]} bytes); the data file is truncated or from another export")
+
+
+def load_graph(model_path: str | os.PathLike) -> onnx.ModelProto:
+    """The graph at ``model_path`` without its weights, after ``check_external_data`` proved that
+    every weight it names is safe to read. Errors name the file and say what to do."""
+    model_path = Path(model_path)
+    confined_path(model_path.parent, model_path.name, "model file")
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except (OSError, google.protobuf.message.DecodeError, ValueError) as error:
+        raise ValueError(f"{model_path}: not a readable ONNX graph ({type(error).__name__}: {error}); the file is "
+                         f"damaged, re-export it with nsn-export") from None
+    try:
+        check_external_data(model, model_path.parent)
+    except UnsafeModelError as error:
+        raise UnsafeModelError(f"{model_path}: {error}") from None
+    return model
