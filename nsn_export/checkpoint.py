@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deploy.atomic import atomic_directory
+from deploy.external_data import confined_path
 from .config import NSNConfig
 from .surgery import build_skeleton, nsn_layers
 
@@ -75,6 +76,13 @@ def write_checkpoint(model: nn.Module, directory: str | os.PathLike, tokenizer=N
                 shutil.copy2(source, directory / name)
 
 
+def check_confined(path: Path) -> None:
+    """Every file a load may read must resolve inside the directory ``path`` and be a regular file
+    (docs/SECURITY.md): a symlink out of a checkpoint is refused before anything is read."""
+    for name in (CONFIG_FILE, NSN_CONFIG_FILE, WEIGHTS_FILE, "model.safetensors.index.json", *TOKENIZER_FILES):
+        confined_path(path, name, f"{path}: file")
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing; an NSN checkpoint needs {CONFIG_FILE}, "
@@ -126,6 +134,7 @@ def load_nsn(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
+    check_confined(path)
     base_config = read_json(path / CONFIG_FILE)
     nsn_config = load_nsn_config(path)
     tensors = load_weights(path / WEIGHTS_FILE)

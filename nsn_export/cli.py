@@ -202,6 +202,8 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     dense = outputs_at(model, batches, None)[1][0].numpy()
     dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
+    rank_list = parse_ranks(ranks)
+    trained = model_path is not None
     if model_path is None:
         report = adapt(model, "all-linear", 1.0)  # the dense baseline is taken: factorise in place
         model_path = save_nsn(model, output_path / "minilm-nsn", tokenizer_dir=source)
@@ -230,13 +232,22 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     baseline = dense_embedder(dense_path, session)
     embeddings, latency = timed(lambda: baseline(texts))
     rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings)}]
-    for rank_value in parse_ranks(ranks):
+    for rank_value in rank_list:
         session.rank = rank_value
-        embeddings, latency = timed(lambda: session.embed(texts, normalize=False))
+        # one batch of every sentence, as the dense baseline runs them
+        embeddings, latency = timed(lambda: session.embed(texts, normalize=False, batch_size=max(1, len(texts))))
         rows.append({"rank": rank_value, "flops_fraction": round(session.info.flops_fraction(rank_value), 4),
                      "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings)})
     progress(f"ran {len(texts)} sentences per call on {session.providers[0]}")
-    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(format_table(rows))
+    state = (f"the checkpoint {model_path}" if trained else "UNTRAINED (plain SVD truncation): low ranks are "
+             "expected to be poor until multi-rank training (nsn-train, scripts/distill_minilm.py)")
+    click.echo(f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "
+               f"model: {state}.\nflops_fraction: FLOPs per token against the dense model; above 1, a factorised "
+               f"layer (2r(d_in + d_out) at rank r) costs more than the dense one.")
 
 
 def dense_embedder(model_path: Path, like):

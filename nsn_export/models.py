@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_json
+from .checkpoint import CheckpointError, check_confined, read_json
 
 
 def default_model_dir() -> Path:
@@ -23,6 +23,7 @@ def load_hf_model(path: str | Path):
     import transformers
 
     path = Path(path)
+    check_confined(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: file is missing; pass a Hugging Face model directory "
@@ -40,6 +41,7 @@ def load_hf_model(path: str | Path):
 def load_tokenizer(path: str | Path):
     import transformers
 
+    check_confined(Path(path))
     try:
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
