@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from deploy.cli import user_errors
+
 
 def bench_markdown(report: dict) -> str:
     """Per-phase tables (markdown, as in docs/PERFORMANCE.md; they read fine in a terminal too)."""
@@ -48,21 +50,34 @@ def bench_summary(report: dict) -> str:
     ])
 
 
+def read_report(path: Path) -> dict:
+    """An earlier ``--output`` of nsn-bench; a file that is not one is a clear error."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); pass a file written by nsn-bench --output") from None
+    if not isinstance(report, dict) or not {"rows", "switch", "memory", "targets", "machine"} <= set(report):
+        raise ValueError(f"{path}: not an nsn-bench report (rows, switch, memory, targets, machine expected); "
+                         f"pass a file written by nsn-bench --output")
+    return report
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--shape", type=click.Choice(["tiny", "realistic"]), default="tiny",
               help="tiny: CI smoke test; realistic: 0.5B-class Llama-style decoder")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/bench"),
               help="exported graphs are cached here")
-@click.option("--threads", default=2, help="ONNX Runtime intra-op threads")
-@click.option("--prefill-tokens", default=128)
-@click.option("--cache-tokens", default=128, help="KV cache length before the decode step")
-@click.option("--decode-runs", default=60)
-@click.option("--prefill-runs", default=12)
+@click.option("--threads", default=2, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
+@click.option("--prefill-tokens", default=128, type=click.IntRange(min=1))
+@click.option("--cache-tokens", default=128, type=click.IntRange(min=1), help="KV cache length before the decode step")
+@click.option("--decode-runs", default=60, type=click.IntRange(min=1))
+@click.option("--prefill-runs", default=12, type=click.IntRange(min=1))
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None, help="write JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--markdown", is_flag=True, help="print markdown tables (as in docs/PERFORMANCE.md)")
 @click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True), default=None,
               help="format an earlier --output instead of measuring again")
+@user_errors
 def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
                   output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
@@ -73,13 +88,10 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
     start = time.perf_counter()
     report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
     if from_json:
-        report = json.loads(from_json.read_text())
+        report = read_report(from_json)
     else:
-        try:
-            report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
-                                   progress=report_progress)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from None
+        report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
+                               progress=report_progress)
     text = json.dumps(report, indent=1)
     if output_path and not from_json:
         atomic_file(output_path, text + "\n")

@@ -89,12 +89,12 @@ def adapt_command(source, output_path, targets, max_rank, overwrite):
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
               help="text file (one example per line) or JSONL with text (and label)")
 @output_option("NSN checkpoint directory to write")
-@click.option("--steps", default=100, help="optimiser steps")
-@click.option("--batch-size", default=8)
+@click.option("--steps", default=100, type=click.IntRange(min=1), help="optimiser steps")
+@click.option("--batch-size", default=8, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=5e-5)
-@click.option("--max-length", default=128, help="tokens per example")
+@click.option("--max-length", default=128, type=click.IntRange(min=1), help="tokens per example")
 @click.option("--ranks", "ranks", default=None, help="lower ranks to sample (default: a grid of R/16 .. 7R/8)")
-@click.option("--ranks-per-step", default=1, help="lower ranks sampled per step, besides the anchor")
+@click.option("--ranks-per-step", default=1, type=click.IntRange(min=1), help="lower ranks sampled per step, besides the anchor")
 @click.option("--schedule", type=click.Choice(["curriculum", "uniform"]), default="curriculum")
 @click.option("--distill", type=click.Choice(["kl", "cosine", "mse"]), default=None,
               help="distil lower ranks to the full-rank output (for data without labels)")
@@ -137,8 +137,8 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
               help="text file or JSONL (with label for classifiers)")
 @click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
-@click.option("--batch-size", default=16)
-@click.option("--max-length", default=128)
+@click.option("--batch-size", default=16, type=click.IntRange(min=1))
+@click.option("--max-length", default=128, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
@@ -167,9 +167,9 @@ def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("runs/quickstart"),
               help="work directory (checkpoint and export are written here)")
 @model_option(required=False, help="use this NSN checkpoint of MiniLM instead of adapting the built-in one")
-@click.option("--sentences", default=64, help="English sentences (from Python's own docs) to embed")
+@click.option("--sentences", default=64, type=click.IntRange(min=1), help="English sentences (from Python's own docs) to embed")
 @click.option("--ranks", default="24,48,96,192,288,384", help="comma-separated ranks to compare")
-@click.option("--repeats", default=5, help="timed ONNX Runtime runs per rank (median reported)")
+@click.option("--repeats", default=5, type=click.IntRange(min=1), help="timed ONNX Runtime runs per rank (median reported)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_json):
@@ -192,6 +192,7 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     from .models import default_model_dir, load_hf_model, load_tokenizer
     from .surgery import adapt
 
+    rank_list = parse_ranks(ranks)
     progress = stage_printer()
     source = default_model_dir()
     progress(f"loading all-MiniLM-L6-v2 from {source}")
@@ -202,7 +203,6 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     dense = outputs_at(model, batches, None)[1][0].numpy()
     dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
-    rank_list = parse_ranks(ranks)
     trained = model_path is not None
     if model_path is None:
         report = adapt(model, "all-linear", 1.0)  # the dense baseline is taken: factorise in place

@@ -25,8 +25,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from calibration.cli import bench_command
 from deploy.cli import run_command
-from nsn_export.cli import adapt_command, eval_command, export_command, train_command, verify_command
+from nsn_export.cli import (adapt_command, eval_command, export_command, quickstart_command, train_command,
+                            verify_command)
 from tiny import tiny_model, tiny_text, tiny_tokenizer
 
 SCRATCH = ".nsn-tmp-"
@@ -224,6 +226,20 @@ CASES = [
          ("int >= 1",), ("hf",), output="o"),
     Case("adapt-bad-config", adapt_command, ["{ws}/hf", "--output", "{ws}/o"], 1, ("config.json", "not valid JSON"),
          ("hf",), write("hf/config.json", "{oops"), output="o"),
+    Case("train-zero-steps", train_command, ["--model", "{ws}/ckpt", "--data", "{ws}/d.txt", "--output", "{ws}/t",
+                                            "--steps", "0"], 2, ("--steps", "0 is not in the range x>=1"), ("ckpt",),
+         write("d.txt", "w1 w2\n"), output="t"),
+    Case("run-zero-temperature", run_command, ["{ws}/encoder", "--temperature", "0", *RUN_TEXT], 2,
+         ("--temperature", "x>0"), ("encoder",)),
+    Case("run-no-prompt-nor-text", run_command, ["{ws}/encoder"], 2, ("exactly one of --prompt", "--text"),
+         ("encoder",)),
+    Case("bench-from-json-not-json", bench_command, ["--from-json", "{ws}/r.json"], 1, ("r.json", "not valid JSON"),
+         (), write("r.json", "{")),
+    Case("bench-from-json-not-a-report", bench_command, ["--from-json", "{ws}/r.json"], 1,
+         ("r.json", "not an nsn-bench report"), (), write("r.json", '{"rows": []}')),
+    Case("bench-zero-threads", bench_command, ["--threads", "0"], 2, ("--threads",), ()),
+    Case("quickstart-no-ranks", quickstart_command, ["--ranks", ",", "--output", "{ws}/q"], 2, ("names no rank",), (),
+         output="q"),
     # ---- data files ------------------------------------------------------------------------------
     Case("eval-empty-data", eval_command, ["--model", "{ws}/ckpt", "--data", "{ws}/empty.txt"], 1,
          ("empty.txt", "no examples"), ("ckpt",), write("empty.txt", "")),
