@@ -293,6 +293,8 @@ def checks_table(checks) -> str:
 @user_errors
 def export_command(model_path, opset, output_path, task, rank_mode, no_verify, as_json, overwrite):
     """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input."""
+    from deploy.tensorrt.compat import check_graph
+
     from .checkpoint import load_nsn
     from .export import check_opset, export_onnx
 
@@ -304,10 +306,14 @@ def export_command(model_path, opset, output_path, task, rank_mode, no_verify, a
     model = load_nsn(model_path)
     result = export_onnx(model, output_path, opset=opset, rank_mode=rank_mode, task=None if task == "auto" else task,
                          overwrite=overwrite, tokenizer_dir=model_path, verify=not no_verify, progress=progress)
+    trt_problems = [str(p) for p in check_graph(result.path)]
+    for problem in trt_problems:
+        click.echo(f"warning: TensorRT would not build this graph with rank profiles: {problem}", err=True)
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "task": result.task, "inputs": result.inputs,
                                "outputs": result.outputs, "metadata": result.metadata,
-                               "checks": [c.as_row() for c in result.checks or []]}, indent=1))
+                               "checks": [c.as_row() for c in result.checks or []],
+                               "tensorrt_problems": trt_problems}, indent=1))
         return
     if result.checks:
         click.echo(checks_table(result.checks))

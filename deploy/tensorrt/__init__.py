@@ -1,0 +1,7 @@
+"""TensorRT for exported NSN graphs: profile plans per rank range, a compatibility check, the
+engine builder and the engine runtime. Torch-free; ``tensorrt`` and ``cuda-python`` are imported
+only when an engine is built or run (on a Jetson they come with JetPack)."""
+
+from .plan import EnginePlan, Profile, RankRange, ShapeBounds, make_plan, parse_ranges, plan_for_export
+
+__all__ = ["EnginePlan", "Profile", "RankRange", "ShapeBounds", "make_plan", "parse_ranges", "plan_for_export"]
