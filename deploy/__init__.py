@@ -2,7 +2,8 @@
 
 from .external_data import UnsafeModelError
 from .metadata import NSNModelInfo, validate_rank
-from .session import Generation, NonFiniteOutputWarning, NSNSession
+from .runtime import Generation, NonFiniteOutputWarning
+from .session import NSNSession
 from .text import TruncationWarning
 
 __all__ = ["NSNSession", "NSNModelInfo", "Generation", "validate_rank", "UnsafeModelError",

@@ -158,13 +158,13 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None], kind
     return path
 
 
-def atomic_file(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+def atomic_file(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write ``text`` (or bytes) to ``path`` through a temp file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with exit_on_termination(), os.fdopen(fd, "w") as handle:
+        with exit_on_termination(), os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
             handle.write(text)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)

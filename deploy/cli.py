@@ -61,7 +61,8 @@ def user_errors(command):
 def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, temperature, top_k, seed, threads,
                 providers, as_json):
     """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt or --text."""
-    from .session import NonFiniteOutputWarning, NSNSession
+    from .runtime import NonFiniteOutputWarning
+    from .session import NSNSession
 
     if (prompt is None) == (not texts):
         raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")

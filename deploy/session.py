@@ -5,20 +5,16 @@ Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a dev
 
 from __future__ import annotations
 
-import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .external_data import load_graph
-from .metadata import NSNModelInfo, validate_rank
-from .text import (encode_texts, length_sorted_batches, load_tokenizer, mean_pool, model_max_length,
-                   pad_encodings, stop_token_ids)
+from .metadata import NSNModelInfo
+from .runtime import NSNRuntime, warn_if_not_finite
+from .text import load_tokenizer, model_max_length, stop_token_ids
 from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
@@ -52,16 +48,6 @@ class WeightViewsError(ValueError):
     """Weight views were requested for a graph that does not slice its weights by rank."""
 
 
-class NonFiniteOutputWarning(RuntimeWarning):
-    """The model produced NaN or inf: its weights are damaged or it overflowed."""
-
-
-def warn_if_not_finite(values: np.ndarray, what: str) -> None:
-    if not np.all(np.isfinite(values)):
-        warnings.warn(f"the model produced NaN or inf {what}; its weights (model.onnx_data) are damaged or "
-                      f"from another export: re-export it", NonFiniteOutputWarning, stacklevel=3)
-
-
 def input_shapes(session) -> dict[str, list]:
     """Each graph input's declared shape (symbolic dimensions as strings), by name."""
     return {i.name: i.shape for i in session.get_inputs()}
@@ -89,24 +75,7 @@ def default_providers() -> list[str]:
     return preferred + ["CPUExecutionProvider"]
 
 
-@dataclass
-class Generation:
-    token_ids: list[int]
-    text: str | None
-    ranks: list[int] = field(default_factory=list)
-    step_latency_ms: list[float] = field(default_factory=list)
-
-    @property
-    def prefill_ms(self) -> float:
-        return self.step_latency_ms[0] if self.step_latency_ms else 0.0
-
-    @property
-    def decode_ms_per_token(self) -> float:
-        steps = self.step_latency_ms[1:]
-        return sum(steps) / len(steps) if steps else 0.0
-
-
-class NSNSession:
+class NSNSession(NSNRuntime):
     """Load ``model.onnx`` (a directory or the file), read its NSN metadata, run it at ``rank``.
 
     ``rank`` is validated: an int in ``[1, info.max_rank]``. Changing it is instant (it selects the
@@ -142,6 +111,8 @@ class NSNSession:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_ids = stop_token_ids(self.model_dir)
         self.max_length = model_max_length(self.model_dir)
+        hidden = self.session.get_outputs()[0].shape[-1]
+        self.hidden_size = hidden if isinstance(hidden, int) else 0
         self._rank = self.info.max_rank
         if rank is not None:
             self.rank = rank
@@ -149,18 +120,6 @@ class NSNSession:
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @rank.setter
-    def rank(self, value: int) -> None:
-        self._rank = validate_rank(value, self.info.max_rank)
-
-    def set_rank(self, value: int) -> None:
-        """The governor's interface: same as assigning ``rank``."""
-        self.rank = value
 
     @property
     def weight_views(self) -> bool:
@@ -191,44 +150,6 @@ class NSNSession:
         """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""
         return dict(zip(outputs or self.output_names, self.run_raw(feeds, outputs)))
 
-    # ---- encoders -------------------------------------------------------------------------
-    def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int | None = None,
-              batch_size: int = 32) -> np.ndarray:
-        """Sentence embeddings, one row per text in order: the attention-masked mean of
-        ``last_hidden_state`` (L2-normalised unless ``normalize=False``).
-
-        Texts run in batches of at most ``batch_size``, grouped by length, so peak memory depends on
-        the batch, not on how many texts there are. Texts longer than ``max_length`` (default: the
-        model's maximum) are cut, with a ``TruncationWarning``; NaN or inf in the result gives a
-        ``NonFiniteOutputWarning`` (the weights are damaged)."""
-        if self.info.task != "feature-extraction":
-            raise ValueError(f"embed needs an encoder export (task feature-extraction), this one is {self.info.task}")
-        self._require_tokenizer()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            width = self.session.get_outputs()[self.output_names.index("last_hidden_state")].shape[-1]
-            return np.zeros((0, width if isinstance(width, int) else 0), np.float32)
-        encodings = encode_texts(self.tokenizer, texts, max_length or self.max_length)
-        order, parts = [], []
-        for batch in length_sorted_batches(encodings, batch_size):
-            feeds = pad_encodings([encodings[i] for i in batch], self.input_shapes)
-            hidden = self.run(feeds, ["last_hidden_state"])["last_hidden_state"]
-            parts.append(mean_pool(hidden, feeds["attention_mask"]))
-            order += batch
-        pooled = np.empty((len(texts), parts[0].shape[-1]), parts[0].dtype)
-        pooled[order] = np.concatenate(parts)
-        warn_if_not_finite(pooled, "embeddings")
-        if normalize:
-            pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        return pooled
-
-    # ---- decoders -------------------------------------------------------------------------
-    def _require_tokenizer(self) -> None:
-        if self.tokenizer is None:
-            raise ValueError(f"{self.model_dir} has no tokenizer.json; pass token ids instead of text")
-
     def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int):
         """One decoder call (``cache`` None at prefill): returns ``(logits of the last position, new
         cache)``; the cache stays as ONNX Runtime values for the next call."""
@@ -236,57 +157,3 @@ class NSNSession:
         logits = values[0].numpy()[:, -1]
         warn_if_not_finite(logits, "logits")
         return logits, values[1:]
-
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop_ids: set[int] | None = None, rank_at: Callable[[int], int | None] | None = None) -> Generation:
-        """Greedy or sampled generation with a KV cache (batch 1).
-
-        ``rank_at(step)`` (step 0 is the prompt) may return a new rank before each step; the cache
-        is kept, so earlier keys and values keep the rank they were computed at.
-        """
-        if self.info.task != "text-generation":
-            raise ValueError(f"generate needs a decoder export (task text-generation), this one is {self.info.task}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if isinstance(prompt, str):
-            self._require_tokenizer()
-            prompt_ids = self.tokenizer.encode(prompt).ids
-        else:
-            prompt_ids = [int(t) for t in prompt]
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        stops = self.stop_ids if stop_ids is None else set(stop_ids)
-        random = np.random.default_rng(seed)
-        cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
-        result = Generation([], None)
-        for step in range(max_new_tokens):
-            if rank_at is not None and (new_rank := rank_at(step)) is not None:
-                self.rank = new_rank
-            start = time.perf_counter()
-            logits, cache = self.decode_step(step_input, cache, past)
-            result.step_latency_ms.append((time.perf_counter() - start) * 1e3)
-            result.ranks.append(self._rank)
-            past += step_input.shape[1]
-            token = self._choose(logits[0], do_sample, temperature, top_k, random)
-            result.token_ids.append(token)
-            if token in stops:
-                break
-            step_input = np.array([[token]], np.int64)
-        if self.tokenizer is not None:
-            result.text = self.tokenizer.decode(result.token_ids)
-        return result
-
-    @staticmethod
-    def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, random) -> int:
-        if not do_sample:
-            return int(np.argmax(logits))
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        scores = logits.astype(np.float64) / temperature
-        if top_k:
-            cutoff = np.partition(scores, -top_k)[-top_k]
-            scores = np.where(scores < cutoff, -np.inf, scores)
-        probs = np.exp(scores - scores.max())
-        probs /= probs.sum()
-        return int(random.choice(len(probs), p=probs))
