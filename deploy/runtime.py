@@ -42,6 +42,21 @@ def warn_if_not_finite(values: np.ndarray, what: str) -> None:
                       f"from another export: re-export it", NonFiniteOutputWarning, stacklevel=3)
 
 
+def decoder_feeds(shapes: dict[str, list], input_ids: np.ndarray, past: list | None = None,
+                  past_length: int = 0) -> dict:
+    """The standard inputs of one decoder call: ids, a full attention mask, positions (when the graph
+    takes them) and the KV cache in input order — ``past``, or empty tensors at prefill."""
+    batch, length = input_ids.shape
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
+    if "position_ids" in shapes:
+        feeds["position_ids"] = np.tile(np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
+    past_names = [name for name in shapes if name.startswith("past_key_values.")]
+    if past is None:
+        past = [np.zeros((batch, shapes[name][1], 0, shapes[name][3]), np.float32) for name in past_names]
+    feeds.update(zip(past_names, past))
+    return feeds
+
+
 class NSNRuntime:
     """The shared half of a runtime. Subclasses set ``info`` (``NSNModelInfo``), ``tokenizer``,
     ``stop_ids``, ``max_length``, ``model_dir``, ``input_names``, ``hidden_size`` and ``_rank``, and
@@ -67,6 +82,9 @@ class NSNRuntime:
     def decode_step(self, token_ids: np.ndarray, cache, past_length: int):
         """One decoder call (``cache`` None at prefill): ``(logits of the last position, new cache)``."""
         raise NotImplementedError
+
+    def release_cache(self, cache) -> None:
+        """Give back a KV cache that will not be used again (device memory, for TensorRT)."""
 
     # ---- encoders -------------------------------------------------------------------------
     def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int | None = None,
@@ -128,19 +146,22 @@ class NSNRuntime:
         random = np.random.default_rng(seed)
         cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
         result = Generation([], None)
-        for step in range(max_new_tokens):
-            if rank_at is not None and (new_rank := rank_at(step)) is not None:
-                self.rank = new_rank
-            start = time.perf_counter()
-            logits, cache = self.decode_step(step_input, cache, past)
-            result.step_latency_ms.append((time.perf_counter() - start) * 1e3)
-            result.ranks.append(self._rank)
-            past += step_input.shape[1]
-            token = self._choose(logits[0], do_sample, temperature, top_k, random)
-            result.token_ids.append(token)
-            if token in stops:
-                break
-            step_input = np.array([[token]], np.int64)
+        try:
+            for step in range(max_new_tokens):
+                if rank_at is not None and (new_rank := rank_at(step)) is not None:
+                    self.rank = new_rank
+                start = time.perf_counter()
+                logits, cache = self.decode_step(step_input, cache, past)
+                result.step_latency_ms.append((time.perf_counter() - start) * 1e3)
+                result.ranks.append(self._rank)
+                past += step_input.shape[1]
+                token = self._choose(logits[0], do_sample, temperature, top_k, random)
+                result.token_ids.append(token)
+                if token in stops:
+                    break
+                step_input = np.array([[token]], np.int64)
+        finally:
+            self.release_cache(cache)
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.token_ids)
         return result

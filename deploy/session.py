@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from .external_data import load_graph
 from .metadata import NSNModelInfo
-from .runtime import NSNRuntime, warn_if_not_finite
+from .runtime import NSNRuntime, decoder_feeds, warn_if_not_finite  # noqa: F401  (decoder_feeds: shared)
 from .text import load_tokenizer, model_max_length, stop_token_ids
 from .views import RankView, to_view_graph, views_at
 
@@ -51,21 +51,6 @@ class WeightViewsError(ValueError):
 def input_shapes(session) -> dict[str, list]:
     """Each graph input's declared shape (symbolic dimensions as strings), by name."""
     return {i.name: i.shape for i in session.get_inputs()}
-
-
-def decoder_feeds(shapes: dict[str, list], input_ids: np.ndarray, past: list | None = None,
-                  past_length: int = 0) -> dict:
-    """The standard inputs of one decoder call: ids, a full attention mask, positions (when the graph
-    takes them) and the KV cache in input order — ``past``, or empty tensors at prefill."""
-    batch, length = input_ids.shape
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
-    if "position_ids" in shapes:
-        feeds["position_ids"] = np.tile(np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
-    past_names = [name for name in shapes if name.startswith("past_key_values.")]
-    if past is None:
-        past = [np.zeros((batch, shapes[name][1], 0, shapes[name][3]), np.float32) for name in past_names]
-    feeds.update(zip(past_names, past))
-    return feeds
 
 
 def default_providers() -> list[str]:

@@ -121,7 +121,7 @@ def parse_network(trt, builder, logger, model_path: Path, strongly_typed: bool):
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(model_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
         raise BuildError(f"{model_path}: TensorRT's ONNX parser failed: {'; '.join(errors) or logger.errors}; "
                          f"run nsn-trt check on the export")
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}

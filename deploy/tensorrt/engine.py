@@ -1,0 +1,208 @@
+"""``NSNEngine``: one TensorRT engine (profiles per rank range and phase) serving every rank, with
+the same interface as ``NSNSession``: ``rank`` / ``set_rank``, ``run``, ``decode_step``,
+``generate`` (with ``rank_at``) and ``embed``.
+
+Rank and profile switching:
+- a rank change inside the active profile's range only writes the new value into the int64 host
+  buffer bound to ``rank`` (TensorRT reads it at enqueue; the buffer lives as long as the engine);
+- a change to another range or phase selects that profile on the enqueue stream
+  (``set_optimization_profile_async``), after which every input shape and every address, ``rank``
+  included, is set again — we set them on every call, so a switch needs nothing special.
+
+One execution context with the default (static) device memory, rather than one context per
+profile sharing a ``USER_MANAGED`` block: contexts that share memory must never run at the same
+time, so they would serialise exactly like one context does, with more state to keep right. The
+profile switch is a stream-ordered call; its cost on a Jetson is measured by
+``scripts/jetson_selfcheck.py`` (not measurable here).
+
+The KV cache stays in device memory across rank and profile switches: ``decode_step`` returns it
+as ``DeviceTensor``s and takes ownership of the cache passed in (freed once consumed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..external_data import confined_path
+from ..metadata import NSNModelInfo
+from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
+from ..text import load_tokenizer, model_max_length, stop_token_ids
+from .build import ENGINE_FILE, MANIFEST_FILE, MANIFEST_VERSION, import_tensorrt, make_logger, tensorrt_version
+from .cuda import Cuda, DeviceBuffer, DeviceTensor
+from .plan import EnginePlan
+
+
+class EngineMismatchError(ValueError):
+    """The engine was built for another TensorRT version or GPU."""
+
+
+def read_manifest(engine_dir: Path) -> dict:
+    path = confined_path(engine_dir, MANIFEST_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{engine_dir}: no {MANIFEST_FILE}; not an engine directory (build one with "
+                                f"nsn-trt build)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); rebuild the engine with nsn-trt build") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: unknown engine manifest format; rebuild the engine with nsn-trt build")
+    return manifest
+
+
+def check_compatible(manifest: dict, running_version: str, device: dict, source: str) -> None:
+    """A plan runs only on the TensorRT version and GPU model it was built with."""
+    built = (manifest.get("tensorrt_version"), manifest.get("gpu"), manifest.get("compute_capability"))
+    here = (running_version, device["gpu"], device["compute_capability"])
+    if built != here:
+        raise EngineMismatchError(
+            f"{source}: built with TensorRT {built[0]} for {built[1]} (compute {built[2]}), running TensorRT "
+            f"{here[0]} on {here[1]} (compute {here[2]}); rebuild the engine on this device with nsn-trt build")
+
+
+class NSNEngine(NSNRuntime):
+    """Load ENGINE_DIR (``nsn-trt build`` output) and run it at ``rank`` on the GPU."""
+
+    def __init__(self, engine_dir: str | Path, rank: int | None = None, trt=None, cudart=None):
+        self.model_dir = Path(engine_dir)
+        manifest = read_manifest(self.model_dir)
+        self.plan = EnginePlan.from_dict(manifest.get("plan", {}), source=str(self.model_dir / MANIFEST_FILE))
+        self.info = NSNModelInfo.from_props(manifest.get("nsn", {}), source=str(self.model_dir / MANIFEST_FILE))
+        self.trt = trt or import_tensorrt()
+        self.cuda = Cuda(cudart)
+        check_compatible(manifest, tensorrt_version(self.trt), self.cuda.device_description(), str(self.model_dir))
+        self.logger = make_logger(self.trt)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(confined_path(self.model_dir, ENGINE_FILE).read_bytes())
+        if self.engine is None:
+            raise ValueError(f"{self.model_dir / ENGINE_FILE}: TensorRT cannot load the plan "
+                             f"({'; '.join(self.logger.errors)}); rebuild the engine with nsn-trt build")
+        self._check_rank_binding()
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_input[n] and n != "rank"]
+        self.output_names = [n for n in names if not is_input[n]]
+        self.dtypes = {n: np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.input_shapes = {n: list(self.engine.get_tensor_shape(n)) for n in self.input_names}
+        self._rank_value = np.zeros(1, np.int64)  # TensorRT reads it at every enqueue: kept for our lifetime
+        self._staging: dict[str, DeviceBuffer] = {}
+        self.active_profile: int | None = None
+        self.profile_switches = 0
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.stop_ids = stop_token_ids(self.model_dir)
+        self.max_length = model_max_length(self.model_dir)
+        hidden = list(self.engine.get_tensor_shape(self.output_names[0]))[-1]
+        self.hidden_size = max(int(hidden), 0)
+        self._rank = self.info.max_rank
+        if rank is not None:
+            self.rank = rank
+
+    def _check_rank_binding(self) -> None:
+        engine, trt = self.engine, self.trt
+        if not engine.is_shape_inference_io("rank") or engine.get_tensor_location("rank") != trt.TensorLocation.HOST:
+            raise ValueError(f"{self.model_dir}: the engine's rank is not a host shape input; rebuild it from a "
+                             f"slice-mode export with nsn-trt build")
+        if engine.get_tensor_dtype("rank") != trt.DataType.INT64:
+            raise ValueError(f"{self.model_dir}: the engine's rank is {engine.get_tensor_dtype('rank')}, expected "
+                             f"INT64 (TensorRT 10); rebuild the engine with nsn-trt build")
+
+    # ---- one call ---------------------------------------------------------------------------
+    def _select_profile(self, phase: str):
+        profile = self.plan.profile_for(self._rank, phase)
+        if profile.index != self.active_profile:
+            if not self.context.set_optimization_profile_async(profile.index, self.cuda.stream_handle):
+                raise RuntimeError(f"TensorRT refused optimization profile {profile.index}: "
+                                   f"{'; '.join(self.logger.errors)}")
+            self.active_profile = profile.index
+            self.profile_switches += 1
+        return profile
+
+    def _staged(self, name: str, array: np.ndarray) -> DeviceBuffer:
+        """A grow-only device buffer per input, filled from ``array`` on the stream."""
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.nbytes < array.nbytes:
+            if buffer is not None:
+                buffer.free()
+            buffer = self._staging[name] = DeviceBuffer(self.cuda, max(array.nbytes, 2 * (buffer.nbytes if buffer else 0)))
+        self.cuda.to_device(array, buffer)
+        return buffer
+
+    def run_device(self, feeds: dict, phase: str) -> dict[str, DeviceTensor]:
+        """Run at the current rank; ``feeds`` are numpy arrays or ``DeviceTensor``s. Outputs stay on
+        the device (the caller owns and frees them)."""
+        profile = self._select_profile(phase)
+        context = self.context
+        host_inputs = []
+        for name in self.input_names:
+            value = feeds[name]
+            shape = tuple(int(d) for d in value.shape)
+            if not profile.accepts(name, shape):
+                low, _, high = profile.shapes[name]
+                raise ValueError(f"input {name!r} has shape {list(shape)}, outside the {phase} profile for ranks "
+                                 f"{profile.ranks} ({list(low)}..{list(high)}); rebuild the engine with larger "
+                                 f"--max-seq / --max-context / --max-batch")
+            if isinstance(value, DeviceTensor):
+                address = value.buffer.ptr
+            else:
+                array = np.ascontiguousarray(value, dtype=self.dtypes[name])
+                host_inputs.append(array)  # alive until the stream is synchronised
+                address = self._staged(name, array).ptr
+            if not context.set_input_shape(name, shape):
+                raise ValueError(f"TensorRT refused shape {list(shape)} for input {name!r}")
+            context.set_tensor_address(name, address)
+        self._rank_value[0] = self._rank
+        context.set_tensor_address("rank", self._rank_value.ctypes.data)
+        context.infer_shapes()
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize
+            outputs[name] = DeviceTensor(DeviceBuffer(self.cuda, nbytes), shape, self.dtypes[name])
+            context.set_tensor_address(name, outputs[name].buffer.ptr)
+        if not context.execute_async_v3(self.cuda.stream_handle):
+            for tensor in outputs.values():
+                tensor.buffer.free()
+            raise RuntimeError(f"TensorRT execution failed at rank {self._rank}: {'; '.join(self.logger.errors)}")
+        self.cuda.synchronize()
+        return outputs
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the engine at the current rank on the task's standard inputs; outputs on the host."""
+        phase = "encode" if self.info.task == "feature-extraction" else (
+            "prefill" if feeds[next(n for n in self.input_names if n.startswith("past_key_values."))].shape[2] == 0
+            else "decode")
+        device = self.run_device(feeds, phase)
+        try:
+            return {name: device[name].numpy() for name in (outputs or self.output_names)}
+        finally:
+            for tensor in device.values():
+                tensor.buffer.free()
+
+    def decode_step(self, token_ids: np.ndarray, cache: list[DeviceTensor] | None, past_length: int):
+        """One decoder call; the cache stays on the device and the one passed in is freed."""
+        feeds = decoder_feeds(self.input_shapes, token_ids, cache, past_length)
+        try:
+            outputs = self.run_device(feeds, "prefill" if cache is None else "decode")
+        finally:
+            for tensor in cache or []:
+                tensor.buffer.free()
+        logits_tensor = outputs.pop(self.output_names[0])
+        logits = logits_tensor.numpy()[:, -1]
+        logits_tensor.buffer.free()
+        warn_if_not_finite(logits, "logits")
+        return logits, [outputs[name] for name in self.output_names[1:]]
+
+    def release_cache(self, cache) -> None:
+        for tensor in cache or []:
+            tensor.buffer.free()
+
+    def close(self) -> None:
+        """Free the device memory this engine owns (also done when it is garbage collected)."""
+        for buffer in self._staging.values():
+            buffer.free()
+        self._staging.clear()
+        self.cuda.close()
