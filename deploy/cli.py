@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from .tensorrt.cuda import CudaError, TensorRTUnavailable
+
 
 def parse_ranks(value: str | None) -> list[int] | None:
     """``"8,16,32"`` -> ``[8, 16, 32]``; ``None`` when not given. A list with no rank is an error."""
@@ -34,7 +36,7 @@ def user_errors(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except ValueError as error:
+        except (ValueError, TensorRTUnavailable, CudaError) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:
             if error.filename is None:  # raised by us with a full message

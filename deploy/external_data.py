@@ -101,6 +101,8 @@ def load_graph(model_path: str | os.PathLike) -> onnx.ModelProto:
     every weight it names is safe to read. Errors name the file and say what to do."""
     model_path = Path(model_path)
     confined_path(model_path.parent, model_path.name, "model file")
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such file; give an nsn-export directory (it holds model.onnx)")
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except (OSError, google.protobuf.message.DecodeError, ValueError) as error:

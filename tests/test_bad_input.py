@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 from calibration.cli import bench_command
 from deploy.cli import run_command
+from deploy.tensorrt.cli import trt_command
 from nsn_export.cli import (adapt_command, eval_command, export_command, quickstart_command, train_command,
                             verify_command)
 from tiny import tiny_model, tiny_text, tiny_tokenizer
@@ -240,6 +241,33 @@ CASES = [
     Case("bench-zero-threads", bench_command, ["--threads", "0"], 2, ("--threads",), ()),
     Case("quickstart-no-ranks", quickstart_command, ["--ranks", ",", "--output", "{ws}/q"], 2, ("names no rank",), (),
          output="q"),
+    # ---- nsn-trt (TensorRT is not installed here: build and run say so) ------------------------
+    Case("trt-plan-gap", trt_command, ["plan", "{ws}/export", "--profiles", "1-4,6-16"], 1,
+         ("a gap at rank 5", "[1, 16]"), ("export",)),
+    Case("trt-plan-too-many-ranges", trt_command, ["plan", "{ws}/export", "--profiles", "17"], 1,
+         ("--profiles 17", "[1, 16]"), ("export",)),
+    Case("trt-plan-opt-seq-above-max", trt_command, ["plan", "{ws}/export", "--opt-seq", "900"], 1,
+         ("--opt-seq 900", "--max-seq 512"), ("export",)),
+    Case("trt-plan-no-export", trt_command, ["plan", "{ws}/nothing"], 1, ("nothing", "model.onnx"), ()),
+    Case("trt-check-mask-export", trt_command, ["check", "{ws}/mask"], 1, ("flows into data", "--rank-mode slice"),
+         ("mask",)),
+    Case("trt-check-old-tensorrt", trt_command, ["check", "{ws}/export", "--trt-version", "8.6"], 1,
+         ("'8.6' is not supported", "10.x"), ("export",)),
+    Case("trt-check-weights-outside", trt_command, ["check", "{ws}/export"], 1, ("outside the model directory",),
+         ("export",), lambda ws: point_weight(ws / "export", "../elsewhere.bin")),
+    Case("trt-build-over-its-export", trt_command, ["build", "{ws}/export", "--output", "{ws}/export",
+                                                    "--overwrite"], 1, ("is the input",), ("export",)),
+    Case("trt-build-bad-opt-level", trt_command, ["build", "{ws}/export", "--output", "{ws}/e", "--opt-level", "9"],
+         2, ("--opt-level", "0<=x<=5"), ("export",)),
+    Case("trt-build-without-tensorrt", trt_command, ["build", "{ws}/export", "--output", "{ws}/e"], 1,
+         ("TensorRT", "JetPack"), ("export",), output="e"),
+    Case("trt-build-mask-export", trt_command, ["build", "{ws}/mask", "--output", "{ws}/e", "--profiles", "1"], 1,
+         ("would not build", "--rank-mode slice"), ("mask",), output="e"),
+    Case("trt-inspect-not-an-engine", trt_command, ["inspect", "{ws}/export"], 1, ("no engine.json",), ("export",)),
+    Case("trt-inspect-bad-manifest", trt_command, ["inspect", "{ws}/engine"], 1, ("engine.json", "not valid JSON"),
+         (), write("engine/engine.json", "{")),
+    Case("trt-run-not-an-engine", trt_command, ["run", "{ws}/export", "--prompt", "w1"], 1, ("no engine.json",),
+         ("export",)),
     # ---- data files ------------------------------------------------------------------------------
     Case("eval-empty-data", eval_command, ["--model", "{ws}/ckpt", "--data", "{ws}/empty.txt"], 1,
          ("empty.txt", "no examples"), ("ckpt",), write("empty.txt", "")),

@@ -473,3 +473,43 @@ def test_the_cudart_double_and_our_code_use_only_real_cuda_python_names():
     assert sorted(n for n in ours | used if not hasattr(real, n)) == []
     for enum_name in ("cudaError_t", "cudaMemcpyKind"):
         assert {m.name for m in getattr(double, enum_name)} <= {m.name for m in getattr(real, enum_name)}
+
+
+# ---- the nsn-trt command ----------------------------------------------------------------------------------------
+def test_nsn_trt_plan_check_build_inspect_run(exported, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import deploy.tensorrt.build as build_module
+    import deploy.tensorrt.cuda as cuda_module
+    from deploy.tensorrt.cli import trt_command
+
+    cudart = trt_double.make_cudart()
+    import deploy.tensorrt.engine as engine_module
+
+    for module in (build_module, engine_module):
+        monkeypatch.setattr(module, "import_tensorrt", lambda: trt_double.make_tensorrt(cudart))
+    monkeypatch.setattr(cuda_module, "load_cudart", lambda: cudart)
+    export_dir = str(exported("llama")[0].path.parent)
+    runner = CliRunner()
+
+    def ok(*args):
+        result = runner.invoke(trt_command, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "4 profiles" in ok("plan", export_dir, "--profiles", "1-5,6-16", "--max-seq", "32", "--max-context", "64",
+                              "--opt-seq", "8", "--opt-context", "16")
+    assert len(json.loads(ok("plan", export_dir, "--profiles", "3", "--json"))["profiles"]) == 6
+    assert "ok: TensorRT 10.3" in ok("check", export_dir)
+    engine_dir = tmp_path / "engine"
+    assert "wrote" in ok("build", export_dir, "--output", engine_dir, "--profiles", "1-5,6-16", "--max-seq", "32",
+                         "--max-context", "64", "--opt-seq", "8", "--opt-context", "16",
+                         "--timing-cache", tmp_path / "cache")
+    assert "Fake Orin" in ok("inspect", engine_dir) and (tmp_path / "cache").is_file()
+    reports = json.loads(ok("run", engine_dir, "--ranks", "3,12", "--prompt", "w1 w2 w3", "--max-new-tokens", "4",
+                            "--json"))
+    session = NSNSession(export_dir)
+    for report in reports:
+        session.rank = report["rank"]
+        assert report["token_ids"] == session.generate("w1 w2 w3", max_new_tokens=4).token_ids
+    assert reports[-1]["profile_switches"] >= 4

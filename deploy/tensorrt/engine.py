@@ -101,6 +101,10 @@ class NSNEngine(NSNRuntime):
         if rank is not None:
             self.rank = rank
 
+    @property
+    def providers(self) -> list[str]:
+        return [f"TensorRT {tensorrt_version(self.trt)}"]
+
     def _check_rank_binding(self) -> None:
         engine, trt = self.engine, self.trt
         if not engine.is_shape_inference_io("rank") or engine.get_tensor_location("rank") != trt.TensorLocation.HOST:
