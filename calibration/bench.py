@@ -141,7 +141,8 @@ def plain_session(path: Path, threads: int):
 
 def decoder_workload(session, vocab: int, prefill_tokens: int, cache_tokens: int, seed: int = 0):
     """Feeds for prefill (empty cache) and for one decode step (a random cache of ``cache_tokens``)."""
-    from deploy.session import decoder_feeds, input_shapes
+    from deploy.ort.session import input_shapes
+    from deploy.runtime import decoder_feeds
 
     generator = np.random.default_rng(seed)
     shapes = input_shapes(session)

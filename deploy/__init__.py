@@ -3,7 +3,7 @@
 from .external_data import UnsafeModelError
 from .metadata import NSNModelInfo, validate_rank
 from .runtime import Generation, NonFiniteOutputWarning
-from .session import NSNSession
+from .ort.session import NSNSession
 from .text import TruncationWarning
 
 __all__ = ["NSNSession", "NSNModelInfo", "Generation", "validate_rank", "UnsafeModelError",

@@ -64,7 +64,7 @@ def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, tempera
                 providers, as_json):
     """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt or --text."""
     from .runtime import NonFiniteOutputWarning
-    from .session import NSNSession
+    from .ort.session import NSNSession
 
     if (prompt is None) == (not texts):
         raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")

@@ -254,7 +254,7 @@ def dense_embedder(model_path: Path, like):
     """Mean-pooled embeddings from a dense encoder export, tokenised like the NSN session ``like``."""
     import onnxruntime as ort
 
-    from deploy.session import input_shapes
+    from deploy.ort.session import input_shapes
     from deploy.text import encoder_feeds, mean_pool
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])

@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from deploy.session import decoder_feeds, input_shapes, open_session
+from deploy.ort.session import input_shapes, open_session
+from deploy.runtime import decoder_feeds
 
 from .surgery import max_rank as model_max_rank
 from .surgery import rank as at_rank

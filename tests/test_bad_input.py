@@ -48,7 +48,7 @@ def sources(tmp_path_factory, nsn_checkpoint, exported):
 
 def a_rank_factor(model: onnx.ModelProto) -> onnx.TensorProto:
     """An NSN factor that the weight views serve (so ONNX Runtime's own path check never sees it)."""
-    from deploy.views import rank_slices
+    from deploy.ort.views import rank_slices
 
     name = rank_slices(model)[0].input[0]
     return next(i for i in model.graph.initializer if i.name == name)

@@ -150,7 +150,7 @@ def test_run_command_generates_and_embeds(exported):
 
 
 def test_cuda_is_preferred_when_onnxruntime_gpu_offers_it_and_views_stay_off_there(exported, monkeypatch):
-    import deploy.session as session_module
+    import deploy.ort.session as session_module
 
     monkeypatch.setattr(session_module.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -3,8 +3,9 @@ import onnx
 import pytest
 
 from deploy import NSNSession
-from deploy.views import rank_slices, to_view_graph, views_at
-from deploy.session import decoder_feeds, input_shapes
+from deploy.ort.views import rank_slices, to_view_graph, views_at
+from deploy.ort.session import input_shapes
+from deploy.runtime import decoder_feeds
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])

@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .external_data import load_graph
-from .metadata import NSNModelInfo
-from .runtime import NSNRuntime, decoder_feeds, warn_if_not_finite  # noqa: F401  (decoder_feeds: shared)
-from .text import load_tokenizer, model_max_length, stop_token_ids
+from ..external_data import load_graph
+from ..metadata import NSNModelInfo
+from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
+from ..text import load_tokenizer, model_max_length, stop_token_ids
 from .views import RankView, to_view_graph, views_at
 
 MODEL_FILE = "model.onnx"
@@ -67,7 +67,7 @@ class NSNSession(NSNRuntime):
     value fed to ``rank`` and the weight views) and may happen between generation steps.
 
     ``weight_views`` (default: on for slice-mode graphs on the CPU) serves the factors as zero-copy
-    prefix views instead of letting the graph slice them on every run (see ``deploy.views``);
+    prefix views instead of letting the graph slice them on every run (see ``deploy.ort.views``);
     outputs are the same, decoding is 1.5-4x faster (docs/PERFORMANCE.md). Off, the graph runs as
     exported. On a GPU provider leave it off: host views would be copied to the device every call.
     """

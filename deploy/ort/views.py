@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .external_data import check_external_data, confined_path
+from ..external_data import check_external_data, confined_path
 
 
 @dataclass
