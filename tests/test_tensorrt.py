@@ -513,3 +513,38 @@ def test_nsn_trt_plan_check_build_inspect_run(exported, tmp_path, monkeypatch):
         session.rank = report["rank"]
         assert report["token_ids"] == session.generate("w1 w2 w3", max_new_tokens=4).token_ids
     assert reports[-1]["profile_switches"] >= 4
+
+
+def test_the_jetson_selfcheck_runs_every_step_and_writes_a_report(exported, tmp_path, capsys):
+    """On the double and a fake Orin sysfs tree; on a real Jetson the same script runs for real."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selfcheck", Path(__file__).parents[1] / "scripts" /
+                                                  "jetson_selfcheck.py")
+    selfcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selfcheck)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("gpu-thermal\n")
+    (zone / "temp").write_text("48500\n")
+    hwmon = root / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+    hwmon.mkdir(parents=True)
+    (hwmon / "in1_label").write_text("VDD_IN\n")
+    (hwmon / "curr1_input").write_text("1234\n")
+    cudart = trt_double.make_cudart()
+    report = tmp_path / "report.json"
+    code = selfcheck.main(["--export", str(exported("llama")[0].path.parent), "--work", str(tmp_path / "work"),
+                           "--report", str(report)], trt=trt_double.make_tensorrt(cudart), cudart=cudart, root=root)
+    steps = {s["step"]: s for s in json.loads(report.read_text())["steps"]}
+    assert code == 0, [s for s in steps.values() if s["status"] == "FAIL"]
+    assert set(steps) == {"platform", "export", "nsn-trt check", "build two rank ranges",
+                          "TensorRT vs ONNX Runtime in each range", "generation switching ranks",
+                          "decode latency and switch cost", "governor sensors"}
+    assert steps["platform"]["l4t"].startswith("# R36") and steps["platform"]["gpu"] == "Fake Orin (test double)"
+    assert steps["governor sensors"]["thermal_zones_millic"] == {"gpu-thermal": "48500"}
+    assert steps["governor sensors"]["ina3221_rails_ma"] == {"VDD_IN": "1234"}
+    assert set(steps["decode latency and switch cost"]["decode_ms_by_rank"]) == {"1", "8", "9", "16"}
+    assert "[PASS] generation switching ranks" in capsys.readouterr().out

@@ -103,11 +103,14 @@ def make_cudart() -> types.ModuleType:
     def cudaGetDeviceProperties(device):
         return cudaError_t.cudaSuccess, cudaDeviceProp()
 
+    def cudaRuntimeGetVersion():
+        return cudaError_t.cudaSuccess, 12060
+
     def cudaGetErrorString(error):
         return cudaError_t.cudaSuccess, cudaError_t(error).name.encode()
 
     for function in (cudaMalloc, cudaFree, cudaMemcpyAsync, cudaStreamCreate, cudaStreamSynchronize,
-                     cudaStreamDestroy, cudaGetDevice, cudaGetDeviceProperties, cudaGetErrorString):
+                     cudaStreamDestroy, cudaGetDevice, cudaGetDeviceProperties, cudaGetErrorString, cudaRuntimeGetVersion):
         setattr(rt, function.__name__, function)
     rt.find = find
     return rt
