@@ -10,6 +10,7 @@ is proven to be a regular file inside the model directory with the tensor's byte
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -43,6 +44,17 @@ def confined_path(model_dir: str | os.PathLike, name: str, what: str = "file") -
         raise UnsafeModelError(f"{what} location {name!r} is not a regular file (a device, FIFO, socket or "
                                f"directory); refusing to read it")
     return path
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from ``path``; anything else is a ``ValueError`` naming the file and ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, expected an object; {fix}")
+    return data
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:

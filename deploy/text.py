@@ -6,13 +6,12 @@ Every file is read from inside the model directory (``confined_path``) and a dam
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .external_data import confined_path
+from .external_data import confined_path, read_json_object
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -24,15 +23,7 @@ class TruncationWarning(UserWarning):
 def read_model_json(model_dir: str | Path, name: str) -> dict:
     """A JSON object from the model directory (``{}`` when the file is absent)."""
     path = confined_path(model_dir, name)
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); the file is corrupt, re-export the model") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, expected an object; re-export the model")
-    return data
+    return read_json_object(path, "the file is corrupt, re-export the model") if path.is_file() else {}
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deploy.atomic import atomic_directory
-from deploy.external_data import confined_path
+from deploy.external_data import confined_path, read_json_object
 from .config import NSNConfig
 from .surgery import build_skeleton, nsn_layers
 
@@ -88,12 +88,9 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: file is missing; an NSN checkpoint needs {CONFIG_FILE}, "
                               f"{NSN_CONFIG_FILE} and {WEIGHTS_FILE} (write one with nsn-adapt)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error}); the file is corrupt") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, expected an object; the file is corrupt")
-    return data
+        return read_json_object(path, "the file is corrupt")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def load_nsn_config(path: str | os.PathLike) -> NSNConfig:

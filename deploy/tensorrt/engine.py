@@ -21,12 +21,11 @@ as ``DeviceTensor``s and takes ownership of the cache passed in (freed once cons
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ..external_data import confined_path
+from ..external_data import confined_path, read_json_object
 from ..metadata import NSNModelInfo
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
 from ..text import load_tokenizer, model_max_length, stop_token_ids
@@ -44,11 +43,8 @@ def read_manifest(engine_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{engine_dir}: no {MANIFEST_FILE}; not an engine directory (build one with "
                                 f"nsn-trt build)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); rebuild the engine with nsn-trt build") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_VERSION:
+    manifest = read_json_object(path, "rebuild the engine with nsn-trt build")
+    if manifest.get("format_version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: unknown engine manifest format; rebuild the engine with nsn-trt build")
     return manifest
 
