@@ -324,7 +324,7 @@ def measure_switch(views, decode: dict, low: int, high: int, runs: int, warmup: 
     """
     for r in (low, high):  # the governor's levels are warm: their view feeds exist already
         views.rank = r
-        views.rank_feeds()
+        views.rank_feeds(r)
 
     def call(r):
         views.rank = r
@@ -347,8 +347,8 @@ def measure_switch(views, decode: dict, low: int, high: int, runs: int, warmup: 
     added = [trimmed_mean(switched[r]) - trimmed_mean(steady[r]) for r in (low, high)]
     error = [(statistics.pvariance(switched[r]) / len(switched[r]) + statistics.pvariance(steady[r]) / len(steady[r]))
              ** 0.5 for r in (low, high)]
-    setter = time_calls(lambda: (setattr(views, "rank", low), views.rank_feeds(),
-                                 setattr(views, "rank", high), views.rank_feeds()), 2000, 10)
+    setter = time_calls(lambda: (setattr(views, "rank", low), views.rank_feeds(low),
+                                 setattr(views, "rank", high), views.rank_feeds(high)), 2000, 10)
     return {"ranks": [low, high], "calls": sum(map(len, switched.values())) + sum(map(len, steady.values())),
             "added_ms_per_switch": round(sum(added) / 2, 4),
             "added_ms_by_rank": {str(r): round(a, 4) for r, a in zip((low, high), added)},

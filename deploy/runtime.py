@@ -63,6 +63,8 @@ class NSNRuntime:
     implement ``run`` and ``decode_step``."""
 
     info: NSNModelInfo
+    last_rank: int | None = None  # the rank the latest call ran at (read once per call)
+    last_latency_ms: float | None = None  # the latest decode step's or embed batch's latency
 
     @property
     def rank(self) -> int:
@@ -108,7 +110,9 @@ class NSNRuntime:
         order, parts = [], []
         for batch in length_sorted_batches(encodings, batch_size):
             feeds = pad_encodings([encodings[i] for i in batch], self.input_names)
+            start = time.perf_counter()
             hidden = self.run(feeds, ["last_hidden_state"])["last_hidden_state"]
+            self.last_latency_ms = (time.perf_counter() - start) * 1e3
             parts.append(mean_pool(hidden, feeds["attention_mask"]))
             order += batch
         pooled = np.empty((len(texts), parts[0].shape[-1]), parts[0].dtype)
@@ -152,8 +156,9 @@ class NSNRuntime:
                     self.rank = new_rank
                 start = time.perf_counter()
                 logits, cache = self.decode_step(step_input, cache, past)
-                result.step_latency_ms.append((time.perf_counter() - start) * 1e3)
-                result.ranks.append(self._rank)
+                self.last_latency_ms = (time.perf_counter() - start) * 1e3
+                result.step_latency_ms.append(self.last_latency_ms)
+                result.ranks.append(self.last_rank)  # the rank that call ran at (a governor may move it)
                 past += step_input.shape[1]
                 token = self._choose(logits[0], do_sample, temperature, top_k, random)
                 result.token_ids.append(token)

@@ -110,14 +110,14 @@ class NSNSession(NSNRuntime):
     def weight_views(self) -> bool:
         return bool(self.views)
 
-    def rank_feeds(self) -> dict[str, ort.OrtValue]:
+    def rank_feeds(self, rank: int) -> dict[str, ort.OrtValue]:
         """``rank`` plus, with weight views, every factor's prefix view, as ``OrtValue``s that
         wrap the factors' memory without copying (built once per rank, then cached)."""
-        feeds = self._view_cache.get(self._rank)
+        feeds = self._view_cache.get(rank)
         if feeds is None:
-            arrays = {"rank": np.array(self._rank, np.int64), **views_at(self.views, self._rank)}
+            arrays = {"rank": np.array(rank, np.int64), **views_at(self.views, rank)}
             feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-            self._view_cache[self._rank] = feeds
+            self._view_cache[rank] = feeds
         return feeds
 
     def run_values(self, feeds: dict, outputs: list[str] | None = None) -> list[ort.OrtValue]:
@@ -125,7 +125,8 @@ class NSNSession(NSNRuntime):
         KV cache returned by one call feeds the next without a copy)."""
         values = {name: value if isinstance(value, ort.OrtValue)
                   else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
-        return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds()})
+        rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
+        return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds(rank)})
 
     def run_raw(self, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
         """Run at the current rank; ``feeds`` are numpy arrays of the standard inputs."""

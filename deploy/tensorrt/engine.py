@@ -111,8 +111,8 @@ class NSNEngine(NSNRuntime):
                              f"INT64 (TensorRT 10); rebuild the engine with nsn-trt build")
 
     # ---- one call ---------------------------------------------------------------------------
-    def _select_profile(self, phase: str):
-        profile = self.plan.profile_for(self._rank, phase)
+    def _select_profile(self, rank: int, phase: str):
+        profile = self.plan.profile_for(rank, phase)
         if profile.index != self.active_profile:
             if not self.context.set_optimization_profile_async(profile.index, self.cuda.stream_handle):
                 raise RuntimeError(f"TensorRT refused optimization profile {profile.index}: "
@@ -134,7 +134,8 @@ class NSNEngine(NSNRuntime):
     def run_device(self, feeds: dict, phase: str) -> dict[str, DeviceTensor]:
         """Run at the current rank; ``feeds`` are numpy arrays or ``DeviceTensor``s. Outputs stay on
         the device (the caller owns and frees them)."""
-        profile = self._select_profile(phase)
+        rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
+        profile = self._select_profile(rank, phase)
         context = self.context
         host_inputs = []
         for name in self.input_names:
@@ -154,7 +155,7 @@ class NSNEngine(NSNRuntime):
             if not context.set_input_shape(name, shape):
                 raise ValueError(f"TensorRT refused shape {list(shape)} for input {name!r}")
             context.set_tensor_address(name, address)
-        self._rank_value[0] = self._rank
+        self._rank_value[0] = rank
         context.set_tensor_address("rank", self._rank_value.ctypes.data)
         context.infer_shapes()
         outputs = {}
@@ -166,7 +167,7 @@ class NSNEngine(NSNRuntime):
         if not context.execute_async_v3(self.cuda.stream_handle):
             for tensor in outputs.values():
                 tensor.buffer.free()
-            raise RuntimeError(f"TensorRT execution failed at rank {self._rank}: {'; '.join(self.logger.errors)}")
+            raise RuntimeError(f"TensorRT execution failed at rank {rank}: {'; '.join(self.logger.errors)}")
         self.cuda.synchronize()
         return outputs
 

@@ -1,0 +1,221 @@
+"""The governor loop: read sensors -> every policy's ceiling -> the lowest, snapped to a rank level
+with hysteresis -> ``target.set_rank``. ``step(now)`` is one tick with injected time (tests and
+the simulator never sleep); ``start()``/``stop()`` run it on a background thread.
+
+A runtime applies a new rank at its next call boundary (``NSNSession``/``NSNEngine`` read their rank
+once per call), so a switch never lands in the middle of a call. Any failure inside a tick is
+logged and becomes the safe rank; nothing propagates into the inference thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..atomic import atomic_file
+from .config import PolicyConfig
+from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, ThermalPolicy
+from .sensors import Readings
+
+log = logging.getLogger("nsn.governor")
+
+
+@dataclass
+class Decision:
+    time_s: float
+    rank: int
+    switched: bool
+    ceilings: list[dict]
+    readings: dict
+    cross_profile: bool = False
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+
+def readings_summary(readings: Readings | None) -> dict:
+    if readings is None:
+        return {}
+    return {"temps_c": readings.temps_c, "battery_pct": readings.battery_pct, "power_w": readings.power_w,
+            "latency_ms": readings.latency_ms, "invalid": readings.invalid}
+
+
+class Governor:
+    """Govern ``target`` (anything with ``set_rank``; an ``NSNSession``, an ``NSNEngine``, the
+    simulator) from ``sensors`` (anything with ``read(now) -> Readings``) under ``config``.
+
+    ``flops_of_rank`` and ``max_rank`` come from the model (``NSNModelInfo.flops`` and
+    ``.max_rank``). ``log_path`` appends one JSON line per tick; ``rank_file`` receives the chosen
+    rank atomically (out-of-process mode)."""
+
+    def __init__(self, sensors, config: PolicyConfig, target, max_rank: int, flops_of_rank: Callable[[int], float],
+                 log_path: str | Path | None = None, rank_file: str | Path | None = None,
+                 on_decision: Callable[[Decision], None] | None = None, trip_c: float | None = None):
+        self.sensors, self.config, self.target = sensors, config, target
+        self.levels = Levels(config.ranks, flops_of_rank) if config.ranks else Levels.geometric(max_rank, flops_of_rank)
+        if self.levels.ranks[-1] > max_rank:
+            raise ValueError(f"{config.source}: [levels] ranks go to {self.levels.ranks[-1]}, above the model's "
+                             f"maximum rank {max_rank}")
+        self.safe_index = self.level_at_most(config.safe_rank) if config.safe_rank else 0
+        self.policies = self._policies(config, trip_c)
+        self.log_file = open(log_path, "a", buffering=1) if log_path else None
+        self.rank_file = Path(rank_file) if rank_file else None
+        self.on_decision = on_decision
+        self.manual_rank: int | None = None
+        self.index = len(self.levels.ranks) - 1
+        self.last_change_s: float | None = None
+        self.switches = self.cross_profile_switches = self.failures = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._apply(self.index)
+
+    def _policies(self, config: PolicyConfig, trip_c: float | None) -> list:
+        policies = []
+        if config.thermal is not None:
+            zones = config.thermal["zones"]
+            passive = trip_c if trip_c is not None else getattr(self.sensors, "trip_c", lambda z: None)(zones)
+            target = config.thermal["target_c"] or (passive - 5.0 if passive is not None else None)
+            emergency = config.thermal["emergency_c"] or (passive + 5.0 if passive is not None else None)
+            if target is None or emergency is None:
+                raise ValueError(f"{config.source} [thermal]: give target_c and emergency_c (no passive trip point "
+                                 f"was found for zones {zones})")
+            policies.append(ThermalPolicy(target, emergency, zones, config.thermal["kp_per_c"],
+                                          config.thermal["ki_per_c_s"]))
+        if config.battery is not None:
+            if config.battery["ladder"]:
+                policies.append(BatteryLadder(config.battery["ladder"], config.battery["hysteresis_pct"]))
+            if config.battery["runtime_h"]:
+                policies.append(BatteryRuntime(config.battery["runtime_h"]))
+        if config.power_budget_w is not None:
+            policies.append(BudgetPolicy("power_w", config.power_budget_w))
+        if config.latency_target_ms is not None:
+            policies.append(BudgetPolicy("latency_ms", config.latency_target_ms))
+        return policies
+
+    def level_at_most(self, rank: int) -> int:
+        """The highest level at or below ``rank`` (the lowest level if none is)."""
+        return max((i for i, r in enumerate(self.levels.ranks) if r <= rank), default=0)
+
+    @property
+    def rank(self) -> int:
+        return self.levels.ranks[self.index]
+
+    def override(self, rank: int | None) -> None:
+        """Manual override: cap the rank at ``rank`` (None releases it). Safety limits still apply."""
+        self.manual_rank = rank
+
+    def _manual_ceiling(self) -> Ceiling | None:
+        rank, source = self.manual_rank, "manual rank"
+        if self.config.rank_file and Path(self.config.rank_file).is_file():
+            text = Path(self.config.rank_file).read_text().strip()
+            if not text.isdigit():
+                return Ceiling(1.0, f"manual rank file {self.config.rank_file} holds {text[:20]!r}, not a rank: ignored")
+            rank, source = int(text), f"manual rank file {self.config.rank_file}"
+        if rank is None:
+            return None
+        return Ceiling(self.levels.work[self.level_at_most(rank)], f"{source}: {rank}")
+
+    def ceilings(self, readings: Readings) -> list[Ceiling]:
+        applied = self.levels.work[self.index]
+        step_up = self.levels.work[min(self.index + 1, len(self.levels.work) - 1)] * (1 + self.config.up_margin)
+        found = []
+        for policy in self.policies:
+            if isinstance(policy, ThermalPolicy):
+                found.append(policy.ceiling(readings, applied, step_up))
+            elif isinstance(policy, BatteryLadder):
+                found.append(policy.ceiling(readings))
+            else:
+                found.append(policy.ceiling(readings, applied))
+        manual = self._manual_ceiling()
+        return found + ([manual] if manual else []) or [Ceiling(1.0, "no policy")]
+
+    def choose(self, ceilings: list[Ceiling], now: float) -> int:
+        """Down at once to the level the lowest ceiling allows; up one level at a time, only past the
+        up margin and after ``min_dwell_s`` at the current level."""
+        lowest = min(ceilings, key=lambda c: c.work)
+        wanted = self.levels.index_for(lowest.work)
+        if wanted < self.index:
+            return wanted
+        if wanted > self.index:
+            dwelt = self.last_change_s is None or now - self.last_change_s >= self.config.min_dwell_s
+            next_work = self.levels.work[self.index + 1]
+            if dwelt and lowest.work >= min(1.0, next_work * (1 + self.config.up_margin)):
+                return self.index + 1
+        return self.index
+
+    def step(self, now: float | None = None) -> Decision:
+        """One tick. Never raises: a failure is logged and applies the safe rank."""
+        now = time.monotonic() if now is None else now
+        readings, ceilings = None, []
+        try:
+            if hasattr(self.target, "last_latency_ms") and hasattr(self.sensors, "latency_ms"):
+                self.sensors.latency_ms = self.target.last_latency_ms
+            readings = self.sensors.read(now)
+            ceilings = self.ceilings(readings)
+            index = self.choose(ceilings, now)
+        except Exception as error:  # the governor must never take the model down with it
+            self.failures += 1
+            log.exception("governor tick failed; applying the safe rank")
+            ceilings = [Ceiling(self.levels.work[self.safe_index], f"governor error: {type(error).__name__}: {error}",
+                                hard=True)]
+            index = self.safe_index
+        switched = index != self.index
+        cross = False
+        if switched:
+            cross = self._crosses_profile(self.levels.ranks[self.index], self.levels.ranks[index])
+            self.index, self.last_change_s = index, now
+            self.switches += 1
+            self.cross_profile_switches += cross
+            self._apply(index)
+        decision = Decision(now, self.rank, switched, [asdict(c) for c in ceilings], readings_summary(readings), cross)
+        if self.log_file is not None:
+            self.log_file.write(decision.as_json() + "\n")
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        return decision
+
+    def _crosses_profile(self, old: int, new: int) -> bool:
+        plan = getattr(self.target, "plan", None)  # an NSNEngine: count switches between its profiles
+        return plan is not None and plan.profile_for(old, "decode").index != plan.profile_for(new, "decode").index
+
+    def _apply(self, index: int) -> None:
+        rank = self.levels.ranks[index]
+        try:
+            self.target.set_rank(rank)
+        except Exception:
+            self.failures += 1
+            log.exception("set_rank(%s) failed", rank)
+        if self.rank_file is not None:
+            try:
+                atomic_file(self.rank_file, f"{rank}\n")
+            except OSError:
+                self.failures += 1
+                log.exception("cannot write the rank file %s", self.rank_file)
+
+    def start(self, period_s: float = 1.0) -> None:
+        """Tick every ``period_s`` on a daemon thread until ``stop()``."""
+        if self._thread is not None:
+            raise RuntimeError("the governor is already running")
+        self._stop.clear()
+
+        def run():
+            while not self._stop.is_set():
+                self.step()
+                self._stop.wait(period_s)
+
+        self._thread = threading.Thread(target=run, name="nsn-governor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None

@@ -1,0 +1,193 @@
+"""Rank policies: each maps readings to a ceiling on the model's *work fraction* (its FLOPs per token
+relative to the full rank), with a reason. The governor takes the lowest ceiling and snaps it to a
+rank level. Working in work fractions keeps every policy model-independent; ``Levels`` converts.
+
+All units are in the names. Every policy is a small object whose state moves only through
+``ceiling(readings, state)``, so a test can step it through time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .sensors import Readings
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    work: float  # the largest work fraction allowed, in [0, 1]
+    reason: str
+    hard: bool = False  # a safety limit: also overrides the up/down hysteresis
+
+
+class Levels:
+    """The allowed ranks, ascending, with each one's work fraction (``work[i]`` in (0, 1])."""
+
+    def __init__(self, ranks: list[int], flops_of_rank):
+        if not ranks:
+            raise ValueError("levels: give at least one rank")
+        self.ranks = sorted(set(int(r) for r in ranks))
+        top = flops_of_rank(self.ranks[-1])
+        self.work = [flops_of_rank(r) / top for r in self.ranks]
+
+    def index_for(self, work: float) -> int:
+        """The highest level whose work fraction is within ``work`` (the lowest level if none is)."""
+        within = [i for i, w in enumerate(self.work) if w <= work + 1e-12]
+        return within[-1] if within else 0
+
+    @classmethod
+    def geometric(cls, max_rank: int, flops_of_rank, count: int = 8) -> "Levels":
+        """A default ladder: ``count`` ranks spaced geometrically up to ``max_rank``."""
+        ranks = {max(1, round(max_rank ** (k / (count - 1)))) for k in range(count)} if count > 1 else {max_rank}
+        return cls(sorted(ranks | {max_rank}), flops_of_rank)
+
+
+class LinearByWork:
+    """``y = a + b * work`` fitted from recent (work, y) samples — power in W, latency in ms — so
+    a budget can be turned into a work fraction before any calibrated table exists. With one
+    distinct work seen, ``y`` is assumed proportional to ``idle_share + (1 - idle_share) * work``."""
+
+    def __init__(self, idle_share: float = 0.3, window: int = 600):
+        self.idle_share, self.window = idle_share, window
+        self.samples: list[tuple[float, float]] = []
+
+    def add(self, work: float, value: float | None) -> None:
+        if value is not None and math.isfinite(value):
+            self.samples.append((work, value))
+            del self.samples[:-self.window]
+
+    def coefficients(self) -> tuple[float, float] | None:
+        if not self.samples:
+            return None
+        works = [w for w, _ in self.samples]
+        mean_w = sum(works) / len(works)
+        mean_y = sum(y for _, y in self.samples) / len(self.samples)
+        spread = sum((w - mean_w) ** 2 for w in works)
+        if spread > 1e-4:
+            slope = sum((w - mean_w) * (y - mean_y) for w, y in self.samples) / spread
+            if slope > 0:
+                return mean_y - slope * mean_w, slope
+        scale = mean_y / (self.idle_share + (1 - self.idle_share) * mean_w)
+        return scale * self.idle_share, scale * (1 - self.idle_share)
+
+    def work_within(self, budget: float) -> float | None:
+        """The largest work fraction whose predicted value is within ``budget`` (None: no data)."""
+        fit = self.coefficients()
+        if fit is None:
+            return None
+        intercept, slope = fit
+        return max(0.0, min(1.0, (budget - intercept) / slope))
+
+
+@dataclass
+class ThermalPolicy:
+    """Hold the hottest of ``zones`` at ``target_c`` with a PI controller on the work fraction (velocity
+    form: each tick the ceiling moves by ``kp`` per degC of error change plus ``ki`` per degC*s of
+    error). At or above ``emergency_c``: work 0, the minimum rank, at once. No reading: the safe rank."""
+
+    target_c: float
+    emergency_c: float
+    zones: list[str] = field(default_factory=list)
+    kp_per_c: float = 0.03
+    ki_per_c_s: float = 0.004
+    ceiling_work: float = 1.0
+    last_error_c: float | None = None
+    last_time_s: float | None = None
+
+    def ceiling(self, readings: Readings, applied_work: float, step_up_work: float) -> Ceiling:
+        temp = readings.hottest_c(self.zones)
+        if temp is None:
+            self.last_error_c = None
+            return Ceiling(0.0, f"no valid temperature from {self.zones or 'any zone'}: safe rank", hard=True)
+        if temp >= self.emergency_c:
+            self.ceiling_work, self.last_error_c = 0.0, None
+            return Ceiling(0.0, f"{temp:.1f} degC >= emergency {self.emergency_c:.1f} degC", hard=True)
+        error = self.target_c - temp
+        dt = 1.0 if self.last_time_s is None else max(1e-3, readings.time_s - self.last_time_s)
+        change = 0.0 if self.last_error_c is None else error - self.last_error_c
+        # Anti-windup: never more than one level above what is applied (climbing waits on the dwell).
+        self.ceiling_work = min(max(self.ceiling_work + self.kp_per_c * change + self.ki_per_c_s * error * dt, 0.0),
+                                1.0, step_up_work)
+        self.last_error_c, self.last_time_s = error, readings.time_s
+        return Ceiling(self.ceiling_work, f"{temp:.1f} degC, target {self.target_c:.1f} degC")
+
+
+@dataclass
+class BatteryLadder:
+    """While discharging: below each capacity threshold (percent) a work ceiling applies; a band is
+    left only ``hysteresis_pct`` above its threshold, so a reading wobbling at a boundary cannot
+    chatter. ``steps`` are (threshold_pct, work) pairs."""
+
+    steps: list[tuple[float, float]]
+    hysteresis_pct: float = 3.0
+    band: int | None = None  # index into steps sorted by threshold, descending
+
+    def __post_init__(self):
+        self.steps = sorted(((float(t), float(w)) for t, w in self.steps), reverse=True)
+
+    def ceiling(self, readings: Readings) -> Ceiling:
+        if not readings.discharging:
+            self.band = None
+            return Ceiling(1.0, "not discharging")
+        pct = readings.battery_pct
+        if pct is None:
+            return Ceiling(min((w for _, w in self.steps), default=1.0), "no valid battery capacity: lowest band",
+                       hard=True)
+        band = None
+        for i, (threshold, _) in enumerate(self.steps):
+            leave_at = threshold + (self.hysteresis_pct if self.band is not None and i >= self.band else 0.0)
+            if pct < leave_at:
+                band = i
+        self.band = band
+        if band is None:
+            return Ceiling(1.0, f"battery {pct:.0f}%")
+        threshold, work = self.steps[band]
+        return Ceiling(work, f"battery {pct:.0f}% < {threshold:.0f}%")
+
+
+@dataclass
+class BatteryRuntime:
+    """Keep serving until ``runtime_h`` after the governor started: each tick, the power the
+    remaining energy allows over the remaining time, turned into a work fraction by the power
+    model learned so far (re-planned as the battery drains)."""
+
+    runtime_h: float
+    start_s: float | None = None
+    power: LinearByWork = field(default_factory=LinearByWork)
+
+    def ceiling(self, readings: Readings, applied_work: float) -> Ceiling:
+        if self.start_s is None:
+            self.start_s = readings.time_s
+        if not readings.discharging:
+            return Ceiling(1.0, "not discharging")
+        self.power.add(applied_work, readings.power_w)
+        remaining_s = self.start_s + self.runtime_h * 3600 - readings.time_s
+        if readings.battery_energy_wh is None or readings.power_w is None:
+            return Ceiling(1.0, "runtime target: no energy or power reading")
+        if remaining_s <= 0:
+            return Ceiling(1.0, "runtime target reached")
+        allowed_w = readings.battery_energy_wh * 3600 / remaining_s
+        work = self.power.work_within(allowed_w)
+        return Ceiling(1.0 if work is None else work,
+                       f"{readings.battery_energy_wh:.1f} Wh over {remaining_s / 3600:.2f} h allows {allowed_w:.2f} W")
+
+
+@dataclass
+class BudgetPolicy:
+    """The largest work fraction whose measured ``quantity`` (power_w or latency_ms) stays within
+    ``budget``, from the model learned at the work fractions seen so far."""
+
+    quantity: str
+    budget: float
+    model: LinearByWork = field(default_factory=LinearByWork)
+
+    def ceiling(self, readings: Readings, applied_work: float) -> Ceiling:
+        value = readings.power_w if self.quantity == "power_w" else readings.latency_ms
+        self.model.add(applied_work, value)
+        work = self.model.work_within(self.budget)
+        unit = "W" if self.quantity == "power_w" else "ms"
+        if work is None:
+            return Ceiling(1.0, f"{self.quantity} budget {self.budget:g} {unit}: no measurement yet")
+        shown = "n/a" if value is None else f"{value:.2f}"
+        return Ceiling(work, f"{self.quantity} {shown} {unit}, budget {self.budget:g} {unit}")
