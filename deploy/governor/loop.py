@@ -45,6 +45,11 @@ def readings_summary(readings: Readings | None) -> dict:
             "latency_ms": readings.latency_ms, "invalid": readings.invalid}
 
 
+def levels_for(config: PolicyConfig, max_rank: int, flops_of_rank: Callable[[int], float]) -> Levels:
+    """The policy's rank levels, or an equal-work ladder up to ``max_rank`` when it lists none."""
+    return Levels(config.ranks, flops_of_rank) if config.ranks else Levels.equal_work(max_rank, flops_of_rank)
+
+
 class Governor:
     """Govern ``target`` (anything with ``set_rank``; an ``NSNSession``, an ``NSNEngine``, the
     simulator) from ``sensors`` (anything with ``read(now) -> Readings``) under ``config``.
@@ -57,7 +62,7 @@ class Governor:
                  log_path: str | Path | None = None, rank_file: str | Path | None = None,
                  on_decision: Callable[[Decision], None] | None = None, trip_c: float | None = None):
         self.sensors, self.config, self.target = sensors, config, target
-        self.levels = Levels(config.ranks, flops_of_rank) if config.ranks else Levels.geometric(max_rank, flops_of_rank)
+        self.levels = levels_for(config, max_rank, flops_of_rank)
         if self.levels.ranks[-1] > max_rank:
             raise ValueError(f"{config.source}: [levels] ranks go to {self.levels.ranks[-1]}, above the model's "
                              f"maximum rank {max_rank}")
@@ -79,7 +84,7 @@ class Governor:
         if config.thermal is not None:
             zones = config.thermal["zones"]
             passive = trip_c if trip_c is not None else getattr(self.sensors, "trip_c", lambda z: None)(zones)
-            target = config.thermal["target_c"] or (passive - 5.0 if passive is not None else None)
+            target = config.thermal["target_c"] or (passive - 3.0 if passive is not None else None)
             emergency = config.thermal["emergency_c"] or (passive + 5.0 if passive is not None else None)
             if target is None or emergency is None:
                 raise ValueError(f"{config.source} [thermal]: give target_c and emergency_c (no passive trip point "

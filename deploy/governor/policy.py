@@ -37,9 +37,12 @@ class Levels:
         return within[-1] if within else 0
 
     @classmethod
-    def geometric(cls, max_rank: int, flops_of_rank, count: int = 8) -> "Levels":
-        """A default ladder: ``count`` ranks spaced geometrically up to ``max_rank``."""
-        ranks = {max(1, round(max_rank ** (k / (count - 1)))) for k in range(count)} if count > 1 else {max_rank}
+    def equal_work(cls, max_rank: int, flops_of_rank, count: int = 8) -> "Levels":
+        """A default ladder of ``count`` ranks whose work fractions are evenly spaced from rank 1's to
+        1, so every step up or down changes power and latency by about the same amount."""
+        low, top = flops_of_rank(1), flops_of_rank(max_rank)
+        targets = [low + (top - low) * k / max(count - 1, 1) for k in range(count)]
+        ranks = {max((r for r in range(1, max_rank + 1) if flops_of_rank(r) <= t + 1e-9), default=1) for t in targets}
         return cls(sorted(ranks | {max_rank}), flops_of_rank)
 
 
@@ -91,6 +94,7 @@ class ThermalPolicy:
     zones: list[str] = field(default_factory=list)
     kp_per_c: float = 0.03
     ki_per_c_s: float = 0.004
+    deadband_c: float = 1.0  # no integration while within this of the target: no hunting between levels
     ceiling_work: float = 1.0
     last_error_c: float | None = None
     last_time_s: float | None = None
@@ -106,8 +110,9 @@ class ThermalPolicy:
         error = self.target_c - temp
         dt = 1.0 if self.last_time_s is None else max(1e-3, readings.time_s - self.last_time_s)
         change = 0.0 if self.last_error_c is None else error - self.last_error_c
+        integrated = 0.0 if abs(error) <= self.deadband_c else error - math.copysign(self.deadband_c, error)
         # Anti-windup: never more than one level above what is applied (climbing waits on the dwell).
-        self.ceiling_work = min(max(self.ceiling_work + self.kp_per_c * change + self.ki_per_c_s * error * dt, 0.0),
+        self.ceiling_work = min(max(self.ceiling_work + self.kp_per_c * change + self.ki_per_c_s * integrated * dt, 0.0),
                                 1.0, step_up_work)
         self.last_error_c, self.last_time_s = error, readings.time_s
         return Ceiling(self.ceiling_work, f"{temp:.1f} degC, target {self.target_c:.1f} degC")

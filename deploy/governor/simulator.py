@@ -1,0 +1,298 @@
+"""A simulated Jetson for the governor: the real ``Governor`` and policies run against it through
+the same ``Readings`` (built from sysfs-style strings by the same parsers), and never sleep.
+
+The device (all parameters per preset, approximate and labelled so — they are not measurements):
+- an application asks for ``demand`` tokens/s; the model serves up to its capacity at rank r,
+  ``tokens_per_s_full * clock / (fixed_work + (1 - fixed_work) * work(r))``;
+- board power ``idle_w + dynamic_w * busy * clock**2``, busy = served / capacity;
+- a thermal RC model, ``C dT/dt = P - (T - T_ambient) / R_th``;
+- the hardware's own throttling at the passive trip: clocks drop to ``throttle_clock`` (fewer
+  tokens/s) until the temperature is 2 degC below the trip — as on a real Jetson, letting it throttle
+  costs throughput;
+- a battery drained by power x time; sensor faults (dropouts, garbage) in windows.
+
+A scenario is a TOML file (``deploy/governor/scenarios/*.toml``); ``simulate`` runs the policy and
+the baselines on it in one process and reports, per run: tokens, quality_tokens, seconds_above_trip,
+max_temp_c, seconds_throttled, switches, switches_per_min, switches_per_min_after_1min,
+battery_empty_s, mean_rank.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+from .config import PolicyConfig, load_policy
+from .loop import Governor, levels_for
+from .sensors import Readings, parse_micro, parse_pct, parse_temp_c
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    idle_w: float
+    dynamic_w: float
+    r_th_c_per_w: float
+    c_j_per_c: float
+    passive_trip_c: float = 85.0
+    throttle_clock: float = 0.6
+    tokens_per_s_full: float = 20.0
+    fixed_work: float = 0.15  # share of a token's time that does not shrink with the rank
+
+
+# Approximate, for simulation only: power in the board's power mode, thermal constants of a
+# devkit with its stock fan, a 0.5B-class decoder's throughput. Not measurements.
+PRESETS = {
+    "orin-nano-15w": Device("Jetson Orin Nano 15 W (approximate)", 4.0, 10.0, 4.2, 45.0, tokens_per_s_full=12.0),
+    "orin-nx-25w": Device("Jetson Orin NX 25 W (approximate)", 6.0, 17.0, 2.5, 90.0, tokens_per_s_full=25.0),
+    "agx-orin-60w": Device("Jetson AGX Orin 60 W (approximate)", 12.0, 44.0, 1.0, 220.0, tokens_per_s_full=60.0),
+}
+
+
+def schedule_value(points: list[list[float]], t: float) -> float:
+    """Piecewise-linear value of ``[[t0, v0], [t1, v1], ...]`` at time ``t`` (held outside)."""
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / max(t1 - t0, 1e-9)
+    return points[-1][1]
+
+
+def in_windows(windows: list[list[float]], t: float) -> bool:
+    return any(start <= t < end for start, end in windows)
+
+
+@dataclass
+class Scenario:
+    name: str
+    duration_s: float
+    device: Device
+    ambient: list[list[float]]
+    demand: list[list[float]]  # tokens/s over time
+    bursts: list[list[float]] = field(default_factory=list)  # [start_s, end_s, extra tokens/s]
+    battery_wh: float | None = None
+    battery_pct: float = 100.0
+    dropouts: list[list[float]] = field(default_factory=list)
+    garbage: list[list[float]] = field(default_factory=list)
+    max_rank: int = 448
+    model_fixed_work: float = 0.1  # FLOPs share that does not depend on the rank (embeddings, attention)
+    quality: dict[int, float] = field(default_factory=dict)  # rank -> quality (default: a concave curve)
+    policy: str | None = None  # a policy file next to the scenario
+
+    def flops_of_rank(self, rank: int) -> float:
+        return self.model_fixed_work + (1 - self.model_fixed_work) * rank / self.max_rank
+
+    def quality_of(self, rank: int) -> float:
+        if not self.quality:
+            return 1.0 - (1.0 - rank / self.max_rank) ** 3  # approximate: steep near rank 1, flat near R
+        ranks = sorted(self.quality)
+        return schedule_value([[r, self.quality[r]] for r in ranks], rank)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such scenario; the shipped ones are in {scenario_dir()}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid TOML ({error})") from None
+
+    def get(section: str, key: str, default=None, kind=(int, float)):
+        value = data.get(section, {}).get(key, default) if section else data.get(key, default)
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{path}: {f'[{section}] ' if section else ''}{key} = {value!r} is missing or of the "
+                             f"wrong type")
+        return value
+
+    device_data = data.get("device", {})
+    preset = device_data.get("preset", "orin-nx-25w")
+    if preset not in PRESETS:
+        raise ValueError(f"{path}: [device] preset = {preset!r}; known presets: {', '.join(PRESETS)}")
+    overrides = {k: float(v) for k, v in device_data.items() if k != "preset"}
+    unknown = sorted(set(overrides) - set(Device.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: [device] unknown key(s) {unknown}")
+    device = replace(PRESETS[preset], **overrides)
+    quality = data.get("quality", {})
+    scenario = Scenario(
+        name=str(data.get("name", path.stem)), duration_s=float(get("", "duration_s")), device=device,
+        ambient=get("ambient", "schedule", [[0, 25.0]], list),
+        demand=get("load", "demand_tokens_per_s", [[0, 0.8 * device.tokens_per_s_full]], list),
+        bursts=get("load", "bursts", [], list),
+        battery_wh=data.get("battery", {}).get("capacity_wh"),
+        battery_pct=float(data.get("battery", {}).get("initial_pct", 100.0)),
+        dropouts=get("faults", "dropouts", [], list), garbage=get("faults", "garbage", [], list),
+        max_rank=int(get("model", "max_rank", 448)), model_fixed_work=float(get("model", "fixed_work", 0.1)),
+        quality={int(r): float(q) for r, q in zip(quality.get("ranks", []), quality.get("values", []))},
+        policy=str(path.parent / data["policy"]) if "policy" in data else None)
+    if scenario.duration_s <= 0:
+        raise ValueError(f"{path}: duration_s must be > 0")
+    return scenario
+
+
+def scenario_dir() -> Path:
+    return Path(str(resources.files(__package__).joinpath("scenarios")))
+
+
+class SimulatedDevice:
+    """The device's state, its sensors (``read``) and the model's rank (``set_rank``)."""
+
+    def __init__(self, scenario: Scenario, initial_rank: int):
+        self.s, self.d = scenario, scenario.device
+        self.rank = initial_rank
+        self.temp_c = schedule_value(scenario.ambient, 0.0)
+        self.throttled = False
+        self.energy_wh = None if scenario.battery_wh is None else scenario.battery_wh * scenario.battery_pct / 100
+        self.power_w = self.d.idle_w
+        self.latency_ms: float | None = None
+
+    # the runtime interface the governor drives
+    def set_rank(self, rank: int) -> None:
+        self.rank = rank
+
+    # the sensor interface the governor reads (sysfs-style raw strings through the real parsers)
+    def trip_c(self, zones) -> float:
+        return self.d.passive_trip_c
+
+    def read(self, now: float) -> Readings:
+        if in_windows(self.s.dropouts, now):
+            raw_temp = None
+        elif in_windows(self.s.garbage, now):
+            raw_temp = "-273000" if int(now) % 2 else "not-a-number"
+        else:
+            raw_temp = str(int(self.temp_c * 1000))
+        temp = parse_temp_c(raw_temp) if raw_temp is not None else None
+        invalid = int(raw_temp is not None and temp is None)
+        battery = {}
+        if self.energy_wh is not None:
+            battery = {"battery_pct": parse_pct(str(round(100 * self.energy_wh / self.s.battery_wh, 1))),
+                       "discharging": self.energy_wh > 0,
+                       "battery_power_w": parse_micro(str(int(self.power_w * 1e6))),
+                       "battery_energy_wh": parse_micro(str(int(self.energy_wh * 1e6)), 10_000.0)}
+        return Readings(time_s=now, temps_c={"tj-thermal": temp}, latency_ms=self.latency_ms, invalid=invalid,
+                        rails_w={"VDD_IN": self.power_w}, **battery)
+
+    def advance(self, now: float, dt: float) -> dict:
+        """One ``dt`` of serving at the current rank; returns what happened."""
+        d, s = self.d, self.s
+        if self.energy_wh is not None and self.energy_wh <= 0:
+            return {"tokens": 0.0, "power_w": 0.0, "empty": True}
+        clock = d.throttle_clock if self.throttled else 1.0
+        work = s.flops_of_rank(self.rank) / s.flops_of_rank(s.max_rank)
+        capacity = d.tokens_per_s_full * clock / (d.fixed_work + (1 - d.fixed_work) * work)
+        demand = schedule_value(s.demand, now) + sum(extra for start, end, extra in s.bursts if start <= now < end)
+        served = min(demand, capacity)
+        busy = served / capacity
+        self.power_w = d.idle_w + d.dynamic_w * busy * clock ** 2
+        ambient = schedule_value(s.ambient, now)
+        self.temp_c += dt * (self.power_w - (self.temp_c - ambient) / d.r_th_c_per_w) / d.c_j_per_c
+        if self.temp_c >= d.passive_trip_c:
+            self.throttled = True
+        elif self.temp_c < d.passive_trip_c - 2.0:
+            self.throttled = False
+        self.latency_ms = 1000.0 / capacity
+        if self.energy_wh is not None:
+            self.energy_wh -= self.power_w * dt / 3600
+        return {"tokens": served * dt, "power_w": self.power_w, "empty": False}
+
+
+@dataclass
+class Run:
+    name: str
+    tokens: float = 0.0
+    quality_tokens: float = 0.0
+    seconds_above_trip: float = 0.0
+    max_temp_c: float = -math.inf
+    seconds_throttled: float = 0.0
+    switches: int = 0
+    switches_after_1min: int = 0
+    battery_empty_s: float | None = None
+    rank_seconds: float = 0.0
+    duration_s: float = 0.0
+    trace: list[tuple[float, float, int, float | None]] = field(default_factory=list)  # t, temp, rank, battery %
+
+    def summary(self) -> dict:
+        minutes = self.duration_s / 60
+        return {"run": self.name, "tokens": round(self.tokens), "quality_tokens": round(self.quality_tokens),
+                "seconds_above_trip": self.seconds_above_trip, "max_temp_c": round(self.max_temp_c, 1),
+                "seconds_throttled": self.seconds_throttled, "switches": self.switches,
+                "switches_per_min": round(self.switches / minutes, 2),
+                "switches_per_min_after_1min": round(self.switches_after_1min / max(minutes - 1, 1e-9), 2),
+                "battery_empty_s": self.battery_empty_s, "mean_rank": round(self.rank_seconds / self.duration_s, 1)}
+
+
+def run_scenario(scenario: Scenario, name: str, choose_rank, initial_rank: int, dt: float = 1.0,
+                 keep_trace: bool = False) -> Run:
+    """Simulate ``scenario``; ``choose_rank(device, now)`` sets the rank each tick (a governor or a baseline)."""
+    device = SimulatedDevice(scenario, initial_rank)
+    run = Run(name, duration_s=scenario.duration_s)
+    previous = device.rank
+    now = 0.0
+    while now < scenario.duration_s:
+        choose_rank(device, now)
+        if device.rank != previous:
+            run.switches += 1
+            run.switches_after_1min += now >= 60
+            previous = device.rank
+        result = device.advance(now, dt)
+        if result["empty"] and run.battery_empty_s is None:
+            run.battery_empty_s = now
+        run.tokens += result["tokens"]
+        run.quality_tokens += result["tokens"] * scenario.quality_of(device.rank)
+        run.seconds_above_trip += dt * (device.temp_c >= scenario.device.passive_trip_c)
+        run.seconds_throttled += dt * device.throttled
+        run.max_temp_c = max(run.max_temp_c, device.temp_c)
+        run.rank_seconds += device.rank * dt
+        if keep_trace:
+            battery = None if device.energy_wh is None else 100 * device.energy_wh / scenario.battery_wh
+            run.trace.append((now, device.temp_c, device.rank, battery))
+        now += dt
+    return run
+
+
+def simulate(scenario: Scenario, policy: PolicyConfig | None = None, keep_trace: bool = False) -> dict:
+    """The policy and the baselines on one scenario: fixed full rank, fixed minimum rank, a threshold
+    rule without hysteresis, and the oracle (the best constant level that never crossed the trip)."""
+    policy = policy or load_policy(scenario.policy)
+    holder: dict = {}
+
+    def governed(device, now):
+        if "governor" not in holder:
+            holder["governor"] = Governor(device, policy, device, scenario.max_rank, scenario.flops_of_rank,
+                                          trip_c=scenario.device.passive_trip_c)
+        holder["governor"].sensors = device
+        holder["governor"].target = device
+        holder["governor"].step(now)
+
+    levels = levels_for(policy, scenario.max_rank, scenario.flops_of_rank)
+    low, high = levels.ranks[0], levels.ranks[-1]
+    target_c = (policy.thermal or {}).get("target_c") or scenario.device.passive_trip_c - 3
+
+    def fixed(rank):
+        return lambda device, now: device.set_rank(rank)
+
+    def threshold(device, now):
+        device.set_rank(high if device.temp_c < target_c else low)
+
+    runs = [run_scenario(scenario, "governor", governed, high, keep_trace=keep_trace),
+            run_scenario(scenario, f"fixed full rank {high}", fixed(high), high),
+            run_scenario(scenario, f"fixed minimum rank {low}", fixed(low), low),
+            run_scenario(scenario, "threshold, no hysteresis", threshold, high)]
+    constant = [run_scenario(scenario, f"oracle: constant rank {r}", fixed(r), r) for r in levels.ranks]
+    safe = [r for r in constant if r.seconds_above_trip == 0 and (scenario.battery_wh is None or
+                                                                  r.battery_empty_s is None)]
+    runs.append(max(safe, key=lambda r: r.quality_tokens) if safe else constant[0])
+    return {"scenario": scenario.name, "device": scenario.device.name, "duration_s": scenario.duration_s,
+            "levels": levels.ranks, "runs": [r.summary() for r in runs],
+            "governor": {"failures": holder["governor"].failures, "switches": holder["governor"].switches},
+            "trace": runs[0].trace if keep_trace else None}
