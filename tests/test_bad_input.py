@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 from calibration.cli import bench_command
 from deploy.cli import run_command
+from deploy.governor.cli import governor_command
 from deploy.tensorrt.cli import trt_command
 from nsn_export.cli import (adapt_command, eval_command, export_command, quickstart_command, train_command,
                             verify_command)
@@ -268,6 +269,27 @@ CASES = [
          (), write("engine/engine.json", "{")),
     Case("trt-run-not-an-engine", trt_command, ["run", "{ws}/export", "--prompt", "w1"], 1, ("no engine.json",),
          ("export",)),
+    # ---- nsn-governor --------------------------------------------------------------------------
+    Case("governor-simulate-no-scenario", governor_command, ["simulate", "{ws}/none.toml"], 1,
+         ("none.toml", "no such scenario"), ()),
+    Case("governor-simulate-bad-toml", governor_command, ["simulate", "{ws}/s.toml"], 1, ("s.toml", "not valid TOML"),
+         (), write("s.toml", "duration_s = = 3")),
+    Case("governor-simulate-unknown-preset", governor_command, ["simulate", "{ws}/s.toml"], 1,
+         ("preset = 'nano-9000'", "orin-nx-25w"), (), write("s.toml", 'duration_s = 60\n[device]\npreset = "nano-9000"')),
+    Case("governor-simulate-no-duration", governor_command, ["simulate", "{ws}/s.toml"], 1, ("duration_s",), (),
+         write("s.toml", "[device]\n")),
+    Case("governor-policy-unknown-key", governor_command, ["simulate", "{ws}/s.toml", "--policy", "{ws}/p.toml"], 1,
+         ("p.toml", "[thermal] has unknown key(s) ['target']"), (),
+         steps(write("s.toml", "duration_s = 60"), write("p.toml", "[thermal]\ntarget = 80"))),
+    Case("governor-policy-target-above-emergency", governor_command,
+         ["simulate", "{ws}/s.toml", "--policy", "{ws}/p.toml"], 1, ("target_c must be below emergency_c",), (),
+         steps(write("s.toml", "duration_s = 60"), write("p.toml", "[thermal]\ntarget_c = 90\nemergency_c = 80"))),
+    Case("governor-policy-missing", governor_command, ["simulate", "{ws}/s.toml", "--policy", "{ws}/none.toml"], 1,
+         ("none.toml", "no such policy file"), (), write("s.toml", "duration_s = 60")),
+    Case("governor-run-no-model", governor_command, ["run", "--model", "{ws}/nothing", "--duration-s", "0"], 1,
+         ("nothing", "nsn-export first"), ()),
+    Case("governor-run-bad-period", governor_command, ["run", "--model", "{ws}/encoder", "--period-s", "0"], 2,
+         ("--period-s",), ("encoder",)),
     # ---- data files ------------------------------------------------------------------------------
     Case("eval-empty-data", eval_command, ["--model", "{ws}/ckpt", "--data", "{ws}/empty.txt"], 1,
          ("empty.txt", "no examples"), ("ckpt",), write("empty.txt", "")),

@@ -74,6 +74,8 @@ class Governor:
         self.manual_rank: int | None = None
         self.index = len(self.levels.ranks) - 1
         self.last_change_s: float | None = None
+        self.last_step_s: float | None = None
+        self.work_credit = 0.0  # work x seconds below an average ceiling (see choose)
         self.switches = self.cross_profile_switches = self.failures = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -123,7 +125,7 @@ class Governor:
             rank, source = int(text), f"manual rank file {self.config.rank_file}"
         if rank is None:
             return None
-        return Ceiling(self.levels.work[self.level_at_most(rank)], f"{source}: {rank}")
+        return Ceiling(self.levels.work[self.level_at_most(rank)], f"{source}: {rank}", hard=True)
 
     def ceilings(self, readings: Readings) -> list[Ceiling]:
         applied = self.levels.work[self.index]
@@ -141,13 +143,28 @@ class Governor:
 
     def choose(self, ceilings: list[Ceiling], now: float) -> int:
         """Down at once to the level the lowest ceiling allows; up one level at a time, only past the
-        up margin and after ``min_dwell_s`` at the current level."""
+        up margin and after ``min_dwell_s`` at the current level. When the binding ceiling limits the
+        *average* work (an energy budget) and lies between two levels, alternate between them so the
+        average meets it (a work credit, like sigma-delta modulation), still at most one switch per dwell."""
         lowest = min(ceilings, key=lambda c: c.work)
         wanted = self.levels.index_for(lowest.work)
-        if wanted < self.index:
+        dt = 0.0 if self.last_step_s is None else now - self.last_step_s
+        self.last_step_s = now
+        dwelt = self.last_change_s is None or now - self.last_change_s >= self.config.min_dwell_s
+        if lowest.average:
+            self.work_credit += (lowest.work - self.levels.work[self.index]) * dt
+            instant = min((c.work for c in ceilings if not c.average), default=1.0)
+            above = wanted + 1
+            if self.index > above or (self.index == above and self.work_credit < 0 and dwelt):
+                return wanted
+            if (self.index == wanted and dwelt and self.work_credit > 0 and above < len(self.levels.work)
+                    and self.levels.work[above] <= instant):
+                return above
+            return self.index
+        self.work_credit = 0.0
+        if wanted < self.index or lowest.hard:  # a hard limit (safety, manual) applies at once
             return wanted
         if wanted > self.index:
-            dwelt = self.last_change_s is None or now - self.last_change_s >= self.config.min_dwell_s
             next_work = self.levels.work[self.index + 1]
             if dwelt and lowest.work >= min(1.0, next_work * (1 + self.config.up_margin)):
                 return self.index + 1

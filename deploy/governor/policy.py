@@ -18,7 +18,8 @@ from .sensors import Readings
 class Ceiling:
     work: float  # the largest work fraction allowed, in [0, 1]
     reason: str
-    hard: bool = False  # a safety limit: also overrides the up/down hysteresis
+    hard: bool = False  # a safety limit or a manual rank: applies at once, without hysteresis
+    average: bool = False  # a limit on the average work (an energy budget), not on every instant
 
 
 class Levels:
@@ -175,7 +176,8 @@ class BatteryRuntime:
         allowed_w = readings.battery_energy_wh * 3600 / remaining_s
         work = self.power.work_within(allowed_w)
         return Ceiling(1.0 if work is None else work,
-                       f"{readings.battery_energy_wh:.1f} Wh over {remaining_s / 3600:.2f} h allows {allowed_w:.2f} W")
+                       f"{readings.battery_energy_wh:.1f} Wh over {remaining_s / 3600:.2f} h allows {allowed_w:.2f} W",
+                       average=work is not None)
 
 
 @dataclass
