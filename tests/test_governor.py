@@ -311,3 +311,17 @@ def test_a_session_generating_under_a_background_governor_gives_the_tokens_of_th
     by_hand = NSNSession(result.path.parent).generate(PROMPT, max_new_tokens=40, stop_ids=set(),
                                                        rank_at=dict(enumerate(generated.ranks)).get)
     assert by_hand.token_ids == generated.token_ids and by_hand.ranks == generated.ranks
+
+
+def test_simulate_command_prints_the_table_and_draws_the_plot(tmp_path):
+    from click.testing import CliRunner
+
+    from deploy.governor.cli import governor_command
+
+    pytest.importorskip("matplotlib")
+    result = CliRunner().invoke(governor_command, ["simulate", str(scenario_dir() / "sensor-dropout.toml"),
+                                                   "--plot", str(tmp_path / "plot.png"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [r["run"] for r in report["runs"]][:2] == ["governor", "fixed full rank 448"]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,7 +116,10 @@ class ThermalPolicy:
         self.ceiling_work = min(max(self.ceiling_work + self.kp_per_c * change + self.ki_per_c_s * integrated * dt, 0.0),
                                 1.0, step_up_work)
         self.last_error_c, self.last_time_s = error, readings.time_s
-        return Ceiling(self.ceiling_work, f"{temp:.1f} degC, target {self.target_c:.1f} degC")
+        # Clearly below the target the controller is not what limits the rank: say so, so another
+        # policy's ceiling is the one reported and the climb back is not held by the windup cap.
+        work = 1.0 if error > 2 * self.deadband_c and self.ceiling_work >= step_up_work else self.ceiling_work
+        return Ceiling(work, f"{temp:.1f} degC, target {self.target_c:.1f} degC")
 
 
 @dataclass

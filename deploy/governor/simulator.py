@@ -153,8 +153,8 @@ class SimulatedDevice:
         self.temp_c = schedule_value(scenario.ambient, 0.0)
         self.throttled = False
         self.energy_wh = None if scenario.battery_wh is None else scenario.battery_wh * scenario.battery_pct / 100
-        self.power_w = self.d.idle_w
         self.latency_ms: float | None = None
+        self.power_w = self.serve(0.0)[1]  # what the sensors read before the first tick
 
     # the runtime interface the governor drives
     def set_rank(self, rank: int) -> None:
@@ -182,18 +182,22 @@ class SimulatedDevice:
         return Readings(time_s=now, temps_c={"tj-thermal": temp}, latency_ms=self.latency_ms, invalid=invalid,
                         rails_w={"VDD_IN": self.power_w}, **battery)
 
-    def advance(self, now: float, dt: float) -> dict:
-        """One ``dt`` of serving at the current rank; returns what happened."""
+    def serve(self, now: float) -> tuple[float, float, float]:
+        """(tokens/s served, board power in W, capacity in tokens/s) at the current rank and clocks."""
         d, s = self.d, self.s
-        if self.energy_wh is not None and self.energy_wh <= 0:
-            return {"tokens": 0.0, "power_w": 0.0, "empty": True}
         clock = d.throttle_clock if self.throttled else 1.0
         work = s.flops_of_rank(self.rank) / s.flops_of_rank(s.max_rank)
         capacity = d.tokens_per_s_full * clock / (d.fixed_work + (1 - d.fixed_work) * work)
         demand = schedule_value(s.demand, now) + sum(extra for start, end, extra in s.bursts if start <= now < end)
         served = min(demand, capacity)
-        busy = served / capacity
-        self.power_w = d.idle_w + d.dynamic_w * busy * clock ** 2
+        return served, d.idle_w + d.dynamic_w * served / capacity * clock ** 2, capacity
+
+    def advance(self, now: float, dt: float) -> dict:
+        """One ``dt`` of serving at the current rank; returns what happened."""
+        d, s = self.d, self.s
+        if self.energy_wh is not None and self.energy_wh <= 0:
+            return {"tokens": 0.0, "power_w": 0.0, "empty": True}
+        served, self.power_w, capacity = self.serve(now)
         ambient = schedule_value(s.ambient, now)
         self.temp_c += dt * (self.power_w - (self.temp_c - ambient) / d.r_th_c_per_w) / d.c_j_per_c
         if self.temp_c >= d.passive_trip_c:
