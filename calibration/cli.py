@@ -100,3 +100,104 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
         click.echo(text)
     else:
         click.echo(bench_markdown(report) + ("" if markdown else "\n" + bench_summary(report)))
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None,
+              help="measure this nsn-trt engine of the export (needs TensorRT and a GPU)")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="text file or JSONL with text [default: English sentences from Python's own docs]")
+@click.option("--ranks", default="auto", help="auto (a geometric ladder refined where quality changes fastest) "
+                                              "or comma-separated ranks")
+@click.option("--budget-s", default=240.0, type=click.FloatRange(min=1), help="time budget of --ranks auto")
+@click.option("--texts", default=256, type=click.IntRange(min=1), help="texts to measure quality on")
+@click.option("--batch", default=32, type=click.IntRange(min=1), help="sentences per timed batch (encoders)")
+@click.option("--prompt-tokens", default=128, type=click.IntRange(min=1), help="prefill length (decoders)")
+@click.option("--context-tokens", default=128, type=click.IntRange(min=1), help="KV cache before decode (decoders)")
+@click.option("--repeats", default=7, type=click.IntRange(min=1), help="timed repetitions per rank, interleaved")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
+@click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("frontier.json"))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="quality against latency and FLOPs, levels and profile ranges marked (needs matplotlib)")
+@click.option("--json", "as_json", is_flag=True, help="print the frontier instead of a table")
+@user_errors
+def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts, batch, prompt_tokens,
+                      context_tokens, repeats, threads, output_path, plot_path, as_json):
+    """Measure EXPORT_DIR across ranks on this device; write frontier.json (and a plot)."""
+    import sys
+
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    from deploy.atomic import atomic_file
+    from deploy.cli import parse_ranks
+    from deploy.governor.sensors import SysfsSensors
+    from deploy.metadata import validate_rank
+    from deploy.text import english_sentences, load_records
+
+    from .calibrate import Calibration, device_description
+
+    model_path = export_dir / "model.onnx" if export_dir.is_dir() else export_dir
+    rank_list = None if ranks == "auto" else parse_ranks(ranks)
+    refuse_clobbering(output_path)
+    sample = [r["text"] for r in load_records(data_path)] if data_path else english_sentences(texts)
+    if engine_dir is not None:
+        from deploy.tensorrt.engine import NSNEngine
+
+        runtime = NSNEngine(engine_dir)
+        backend = {"runtime": f"TensorRT {runtime.providers[0]}", "engine": str(engine_dir)}
+    else:
+        from deploy import NSNSession
+
+        runtime = NSNSession(export_dir, intra_op_threads=threads)
+        backend = {"runtime": f"onnxruntime {ort.__version__} ({runtime.providers[0]})", "threads": threads,
+                   "weight_views": runtime.weight_views}
+    backend["device"] = device_description()
+    if rank_list:
+        rank_list = sorted({validate_rank(r, runtime.info.max_rank, "--ranks") for r in rank_list})
+    sensors = SysfsSensors("/")
+    if sensors.read().power_w is None:
+        sensors = None
+    calibration = Calibration(runtime, sample[:texts], batch, prompt_tokens, context_tokens, repeats, sensors)
+    with tqdm(desc="calibrating", unit="step", file=sys.stderr) as bar:
+        calibration.run(rank_list, budget_s, progress=lambda message: (bar.update(), bar.set_postfix_str(message[:60])))
+    metric = "1 / perplexity" if calibration.decoder else "cosine to the full rank's embeddings"
+    frontier = calibration.frontier(model_path, backend, metric)
+    atomic_file(output_path, json.dumps(frontier, indent=1) + "\n")
+    if plot_path is not None:
+        from .plot import plot_frontier
+
+        plot_frontier(frontier, plot_path)
+    if as_json:
+        click.echo(json.dumps(frontier, indent=1))
+        return
+    click.echo(frontier_markdown(frontier))
+    click.echo(f"\nwrote {output_path}: levels {frontier['levels']}, TensorRT profiles {frontier['profiles']}",
+               err=True)
+
+
+def refuse_clobbering(output_path: Path) -> None:
+    """Replace an existing --output only if it is a frontier (never a model or another file)."""
+    from deploy.frontier import read_frontier
+
+    if output_path.exists():
+        try:
+            read_frontier(output_path)
+        except (ValueError, OSError):
+            raise ValueError(f"{output_path} exists and is not a frontier.json; it is not replaced: choose another "
+                             f"--output") from None
+
+
+def frontier_markdown(frontier: dict) -> str:
+    """The frontier as a markdown table (reads fine in a terminal too)."""
+    phases = list(frontier["rows"][0]["latency_ms"])
+    lines = ["| rank | FLOPs | " + " | ".join(f"{p} ms (median / p90)" for p in phases)
+             + f" | quality ({frontier['quality_metric']}) | power W | Pareto | level |",
+             "|---:|---:|" + "---:|" * len(phases) + "---:|---:|:---:|:---:|"]
+    for row in frontier["rows"]:
+        latency = " | ".join(f"{row['latency_ms'][p]['median']:.1f} / {row['latency_ms'][p]['p90']:.1f}" for p in phases)
+        lines.append(f"| {row['rank']} | {row['flops_fraction']:.3f} | {latency} | {row['quality']:.4f} | "
+                     f"{'—' if row['power_w'] is None else row['power_w']} | {'yes' if row['pareto'] else ''} | "
+                     f"{'yes' if row['rank'] in frontier['levels'] else ''} |")
+    return "\n".join(lines)

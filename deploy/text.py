@@ -1,4 +1,5 @@
-"""Tokenisation on the device, through the ``tokenizers`` library and the exported tokenizer.json.
+"""Text on the device: tokenisation through the ``tokenizers`` library and the exported
+tokenizer.json, data files (text or JSONL), and English sentences that ship with Python.
 
 Every file is read from inside the model directory (``confined_path``) and a damaged one is a
 ``ValueError`` that names it.
@@ -6,6 +7,10 @@ Every file is read from inside the model directory (``confined_path``) and a dam
 
 from __future__ import annotations
 
+import importlib
+import json
+import inspect
+import re
 import warnings
 from pathlib import Path
 
@@ -106,3 +111,69 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Sentence embeddings: the mean of the token states where ``mask`` is 1."""
     weights = mask[..., None].astype(hidden.dtype)
     return (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+
+
+# Standard-library modules whose documentation is plain English prose, available offline.
+DOC_MODULES = (
+    "argparse", "asyncio", "bisect", "calendar", "collections", "contextlib", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools", "gettext",
+    "heapq", "http.client", "imaplib", "inspect", "ipaddress", "itertools", "json", "logging",
+    "mailbox", "pathlib", "pickle", "pydoc", "queue", "random", "shutil", "smtplib", "socket",
+    "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
+    "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "wave", "zipfile",
+)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def english_sentences(count: int | None = None, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Deterministic English sentences from the docstrings of Python's standard library."""
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for name in DOC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(module) or ""]
+        for _, member in sorted(vars(module).items()):
+            if inspect.isclass(member) or inspect.isfunction(member):
+                docs.append(inspect.getdoc(member) or "")
+        for doc in docs:
+            for paragraph in doc.split("\n\n"):
+                text = " ".join(paragraph.split())
+                for sentence in SENTENCE_END.split(text):
+                    words = sentence.split()
+                    letters = sum(ch.isalpha() or ch == " " for ch in sentence)
+                    if (min_words <= len(words) <= max_words and letters > 0.9 * len(sentence)
+                            and sentence[0].isupper() and sentence not in seen):
+                        seen.add(sentence)
+                        sentences.append(sentence)
+                        if count is not None and len(sentences) >= count:
+                            return sentences
+    return sentences
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Examples from a ``.jsonl`` file (objects with ``text`` and optionally ``label``) or a text
+    file (one example per non-empty line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+    if not lines:
+        raise ValueError(f"{path}: no examples (the file is empty or blank); give one example per line")
+    if path.suffix != ".jsonl":
+        return [{"text": line} for line in lines]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f'{path}:{number}: each line must be an object with a "text" string')
+        records.append(record)
+    return records

@@ -25,7 +25,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from calibration.cli import bench_command
+from calibration.cli import bench_command, calibrate_command
 from deploy.cli import run_command
 from deploy.governor.cli import governor_command
 from deploy.tensorrt.cli import trt_command
@@ -290,6 +290,30 @@ CASES = [
          ("nothing", "nsn-export first"), ()),
     Case("governor-run-bad-period", governor_command, ["run", "--model", "{ws}/encoder", "--period-s", "0"], 2,
          ("--period-s",), ("encoder",)),
+    # ---- nsn-calibrate ---------------------------------------------------------------------------
+    Case("calibrate-no-export", calibrate_command, ["{ws}/nothing", "--output", "{ws}/f.json"], 1,
+         ("nothing", "nsn-export first"), (), output="f.json"),
+    Case("calibrate-rank-out-of-range", calibrate_command, ["{ws}/encoder", "--ranks", "0,8", "--output",
+                                                            "{ws}/f.json"], 1, ("--ranks", "[1, 16]"), ("encoder",),
+         output="f.json"),
+    Case("calibrate-no-ranks", calibrate_command, ["{ws}/encoder", "--ranks", ",", "--output", "{ws}/f.json"], 2,
+         ("names no rank",), ("encoder",), output="f.json"),
+    Case("calibrate-empty-data", calibrate_command, ["{ws}/encoder", "--data", "{ws}/e.txt", "--output",
+                                                     "{ws}/f.json"], 1, ("e.txt", "no examples"), ("encoder",),
+         write("e.txt", "\n"), output="f.json"),
+    Case("calibrate-over-the-model", calibrate_command, ["{ws}/encoder", "--ranks", "4", "--output",
+                                                         "{ws}/encoder/model.onnx"], 1,
+         ("model.onnx exists and is not a frontier.json",), ("encoder",)),
+    Case("calibrate-not-an-engine", calibrate_command, ["{ws}/encoder", "--engine", "{ws}/encoder", "--output",
+                                                        "{ws}/f.json"], 1, ("no engine.json",), ("encoder",),
+         output="f.json"),
+    Case("calibrate-zero-budget", calibrate_command, ["{ws}/encoder", "--budget-s", "0"], 2, ("--budget-s",),
+         ("encoder",)),
+    Case("trt-plan-frontier-of-another-model", trt_command, ["plan", "{ws}/export", "--profiles", "{ws}/f.json"], 1,
+         ("f.json", "another model"), ("export",),
+         write("f.json", json.dumps({"format_version": 1, "model": {"graph_sha256": "0" * 64}, "levels": [1],
+                                     "profiles": "1-16", "rows": [{"rank": 1, "flops_fraction": 0.1, "quality": 1,
+                                                                   "latency_ms": {"decode": {"median": 1}}}]}))),
     # ---- data files ------------------------------------------------------------------------------
     Case("eval-empty-data", eval_command, ["--model", "{ws}/ckpt", "--data", "{ws}/empty.txt"], 1,
          ("empty.txt", "no examples"), ("ckpt",), write("empty.txt", "")),

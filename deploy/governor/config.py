@@ -14,7 +14,7 @@ else:  # JetPack 6 ships Python 3.10
     import tomli as tomllib
 
 SECTIONS = {
-    "levels": {"ranks", "min_dwell_s", "up_margin", "safe_rank"},
+    "levels": {"ranks", "min_dwell_s", "up_margin", "safe_rank", "frontier"},
     "thermal": {"zones", "target_c", "emergency_c", "kp_per_c", "ki_per_c_s"},
     "battery": {"ladder", "hysteresis_pct", "runtime_h"},
     "power": {"budget_w"},
@@ -29,6 +29,7 @@ class PolicyConfig:
     min_dwell_s: float = 20.0
     up_margin: float = 0.05
     safe_rank: int = 0  # 0: the lowest level
+    frontier: str | None = None  # nsn-calibrate's frontier.json: its levels, and latency/power per rank
     thermal: dict | None = None
     battery: dict | None = None
     power_budget_w: float | None = None
@@ -82,6 +83,10 @@ def policy_from_dict(data: dict, source: str = "policy") -> PolicyConfig:
     config.min_dwell_s = number(levels, "min_dwell_s", f"{source} [levels]", 0, 3600, 20.0)
     config.up_margin = number(levels, "up_margin", f"{source} [levels]", 0, 1, 0.05)
     config.safe_rank = int(number(levels, "safe_rank", f"{source} [levels]", 0, 1e9, 0))
+    if "frontier" in levels:
+        if not isinstance(levels["frontier"], str):
+            raise ValueError(f"{source} [levels]: frontier = {levels['frontier']!r} must be the path of a frontier.json")
+        config.frontier = levels["frontier"]
     if "thermal" in data:
         section, where = data["thermal"], f"{source} [thermal]"
         zones = section.get("zones", [])

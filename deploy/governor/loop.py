@@ -13,11 +13,12 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_file
+from ..frontier import primary_latency
 from .config import PolicyConfig
 from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, ThermalPolicy
 from .sensors import Readings
@@ -62,12 +63,21 @@ class Governor:
                  log_path: str | Path | None = None, rank_file: str | Path | None = None,
                  on_decision: Callable[[Decision], None] | None = None, trip_c: float | None = None):
         self.sensors, self.config, self.target = sensors, config, target
+        frontier = None
+        if config.frontier:
+            from ..frontier import read_frontier
+
+            frontier = read_frontier(config.frontier, getattr(target, "model_path", None))
+            if not config.ranks:
+                config = replace(config, ranks=list(frontier["levels"]))
         self.levels = levels_for(config, max_rank, flops_of_rank)
         if self.levels.ranks[-1] > max_rank:
             raise ValueError(f"{config.source}: [levels] ranks go to {self.levels.ranks[-1]}, above the model's "
                              f"maximum rank {max_rank}")
         self.safe_index = self.level_at_most(config.safe_rank) if config.safe_rank else 0
         self.policies = self._policies(config, trip_c)
+        if frontier is not None:
+            self._seed_from(frontier, flops_of_rank)
         self.log_file = open(log_path, "a", buffering=1) if log_path else None
         self.rank_file = Path(rank_file) if rank_file else None
         self.on_decision = on_decision
@@ -107,6 +117,15 @@ class Governor:
         if config.latency_target_ms is not None:
             policies.append(BudgetPolicy("latency_ms", config.latency_target_ms))
         return policies
+
+    def _seed_from(self, frontier: dict, flops_of_rank) -> None:
+        """Start the latency and power models from the calibrated table instead of from nothing."""
+        top = flops_of_rank(self.levels.ranks[-1])
+        for policy in self.policies:
+            if isinstance(policy, BudgetPolicy):
+                for row in frontier["rows"]:
+                    value = primary_latency(row) if policy.quantity == "latency_ms" else row.get("power_w")
+                    policy.model.add(flops_of_rank(row["rank"]) / top, value)
 
     def level_at_most(self, rank: int) -> int:
         """The highest level at or below ``rank`` (the lowest level if none is)."""

@@ -14,7 +14,6 @@ profiles (``--minShapes/--optShapes/--maxShapes``, one ``--profile`` each).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from typing import Callable
 
 from ..atomic import atomic_directory, atomic_file, check_output
 from ..external_data import load_graph
+from ..frontier import graph_sha256
 from .compat import check_graph
 from .cuda import Cuda, TensorRTUnavailable
 from .plan import EnginePlan
@@ -69,14 +69,6 @@ def import_tensorrt():
 
 def tensorrt_version(trt) -> str:
     return getattr(trt, "__version__")  # a module dunder: not in the recorded class/enum surface
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_logger(trt):
@@ -195,8 +187,8 @@ def build_engine(export_dir: str | Path, output_dir: str | Path, plan: EnginePla
         **cuda.device_description(),
         "plan": plan.to_dict(),
         "build": asdict(options),
-        "source": {"model.onnx": sha256(model_path), "model.onnx_data": sha256(export_dir / "model.onnx_data")
-                   if (export_dir / "model.onnx_data").is_file() else None},
+        "source": {name: graph_sha256(export_dir / name) if (export_dir / name).is_file() else None
+                   for name in ("model.onnx", "model.onnx_data")},
         "nsn": {p.key: p.value for p in model.metadata_props},
     }
     cuda.close()

@@ -155,14 +155,16 @@ def equal_flops_ranges(info: NSNModelInfo, count: int) -> list[RankRange]:
     return ranges_from_bounds(info, list(zip([1] + [e + 1 for e in ends[:-1]], ends)), str(count))
 
 
-def parse_ranges(spec: str, info: NSNModelInfo) -> list[RankRange]:
-    """``"1-64,65-192,193-448"`` (explicit ranges) or ``"3"`` (that many ranges of equal FLOPs span)."""
+def parse_ranges(spec: str, info: NSNModelInfo, model_path: str | Path | None = None) -> list[RankRange]:
+    """``"1-64,65-192,193-448"`` (explicit ranges), ``"3"`` (that many ranges of equal FLOPs span), or
+    ``frontier.json`` (the ranges nsn-calibrate recommends; checked to be of ``model_path``)."""
     spec = str(spec).strip()
     if spec.isdigit():
         return equal_flops_ranges(info, int(spec))
     if spec.endswith(".json"):
-        raise ValueError(f"--profiles {spec!r}: rank ranges from a calibrated frontier file need nsn-calibrate, "
-                         f"which is not available yet; give explicit ranges (1-64,65-{info.max_rank}) or a count")
+        from ..frontier import read_frontier
+
+        return parse_ranges(read_frontier(spec, model_path)["profiles"], info)
     pairs = []
     for part in spec.split(","):
         match = RANGE_SPEC.match(part)
@@ -240,7 +242,8 @@ def plan_for_export(export_dir: str | Path, profiles: str, bounds: ShapeBounds) 
 
     model = load_graph(Path(export_dir) / "model.onnx" if Path(export_dir).is_dir() else export_dir)
     info = NSNModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(export_dir))
-    return make_plan(info, graph_inputs(model), parse_ranges(profiles, info), bounds)
+    model_path = Path(export_dir) / "model.onnx" if Path(export_dir).is_dir() else Path(export_dir)
+    return make_plan(info, graph_inputs(model), parse_ranges(profiles, info, model_path), bounds)
 
 
 def plan_json(plan: EnginePlan) -> str:

@@ -1,0 +1,195 @@
+"""Measure an exported model across ranks on the device it runs on and build its frontier.
+
+Runs without torch, through ``deploy``: an ``NSNSession`` (ONNX Runtime) or an ``NSNEngine``
+(TensorRT). Per rank: FLOPs fraction (from the graph's metadata); latency as median and p90 over
+repetitions interleaved across ranks (so drift and heat affect every rank alike) — decoders:
+prefill of ``prompt_tokens`` and one decode step after ``context_tokens``; encoders: one batch of
+``batch`` sentences; the process's resident memory; power and energy per token when the governor's
+sensors see a power rail or battery draw (``None`` otherwise, never invented); quality on the data —
+cosine to the full rank's embeddings for encoders, 1 / perplexity for decoders.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+from deploy.frontier import FRONTIER_VERSION, choose_levels, graph_sha256, mark_pareto, primary_latency, profile_ranges
+from deploy.runtime import decoder_feeds
+
+
+def geometric_ranks(max_rank: int, count: int = 8) -> list[int]:
+    return sorted({max(1, round(max_rank ** (k / (count - 1)))) for k in range(count)} | {max_rank})
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
+
+
+class Calibration:
+    """Measure ``runtime`` (an ``NSNSession`` or ``NSNEngine``) on ``texts`` at ranks."""
+
+    def __init__(self, runtime, texts: list[str], batch: int = 32, prompt_tokens: int = 128,
+                 context_tokens: int = 128, repeats: int = 7, sensors=None, seed: int = 0):
+        self.runtime, self.texts, self.batch = runtime, texts, batch
+        self.prompt_tokens, self.context_tokens, self.repeats = prompt_tokens, context_tokens, repeats
+        self.sensors, self.random = sensors, random.Random(seed)
+        self.decoder = runtime.info.task == "text-generation"
+        self.rows: dict[int, dict] = {}
+        self._reference = None
+
+    # ---- latency, memory, power ----------------------------------------------------------------
+    def _timed_call(self) -> dict[str, float]:
+        """One repetition at the current rank: ms per phase."""
+        runtime = self.runtime
+        if not self.decoder:
+            start = time.perf_counter()
+            runtime.embed(self.texts[: self.batch], batch_size=self.batch)
+            return {"batch": (time.perf_counter() - start) * 1e3}
+        vocab = self.vocab_size()
+        generator = np.random.default_rng(0)
+        prompt = generator.integers(0, vocab, (1, self.prompt_tokens)).astype(np.int64)
+        start = time.perf_counter()
+        _, cache = runtime.decode_step(prompt, None, 0)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        runtime.release_cache(cache)
+        context = generator.integers(0, vocab, (1, self.context_tokens)).astype(np.int64)
+        _, cache = runtime.decode_step(context, None, 0)
+        start = time.perf_counter()
+        _, cache = runtime.decode_step(np.array([[1]], np.int64), cache, self.context_tokens)
+        decode_ms = (time.perf_counter() - start) * 1e3
+        runtime.release_cache(cache)
+        return {"prefill": prefill_ms, "decode": decode_ms}
+
+    def vocab_size(self) -> int:
+        tokenizer = self.runtime.tokenizer
+        return tokenizer.get_vocab_size() if tokenizer is not None else 100
+
+    def power_w(self) -> float | None:
+        if self.sensors is None:
+            return None
+        return self.sensors.read().power_w
+
+    def measure_latency(self, ranks: list[int], progress: Callable[[int], None] | None = None) -> None:
+        """Latency of ``ranks``, repetitions interleaved in a shuffled order each round."""
+        import psutil
+
+        samples = {r: [] for r in ranks}
+        powers = {r: [] for r in ranks}
+        for rank in ranks:  # warm-up: the first call at a rank allocates and plans
+            self.runtime.rank = rank
+            self._timed_call()
+        for _ in range(self.repeats):
+            order = list(ranks)
+            self.random.shuffle(order)
+            for rank in order:
+                self.runtime.rank = rank
+                samples[rank].append(self._timed_call())
+                powers[rank].append(self.power_w())
+        for rank in ranks:
+            latency = {phase: {"median": round(statistics.median(s[phase] for s in samples[rank]), 3),
+                               "p90": round(percentile([s[phase] for s in samples[rank]], 0.9), 3)}
+                       for phase in samples[rank][0]}
+            valid = [p for p in powers[rank] if p is not None]
+            power = statistics.mean(valid) if valid else None
+            row = self.rows.setdefault(rank, {"rank": rank})
+            row.update({"flops_fraction": round(self.runtime.info.flops_fraction(rank), 4), "latency_ms": latency,
+                        "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+                        "power_w": None if power is None else round(power, 3)})
+            tokens = 1 if self.decoder else self.batch
+            row["energy_mj_per_token"] = None if power is None else round(
+                power * primary_latency(row) / tokens, 3)
+            if progress:
+                progress(rank)
+
+    # ---- quality -------------------------------------------------------------------------------
+    def measure_quality(self, rank: int) -> None:
+        row = self.rows.setdefault(rank, {"rank": rank})
+        self.runtime.rank = rank
+        if self.decoder:
+            perplexity = self.perplexity()
+            row.update({"perplexity": round(perplexity, 4), "quality": round(1 / perplexity, 6)})
+        else:
+            embeddings = self.runtime.embed(self.texts)
+            if self._reference is None:
+                self.runtime.rank = self.runtime.info.max_rank
+                self._reference = self.runtime.embed(self.texts)
+                self.runtime.rank = rank
+            row["quality"] = round(float(np.mean(np.sum(embeddings * self._reference, axis=-1))), 6)
+
+    def perplexity(self) -> float:
+        """Teacher-forced perplexity of the texts (each cut at ``prompt_tokens``)."""
+        tokenizer = self.runtime.tokenizer
+        total, count = 0.0, 0
+        for text in self.texts:
+            ids = tokenizer.encode(text).ids[: self.prompt_tokens] if tokenizer is not None else []
+            if len(ids) < 2:
+                continue
+            feeds = decoder_feeds(self.runtime.input_shapes, np.array([ids], np.int64))
+            logits = self.runtime.run(feeds, [self.runtime.output_names[0]])[self.runtime.output_names[0]][0]
+            logits = logits[:-1].astype(np.float64)
+            log_probs = logits - logits.max(-1, keepdims=True)
+            log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+            total -= float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+            count += len(ids) - 1
+        if not count:
+            raise ValueError("no text of two tokens or more to measure perplexity on; give --data with longer text")
+        return math.exp(total / count)
+
+    # ---- rank selection ------------------------------------------------------------------------
+    def run(self, ranks: list[int] | None, budget_s: float, progress: Callable[[str], None] | None = None) -> None:
+        """Measure ``ranks``, or (None) a geometric ladder refined where quality changes fastest
+        until ``budget_s`` is spent."""
+        report = progress or (lambda message: None)
+        start = time.perf_counter()
+        top = self.runtime.info.max_rank
+        first = ranks or geometric_ranks(top)
+        for rank in first:
+            self.measure_quality(rank)
+            report(f"quality at rank {rank}: {self.rows[rank]['quality']}")
+        self.measure_latency(first, progress=lambda r: report(f"latency at rank {r}: {self.rows[r]['latency_ms']}"))
+        if ranks is not None:
+            return
+        per_rank_s = (time.perf_counter() - start) / len(first)
+        while time.perf_counter() - start + per_rank_s <= budget_s:
+            measured = sorted(self.rows)
+            gaps = [(abs(self.rows[b]["quality"] - self.rows[a]["quality"]), a, b)
+                    for a, b in zip(measured, measured[1:]) if b - a > 1]
+            if not gaps:
+                break
+            _, low, high = max(gaps)
+            rank = (low + high) // 2
+            self.measure_quality(rank)
+            self.measure_latency([rank])
+            report(f"refined at rank {rank} (between {low} and {high}): quality {self.rows[rank]['quality']}")
+
+    def frontier(self, model_path, backend: dict, quality_metric: str | None) -> dict:
+        rows = mark_pareto([self.rows[r] for r in sorted(self.rows)])
+        levels = choose_levels(rows)
+        info = self.runtime.info
+        return {
+            "format_version": FRONTIER_VERSION,
+            "model": {"graph_sha256": graph_sha256(model_path), "nsn": {
+                "max_rank": info.max_rank, "task": info.task, "rank_mode": info.rank_mode,
+                "source_model": info.source_model, "trained_ranks": info.trained_ranks}},
+            "backend": backend,
+            "shapes": {"task": info.task, **({"prompt_tokens": self.prompt_tokens,
+                                              "context_tokens": self.context_tokens, "batch": 1}
+                                             if self.decoder else {"batch": self.batch})},
+            "quality_metric": quality_metric, "rows": rows, "levels": levels,
+            "profiles": profile_ranges(levels, info.max_rank),
+        }
+
+
+def device_description() -> dict:
+    import os
+
+    return {"machine": platform.machine(), "system": platform.platform(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or None}

@@ -1,0 +1,111 @@
+"""``frontier.json``: what each rank costs and what it is worth, measured on one device — written by
+``nsn-calibrate`` (calibration/), read by the TensorRT profile planner and the governor through
+``read_frontier``, the one reader.
+
+Schema (``format_version`` 1)::
+
+    {"format_version": 1,
+     "model": {"graph_sha256": "...", "nsn": {metadata_props of the graph}},
+     "backend": {"runtime": "onnxruntime 1.32 (CPUExecutionProvider)", "device": {...}},
+     "shapes": {"task": ..., "batch": ..., "prompt_tokens": ..., "context_tokens": ...},
+     "quality_metric": "cosine to the full rank's embeddings" | "1 / perplexity" | null,
+     "rows": [{"rank", "flops_fraction", "latency_ms": {phase: {"median", "p90"}}, "rss_mb",
+               "power_w", "energy_mj_per_token", "quality", "perplexity", "pareto"}, ...],
+     "levels": [ranks], "profiles": "1-64,65-192,193-448"}
+
+Quality is always higher-is-better (for decoders, 1 / perplexity). The primary latency of a row is
+decode ms/token for decoders and the batch's ms for encoders. A row is Pareto-optimal when no
+other row is at least as fast and at least as good (strictly better in one, or a lower rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .external_data import read_json_object
+
+FRONTIER_VERSION = 1
+ROW_FIELDS = ("rank", "flops_fraction", "latency_ms", "quality")
+
+
+def graph_sha256(model_path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def primary_latency(row: dict) -> float:
+    latency = row["latency_ms"]
+    phase = "decode" if "decode" in latency else next(iter(latency))
+    return float(latency[phase]["median"])
+
+
+def mark_pareto(rows: list[dict]) -> list[dict]:
+    """Set ``pareto`` on each row (quality vs primary latency; rows without quality use FLOPs)."""
+    def score(row):
+        return row["quality"] if row.get("quality") is not None else -row["flops_fraction"]
+
+    for row in rows:
+        row["pareto"] = not any(
+            other is not row and primary_latency(other) <= primary_latency(row) and score(other) >= score(row)
+            and (primary_latency(other) < primary_latency(row) or score(other) > score(row)
+                 or other["rank"] < row["rank"])
+            for other in rows)
+    return rows
+
+
+def choose_levels(rows: list[dict], min_saving: float = 0.1) -> list[int]:
+    """Pareto ranks, from the best down, keeping one only when it saves at least ``min_saving`` of the
+    latency of the last one kept — so every step down is worth taking."""
+    pareto = sorted((r for r in rows if r.get("pareto")), key=primary_latency, reverse=True)
+    kept: list[dict] = []
+    for row in pareto:
+        if not kept or primary_latency(row) <= (1 - min_saving) * primary_latency(kept[-1]):
+            kept.append(row)
+    return sorted(r["rank"] for r in kept)
+
+
+def profile_ranges(levels: list[int], max_rank: int, count: int = 3) -> str:
+    """Contiguous rank ranges over [1, max_rank] for TensorRT profiles, each ending at a level, so
+    the governor's levels fall into at most ``count`` profiles of about as many levels each."""
+    levels = sorted(set(levels))
+    count = max(1, min(count, len(levels)))
+    ends = sorted({levels[round((i + 1) * len(levels) / count) - 1] for i in range(count - 1)} - {max_rank})
+    ends.append(max_rank)
+    starts = [1] + [e + 1 for e in ends[:-1]]
+    return ",".join(f"{a}-{b}" for a, b in zip(starts, ends))
+
+
+def read_frontier(path: str | Path, model_path: str | Path | None = None) -> dict:
+    """Read and check a frontier; with ``model_path`` (a graph or export directory), refuse a
+    frontier measured on another model. Errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such frontier file; write one with nsn-calibrate")
+    data = read_json_object(path, "write it again with nsn-calibrate")
+    if data.get("format_version") != FRONTIER_VERSION:
+        raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not one this nsn-export reads "
+                         f"({FRONTIER_VERSION}); recalibrate with nsn-calibrate")
+    for field in ("model", "rows", "levels", "profiles"):
+        if field not in data:
+            raise ValueError(f"{path}: field {field!r} is missing; recalibrate with nsn-calibrate")
+    rows = data["rows"]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: field 'rows' must be a non-empty list")
+    for index, row in enumerate(rows):
+        missing = [f for f in ROW_FIELDS if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise ValueError(f"{path}: rows[{index}] lacks {missing}")
+    if model_path is not None:
+        model_path = Path(model_path)
+        model_path = model_path / "model.onnx" if model_path.is_dir() else model_path
+        expected = data["model"].get("graph_sha256") if isinstance(data["model"], dict) else None
+        actual = graph_sha256(model_path)
+        if expected != actual:
+            raise ValueError(f"{path}: field 'model.graph_sha256' is {str(expected)[:12]}..., but {model_path} hashes "
+                             f"to {actual[:12]}...: this frontier was measured on another model; run nsn-calibrate "
+                             f"on this one")
+    return data

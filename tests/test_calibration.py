@@ -1,0 +1,115 @@
+"""nsn-calibrate and frontier.json: the schema, Pareto and level selection, the one reader, and its
+consumers (TensorRT profile plans, the governor's levels)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from calibration.cli import calibrate_command
+from deploy.frontier import choose_levels, mark_pareto, profile_ranges, read_frontier
+
+
+def row(rank, latency, quality, flops=None):
+    return {"rank": rank, "flops_fraction": flops if flops is not None else rank / 100,
+            "latency_ms": {"decode": {"median": latency, "p90": latency * 1.1}}, "quality": quality}
+
+
+def test_pareto_keeps_rows_nothing_beats_and_breaks_ties_by_rank():
+    rows = mark_pareto([row(8, 10.0, 0.50), row(16, 12.0, 0.70), row(24, 11.0, 0.65), row(32, 15.0, 0.90),
+                        row(40, 16.0, 0.89),  # noise: slower and worse than 32
+                        row(48, 15.0, 0.90),  # a tie with 32: the lower rank wins
+                        row(64, 20.0, 0.99)])
+    assert [r["rank"] for r in rows if r["pareto"]] == [8, 16, 24, 32, 64]
+
+
+def test_levels_step_down_only_for_a_meaningful_saving():
+    rows = mark_pareto([row(8, 10.0, 0.5), row(16, 11.0, 0.6), row(24, 12.0, 0.7), row(32, 18.0, 0.9),
+                        row(64, 19.0, 0.95), row(128, 30.0, 1.0)])
+    assert choose_levels(rows) == [8, 24, 64, 128]
+    assert choose_levels(mark_pareto([row(16, 5.0, 1.0)])) == [16]
+    assert profile_ranges([8, 24, 64, 128], 128) == "1-8,9-64,65-128"
+
+
+@pytest.fixture(scope="module")
+def encoder_frontier(exported, tmp_path_factory):
+    result, _ = exported("bert")
+    out = tmp_path_factory.mktemp("frontier") / "frontier.json"
+    run = CliRunner().invoke(calibrate_command, [str(result.path.parent), "--ranks", "2,4,8,16", "--texts", "12",
+                                                 "--batch", "4", "--repeats", "3", "--output", str(out),
+                                                 "--plot", str(out.with_suffix(".png"))])
+    assert run.exit_code == 0, run.output
+    return result, out, run.output
+
+
+def test_calibrating_an_encoder_writes_a_frontier_the_reader_accepts(encoder_frontier):
+    result, out, output = encoder_frontier
+    frontier = read_frontier(out, result.path.parent)
+    assert [r["rank"] for r in frontier["rows"]] == [2, 4, 8, 16]
+    top = frontier["rows"][-1]
+    assert top["quality"] == pytest.approx(1.0) and top["flops_fraction"] > frontier["rows"][0]["flops_fraction"]
+    assert all(r["latency_ms"]["batch"]["p90"] >= r["latency_ms"]["batch"]["median"] > 0 for r in frontier["rows"])
+    assert all(r["power_w"] is None and r["energy_mj_per_token"] is None for r in frontier["rows"])  # no sensors here
+    assert set(frontier["levels"]) <= {2, 4, 8, 16} and frontier["profiles"].endswith("-16")
+    assert frontier["backend"]["runtime"].startswith("onnxruntime") and "| rank |" in output
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_decoder_frontier_has_prefill_decode_and_perplexity(exported, tmp_path):
+    result, _ = exported("llama")
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(" ".join(f"w{(i * 5 + j) % 90}" for j in range(20)) for i in range(6)))
+    run = CliRunner().invoke(calibrate_command, [str(result.path.parent), "--ranks", "auto", "--budget-s", "3",
+                                                 "--data", str(data), "--prompt-tokens", "16", "--context-tokens", "16",
+                                                 "--repeats", "2", "--output", str(tmp_path / "f.json"), "--json"])
+    assert run.exit_code == 0, run.output
+    frontier = json.loads(run.stdout)
+    rows = frontier["rows"]
+    assert {1, 16} <= {r["rank"] for r in rows} and len(rows) >= 5  # the geometric ladder, maybe refined
+    assert all(set(r["latency_ms"]) == {"prefill", "decode"} and r["perplexity"] > 1 for r in rows)
+    assert all(r["quality"] == pytest.approx(1 / r["perplexity"], rel=1e-3) for r in rows)
+    assert frontier["quality_metric"] == "1 / perplexity"
+
+
+def test_a_frontier_of_another_model_or_version_is_refused_naming_file_and_field(encoder_frontier, exported, tmp_path):
+    _, out, _ = encoder_frontier
+    with pytest.raises(ValueError, match=r"frontier.json: field 'model.graph_sha256'.*another model"):
+        read_frontier(out, exported("llama")[0].path)
+    data = json.loads(out.read_text())
+    for change, words in [({"format_version": 9}, "format_version 9"), ({"rows": []}, "'rows' must be"),
+                          ({"levels": None, "rows": [{"rank": 1}]}, "rows[0] lacks")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({**data, **change}))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            read_frontier(bad)
+    missing = {k: v for k, v in data.items() if k != "profiles"}
+    (tmp_path / "bad.json").write_text(json.dumps(missing))
+    with pytest.raises(ValueError, match="bad.json: field 'profiles' is missing"):
+        read_frontier(tmp_path / "bad.json")
+
+
+def test_tensorrt_profiles_and_governor_levels_come_from_the_frontier(encoder_frontier):
+    from deploy import NSNSession
+    from deploy.governor import Governor, Readings, policy_from_dict
+    from deploy.tensorrt.plan import ShapeBounds, plan_for_export
+
+    result, out, _ = encoder_frontier
+    frontier = read_frontier(out)
+    plan = plan_for_export(result.path.parent, str(out), ShapeBounds(max_seq=32, opt_seq=8))
+    assert ",".join(str(r) for r in plan.ranges) == frontier["profiles"]
+    session = NSNSession(result.path.parent)
+
+    class Quiet:
+        def read(self, now):
+            return Readings(now, latency_ms=None)
+
+    policy = policy_from_dict({"levels": {"frontier": str(out)}, "latency": {"target_ms": 1e6}})
+    governor = Governor(Quiet(), policy, session, session.info.max_rank, session.info.flops)
+    assert governor.levels.ranks == frontier["levels"]
+    assert governor.policies[0].model.samples  # the latency model starts from the calibrated table
+
+
+
