@@ -56,9 +56,11 @@ def info(max_rank=16, flops=None) -> NSNModelInfo:
 def test_explicit_ranges_must_cover_every_rank_once():
     ranges = parse_ranges("1-4,5-16", info())
     assert [(r.low, r.high) for r in ranges] == [(1, 4), (5, 16)]
+    with pytest.raises(FileNotFoundError, match="nsn-calibrate"):
+        parse_ranges("frontier.json", info())
     for spec, words in [("1-4,6-16", "a gap at rank 5"), ("1-8,5-16", "an overlap at rank 5"),
                         ("1-8", "must end at 16"), ("2-16", "a gap at rank 1"), ("1-4,x", "is not LOW-HIGH"),
-                        ("1-20", "must end at 16"), ("frontier.json", "nsn-calibrate")]:
+                        ("1-20", "must end at 16")]:
         with pytest.raises(ValueError, match=re.escape(words)):
             parse_ranges(spec, info())
 
