@@ -144,31 +144,28 @@ class Calibration:
         return math.exp(total / count)
 
     # ---- rank selection ------------------------------------------------------------------------
-    def run(self, ranks: list[int] | None, budget_s: float, progress: Callable[[str], None] | None = None) -> None:
-        """Measure ``ranks``, or (None) a geometric ladder refined where quality changes fastest
-        until ``budget_s`` is spent."""
+    def run(self, ranks: list[int] | None, budget_s: float, progress: Callable[[str], None] | None = None,
+            max_ranks: int = 16, min_quality_gap: float = 0.02) -> None:
+        """Measure ``ranks`` or (None) a geometric ladder refined where quality changes fastest — quality
+        first, at most ``max_ranks`` ranks, until no neighbouring pair differs by ``min_quality_gap``
+        or half of ``budget_s`` is spent — then the latency of every rank in one interleaved pass, so
+        all rows are timed under the same conditions."""
         report = progress or (lambda message: None)
         start = time.perf_counter()
-        top = self.runtime.info.max_rank
-        first = ranks or geometric_ranks(top)
-        for rank in first:
+        for rank in ranks or geometric_ranks(self.runtime.info.max_rank):
             self.measure_quality(rank)
             report(f"quality at rank {rank}: {self.rows[rank]['quality']}")
-        self.measure_latency(first, progress=lambda r: report(f"latency at rank {r}: {self.rows[r]['latency_ms']}"))
-        if ranks is not None:
-            return
-        per_rank_s = (time.perf_counter() - start) / len(first)
-        while time.perf_counter() - start + per_rank_s <= budget_s:
+        while ranks is None and len(self.rows) < max_ranks and time.perf_counter() - start < budget_s / 2:
             measured = sorted(self.rows)
             gaps = [(abs(self.rows[b]["quality"] - self.rows[a]["quality"]), a, b)
                     for a, b in zip(measured, measured[1:]) if b - a > 1]
-            if not gaps:
+            if not gaps or max(gaps)[0] < min_quality_gap:
                 break
             _, low, high = max(gaps)
-            rank = (low + high) // 2
-            self.measure_quality(rank)
-            self.measure_latency([rank])
-            report(f"refined at rank {rank} (between {low} and {high}): quality {self.rows[rank]['quality']}")
+            self.measure_quality((low + high) // 2)
+            report(f"refined at rank {(low + high) // 2} (between {low} and {high})")
+        self.measure_latency(sorted(self.rows),
+                             progress=lambda r: report(f"latency at rank {r}: {self.rows[r]['latency_ms']}"))
 
     def frontier(self, model_path, backend: dict, quality_metric: str | None) -> dict:
         rows = mark_pareto([self.rows[r] for r in sorted(self.rows)])

@@ -57,7 +57,7 @@ def mark_pareto(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def choose_levels(rows: list[dict], min_saving: float = 0.1) -> list[int]:
+def choose_levels(rows: list[dict], min_saving: float = 0.2) -> list[int]:
     """Pareto ranks, from the best down, keeping one only when it saves at least ``min_saving`` of the
     latency of the last one kept — so every step down is worth taking."""
     pareto = sorted((r for r in rows if r.get("pareto")), key=primary_latency, reverse=True)
