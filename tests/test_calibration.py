@@ -30,7 +30,7 @@ def test_levels_step_down_only_for_a_meaningful_saving():
     rows = mark_pareto([row(8, 10.0, 0.5), row(16, 11.0, 0.6), row(24, 12.0, 0.7), row(32, 18.0, 0.9),
                         row(64, 19.0, 0.95), row(128, 30.0, 1.0)])
     assert choose_levels(rows, min_saving=0.1) == [8, 24, 64, 128]
-    assert choose_levels(rows) == [8, 64, 128]  # the default: a step down saves at least 20 %
+    assert choose_levels(rows) == [24, 64, 128]  # the default: a step down saves at least 20 %
     assert choose_levels(mark_pareto([row(16, 5.0, 1.0)])) == [16]
     assert profile_ranges([8, 24, 64, 128], 128) == "1-8,9-64,65-128"
 
