@@ -22,6 +22,7 @@ import numpy as np
 
 from deploy.frontier import FRONTIER_VERSION, choose_levels, graph_sha256, mark_pareto, primary_latency, profile_ranges
 from deploy.runtime import decoder_feeds
+from deploy.text import read_model_json
 
 
 def geometric_ranks(max_rank: int, count: int = 8) -> list[int]:
@@ -69,8 +70,12 @@ class Calibration:
         return {"prefill": prefill_ms, "decode": decode_ms}
 
     def vocab_size(self) -> int:
+        """Token ids are drawn below this: the model config's vocabulary, else the tokenizer's."""
+        vocab = read_model_json(self.runtime.model_dir, "config.json").get("vocab_size")
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
         tokenizer = self.runtime.tokenizer
-        return tokenizer.get_vocab_size() if tokenizer is not None else 100
+        return tokenizer.get_vocab_size() if tokenizer is not None else 2
 
     def power_w(self) -> float | None:
         if self.sensors is None:
@@ -113,7 +118,9 @@ class Calibration:
     def measure_quality(self, rank: int) -> None:
         row = self.rows.setdefault(rank, {"rank": rank})
         self.runtime.rank = rank
-        if self.decoder:
+        if self.decoder and self.runtime.tokenizer is None:
+            row.update({"perplexity": None, "quality": None})  # no tokenizer: quality omitted, never invented
+        elif self.decoder:
             perplexity = self.perplexity()
             row.update({"perplexity": round(perplexity, 4), "quality": round(1 / perplexity, 6)})
         else:
@@ -157,7 +164,7 @@ class Calibration:
             report(f"quality at rank {rank}: {self.rows[rank]['quality']}")
         while ranks is None and len(self.rows) < max_ranks and time.perf_counter() - start < budget_s / 2:
             measured = sorted(self.rows)
-            gaps = [(abs(self.rows[b]["quality"] - self.rows[a]["quality"]), a, b)
+            gaps = [(abs((self.rows[b]["quality"] or 0) - (self.rows[a]["quality"] or 0)), a, b)
                     for a, b in zip(measured, measured[1:]) if b - a > 1]
             if not gaps or max(gaps)[0] < min_quality_gap:
                 break

@@ -162,7 +162,8 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     calibration = Calibration(runtime, sample[:texts], batch, prompt_tokens, context_tokens, repeats, sensors)
     with tqdm(desc="calibrating", unit="step", file=sys.stderr) as bar:
         calibration.run(rank_list, budget_s, progress=lambda message: (bar.update(), bar.set_postfix_str(message[:60])))
-    metric = "1 / perplexity" if calibration.decoder else "cosine to the full rank's embeddings"
+    metric = ("1 / perplexity" if runtime.tokenizer is not None else None) if calibration.decoder else \
+        "cosine to the full rank's embeddings"
     frontier = calibration.frontier(model_path, backend, metric)
     atomic_file(output_path, json.dumps(frontier, indent=1) + "\n")
     if plot_path is not None:
@@ -197,7 +198,8 @@ def frontier_markdown(frontier: dict) -> str:
              "|---:|---:|" + "---:|" * len(phases) + "---:|---:|:---:|:---:|"]
     for row in frontier["rows"]:
         latency = " | ".join(f"{row['latency_ms'][p]['median']:.1f} / {row['latency_ms'][p]['p90']:.1f}" for p in phases)
-        lines.append(f"| {row['rank']} | {row['flops_fraction']:.3f} | {latency} | {row['quality']:.4f} | "
+        lines.append(f"| {row['rank']} | {row['flops_fraction']:.3f} | {latency} | "
+                     f"{'—' if row['quality'] is None else format(row['quality'], '.4f')} | "
                      f"{'—' if row['power_w'] is None else row['power_w']} | {'yes' if row['pareto'] else ''} | "
                      f"{'yes' if row['rank'] in frontier['levels'] else ''} |")
     return "\n".join(lines)

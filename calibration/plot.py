@@ -19,6 +19,9 @@ def plot_frontier(frontier: dict, path: str | Path) -> None:
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'nsn-export[plot]'") from None
     rows, levels = frontier["rows"], set(frontier["levels"])
+    if any(r["quality"] is None for r in rows):
+        raise ValueError("--plot draws quality, and this frontier has none (a decoder export without a tokenizer); "
+                         "drop --plot or export with the tokenizer")
     figure, (by_latency, by_flops) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, x_of, label in ((by_latency, primary_latency, "latency, ms (median)"),
                               (by_flops, lambda r: r["flops_fraction"], "FLOPs fraction of the dense model")):

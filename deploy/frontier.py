@@ -15,7 +15,8 @@ Schema (``format_version`` 1)::
 
 Quality is always higher-is-better (for decoders, 1 / perplexity). The primary latency of a row is
 decode ms/token for decoders and the batch's ms for encoders. A row is Pareto-optimal when no
-other row is at least as fast and at least as good (strictly better in one, or a lower rank).
+other row is at least as fast and at least as good (strictly better in one, or a lower rank);
+without quality (a decoder exported without a tokenizer) a higher rank counts as better.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def primary_latency(row: dict) -> float:
 
 
 def mark_pareto(rows: list[dict]) -> list[dict]:
-    """Set ``pareto`` on each row (quality vs primary latency; rows without quality use FLOPs)."""
+    """Set ``pareto`` on each row (quality vs primary latency). Without a quality measurement a
+    higher rank is assumed better (the nesting makes it a superset of every lower rank)."""
     def score(row):
-        return row["quality"] if row.get("quality") is not None else -row["flops_fraction"]
+        return row["quality"] if row.get("quality") is not None else row["flops_fraction"]
 
     for row in rows:
         row["pareto"] = not any(

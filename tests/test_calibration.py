@@ -114,3 +114,17 @@ def test_tensorrt_profiles_and_governor_levels_come_from_the_frontier(encoder_fr
 
 
 
+
+
+def test_a_decoder_without_tokenizer_is_timed_with_quality_omitted(exported, tmp_path):
+    import shutil
+
+    shutil.copytree(exported("llama")[0].path.parent, tmp_path / "e")
+    (tmp_path / "e" / "tokenizer.json").unlink()
+    run = CliRunner().invoke(calibrate_command, [str(tmp_path / "e"), "--ranks", "2,8,16", "--prompt-tokens", "8",
+                                                 "--context-tokens", "8", "--repeats", "2", "--output",
+                                                 str(tmp_path / "f.json"), "--json"])
+    assert run.exit_code == 0, run.output
+    frontier = json.loads(run.stdout)
+    assert frontier["quality_metric"] is None and all(r["quality"] is None for r in frontier["rows"])
+    assert frontier["levels"] and frontier["profiles"].endswith("-16")
