@@ -65,6 +65,7 @@ class NSNRuntime:
     info: NSNModelInfo
     last_rank: int | None = None  # the rank the latest call ran at (read once per call)
     last_latency_ms: float | None = None  # the latest decode step's or embed batch's latency
+    max_batch: int | None = None  # the largest batch the runtime accepts (a TensorRT engine's profiles)
 
     @property
     def rank(self) -> int:
@@ -103,6 +104,7 @@ class NSNRuntime:
         self._require_tokenizer()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = min(batch_size, self.max_batch or batch_size)
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.zeros((0, self.hidden_size), np.float32)

@@ -128,3 +128,27 @@ def test_a_decoder_without_tokenizer_is_timed_with_quality_omitted(exported, tmp
     frontier = json.loads(run.stdout)
     assert frontier["quality_metric"] is None and all(r["quality"] is None for r in frontier["rows"])
     assert frontier["levels"] and frontier["profiles"].endswith("-16")
+
+
+def test_calibrating_a_tensorrt_engine_goes_through_nsn_engine(exported, tmp_path, monkeypatch):
+    """Against the TensorRT double (test_tensorrt.py); on a Jetson the same command runs for real."""
+    import deploy.tensorrt.build as build_module
+    import deploy.tensorrt.cuda as cuda_module
+    import deploy.tensorrt.engine as engine_module
+    import trt_double
+    from deploy.tensorrt.build import build_engine
+    from deploy.tensorrt.plan import ShapeBounds, plan_for_export
+
+    cudart = trt_double.make_cudart()
+    for module in (build_module, engine_module):
+        monkeypatch.setattr(module, "import_tensorrt", lambda: trt_double.make_tensorrt(cudart))
+    monkeypatch.setattr(cuda_module, "load_cudart", lambda: cudart)
+    export_dir = exported("bert")[0].path.parent
+    plan = plan_for_export(export_dir, "1-8,9-16", ShapeBounds(max_batch=4, max_seq=64, opt_seq=16))
+    engine_dir = build_engine(export_dir, tmp_path / "engine", plan)
+    run = CliRunner().invoke(calibrate_command, [str(export_dir), "--engine", str(engine_dir), "--ranks", "4,16",
+                                                 "--texts", "8", "--batch", "4", "--repeats", "2", "--output",
+                                                 str(tmp_path / "f.json"), "--json"])
+    assert run.exit_code == 0, run.output
+    frontier = json.loads(run.stdout)
+    assert frontier["backend"]["runtime"].startswith("TensorRT") and frontier["rows"][-1]["quality"] == pytest.approx(1.0)

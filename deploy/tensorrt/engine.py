@@ -90,7 +90,8 @@ class NSNEngine(NSNRuntime):
         self.profile_switches = 0
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_ids = stop_token_ids(self.model_dir)
-        self.max_length = model_max_length(self.model_dir)
+        self.max_length = min(model_max_length(self.model_dir), self.plan.bounds.max_seq)  # the profiles' bounds
+        self.max_batch = self.plan.bounds.max_batch
         hidden = list(self.engine.get_tensor_shape(self.output_names[0]))[-1]
         self.hidden_size = max(int(hidden), 0)
         self._rank = self.info.max_rank
