@@ -59,26 +59,36 @@ def format_table(rows: list[dict]) -> str:
               help="all-linear | attention | mlp, or comma-separated module names / regular expressions")
 @click.option("--max-rank", "max_rank", default="1.0",
               help="int: absolute rank per layer; float in (0, 1]: fraction of min(d_in, d_out)")
+@click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
+              help="text or JSONL: factorise each layer data-aware, best on these activations at every rank")
+@click.option("--calibration-tokens", default=16384, type=click.IntRange(min=1),
+              help="tokens of --calibration-data to collect statistics on")
 @overwrite_option()
 @user_errors
-def adapt_command(source, output_path, targets, max_rank, overwrite):
+def adapt_command(source, output_path, targets, max_rank, calibration_data, calibration_tokens, overwrite):
     """Factorise a local Hugging Face model directory SOURCE into an NSN checkpoint."""
     from tqdm import tqdm
 
     from .checkpoint import save_nsn
-    from .models import load_hf_model
+    from .data import load_records, make_batches
+    from .models import is_causal_lm, load_hf_model, load_tokenizer
     from .surgery import adapt
 
     check_output(output_path, [source], overwrite)
     max_rank_value = parse_max_rank(max_rank)
+    records = load_records(calibration_data) if calibration_data else None
     model = load_hf_model(source)
+    calibration = None
+    if records is not None:
+        calibration = make_batches(records, load_tokenizer(source), is_causal_lm(model), 16, 128)
     target_spec = targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
     with tqdm(desc="factorising (SVD)", unit="layer", file=sys.stderr) as bar:
         def advance(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        report = adapt(model, target_spec, max_rank_value, progress=advance)
+        report = adapt(model, target_spec, max_rank_value, progress=advance, calibration=calibration,
+                       calibration_tokens=calibration_tokens)
     save_nsn(model, output_path, tokenizer_dir=source)
     click.echo(report.table())
     click.echo(f"wrote {output_path} (global rank range [1, {model.nsn_config.max_rank}])")

@@ -169,6 +169,7 @@ def nsn_metadata(model, task: str, rank_mode: str, opset: int, fixed_rank: int |
         "nsn.dense_flops": str(model_flops(model, None)),
         "nsn.attention_flops_per_context_token": str(attention_flops_per_token(model.config, 1)),
         "nsn.source_model": f"{model.config.model_type}/{type(model).__name__}",
+        "nsn.init": json.dumps({"method": config.init, "calibration_tokens": config.calibration_tokens}),
         "nsn.opset": str(opset),
         **({"nsn.fixed_rank": str(fixed_rank)} if fixed_rank is not None else {}),
     }

@@ -14,6 +14,9 @@ from deploy.metadata import validate_rank as check_rank
 RANK_MODES = ("slice", "mask")
 
 
+WHITENING_DAMPING = 1e-2  # lambda relative to the mean activation variance: keeps L invertible, barely biases C
+
+
 def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
     """Return ``rank`` as a Python int if it is an integer in ``[1, max_rank]``, else raise ``ValueError``.
 
@@ -59,25 +62,53 @@ class NSNLinear(nn.Module):
         nn.init.normal_(self.B, std=max_rank**-0.5)
         self.rank: int | torch.Tensor = max_rank
         self.rank_mode = "slice"
+        self.init_method = "random"  # from_linear says "svd", "whitened" or why it fell back
 
     @classmethod
-    def from_linear(cls, layer: nn.Module, max_rank: int) -> "NSNLinear":
-        """Factorise a pretrained ``nn.Linear`` or transformers ``Conv1D`` by truncated SVD.
+    def from_linear(cls, layer: nn.Module, max_rank: int, input_moment=None, damping: float = WHITENING_DAMPING,
+                    min_tokens: int | None = None) -> "NSNLinear":
+        """Factorise a pretrained ``nn.Linear`` or transformers ``Conv1D``; ``init_method`` on the result
+        says how (``"svd"``, ``"whitened"``, or the fallback and its reason).
 
-        ``W = U S V^T`` (computed in float64), ``B = U_R sqrt(S_R)``, ``A = sqrt(S_R) V_R^T``; so the
-        rank-``r`` prefix is the best rank-``r`` approximation of ``W`` (Eckart-Young).
+        Plain (no ``input_moment``): truncated SVD ``W = U S V^T`` in float64, ``B = U_R sqrt(S_R)``,
+        ``A = sqrt(S_R) V_R^T`` — each rank-``r`` prefix is the best rank-``r`` approximation of ``W``.
+
+        Data-aware (``input_moment``, an ``activations.InputMoment``): with ``C = X^T X / n + lambda I =
+        L L^T`` (``lambda = damping * mean(diag(X^T X / n))``), ``W L = U S V^T``, ``B = U_R sqrt(S_R)``,
+        ``A = sqrt(S_R) V_R^T L^-1`` — each prefix minimises ``||(W - W_r) L||_F``, the error on the
+        calibration activations, for every ``r`` at once; nesting holds, and at full rank
+        ``min(d_in, d_out)`` the layer is exact. Falls back to plain SVD (saying why in ``how``) when
+        there are fewer than ``min_tokens`` (default ``d_in``) tokens or the statistics are not finite.
         """
         weight = dense_weight(layer)
         out_features, in_features = weight.shape
         nsn = cls(in_features, out_features, max_rank, bias=layer.bias is not None,
                   device=weight.device, dtype=weight.dtype)
-        u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+        w64 = weight.detach().to(torch.float64)
+        how, factor = "svd", None
+        if input_moment is not None:
+            covariance = input_moment.covariance.to(w64.device)
+            if input_moment.tokens < (min_tokens or in_features):
+                how = f"svd (fallback: {input_moment.tokens} calibration tokens < {min_tokens or in_features})"
+            elif not torch.isfinite(covariance).all():
+                how = "svd (fallback: non-finite activation statistics)"
+            else:
+                scale = float(covariance.diagonal().mean()) or 1.0
+                factor, info = torch.linalg.cholesky_ex(covariance + damping * scale * torch.eye(
+                    in_features, dtype=torch.float64, device=w64.device))
+                how = "whitened" if int(info) == 0 else "svd (fallback: activation covariance not positive definite)"
+                factor = factor if int(info) == 0 else None
+        u, s, vh = torch.linalg.svd(w64 @ factor if factor is not None else w64, full_matrices=False)
         root = s[:max_rank].sqrt()
+        a = root[:, None] * vh[:max_rank]
+        if factor is not None:
+            a = torch.linalg.solve_triangular(factor, a, upper=False, left=False)  # a L^-1
         with torch.no_grad():
             nsn.B.copy_((u[:, :max_rank] * root).to(weight.dtype))
-            nsn.A.copy_((root[:, None] * vh[:max_rank]).to(weight.dtype))
+            nsn.A.copy_(a.to(weight.dtype))
             if layer.bias is not None:
                 nsn.bias.copy_(layer.bias.detach())
+        nsn.init_method = how
         return nsn
 
     def effective_rank(self):

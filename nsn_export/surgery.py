@@ -30,6 +30,7 @@ class LayerReport:
     params_after: int
     flops_before: int
     flops_after: int
+    init: str = "svd"
 
 
 @dataclass
@@ -53,6 +54,7 @@ class AdaptReport:
                 f"{row.name:<48} {f'{row.out_features}x{row.in_features}':>12} {row.max_rank:>5} "
                 f"{f'{row.params_before}->{row.params_after}':>19} "
                 f"{f'{row.flops_before}->{row.flops_after}':>21}"
+                + ("" if row.init == "svd" else f"  {row.init}")
             )
         lines.append(f"{len(self.layers)} layers, parameters {self.params_before} -> {self.params_after}")
         return "\n".join(lines)
@@ -138,11 +140,16 @@ def adapt(
     targets: str | list[str] = "all-linear",
     max_rank: int | float = 1.0,
     progress: Callable[[int, int], None] | None = None,
+    calibration: list[dict] | None = None,
+    calibration_tokens: int = 16384,
 ) -> AdaptReport:
     """Replace the selected linear layers of ``model`` in place by SVD-initialised ``NSNLinear``.
 
     ``targets``: ``"all-linear"``, ``"attention"``, ``"mlp"`` or module names / regular expressions.
     ``max_rank``: an int (capped per layer at ``min(d_in, d_out)``) or a fraction of it.
+    ``calibration``: tokenised batches (``data.make_batches``); with them every layer is factorised
+    data-aware (``NSNLinear.from_linear`` with its input statistics over at most
+    ``calibration_tokens`` tokens), so each rank prefix is the best on those activations.
     ``progress(done, total)`` is called after each layer (SVDs of large models take a while).
     The NSN facts are stored on ``model.nsn_config``. Returns a per-layer report.
     """
@@ -152,13 +159,18 @@ def adapt(
     if not names:
         raise ValueError(f"targets {targets!r} matched no linear layer of this "
                          f"{type(model).__name__}; check the module names with model.named_modules()")
+    moments = {}
+    if calibration is not None:
+        from .activations import input_moments
+
+        moments = input_moments(model, names, calibration, calibration_tokens)
     rows = []
     layer_ranks = {}
     for name in names:
         layer = model.get_submodule(name)
         out_features, in_features = dense_weight(layer).shape
         rank = resolve_max_rank(max_rank, in_features, out_features)
-        nsn = NSNLinear.from_linear(layer, rank)
+        nsn = NSNLinear.from_linear(layer, rank, input_moment=moments.get(name))
         replace_module(model, name, nsn)
         layer_ranks[name] = rank
         bias = 0 if layer.bias is None else out_features
@@ -167,12 +179,14 @@ def adapt(
             params_before=in_features * out_features + bias,
             params_after=rank * (in_features + out_features) + bias,
             flops_before=2 * in_features * out_features,
-            flops_after=nsn.flops_per_token(),
+            flops_after=nsn.flops_per_token(), init=nsn.init_method,
         ))
         if progress is not None:
             progress(len(rows), len(names))
+    tokens = max((m.tokens for m in moments.values()), default=0)
     model.nsn_config = NSNConfig(layer_ranks=layer_ranks, targets=targets, max_rank_spec=max_rank,
-                                 base_model=type(model).__name__)
+                                 base_model=type(model).__name__,
+                                 init="whitened" if calibration is not None else "svd", calibration_tokens=tokens)
     return AdaptReport(rows)
 
 

@@ -314,6 +314,11 @@ CASES = [
          write("f.json", json.dumps({"format_version": 1, "model": {"graph_sha256": "0" * 64}, "levels": [1],
                                      "profiles": "1-16", "rows": [{"rank": 1, "flops_fraction": 0.1, "quality": 1,
                                                                    "latency_ms": {"decode": {"median": 1}}}]}))),
+    Case("adapt-empty-calibration-data", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-data",
+                                                         "{ws}/c.txt"], 1, ("c.txt", "no examples"), ("hf",),
+         write("c.txt", "\n\n"), output="o"),
+    Case("adapt-zero-calibration-tokens", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-tokens",
+                                                          "0"], 2, ("--calibration-tokens",), ("hf",), output="o"),
     # ---- data files ------------------------------------------------------------------------------
     Case("eval-empty-data", eval_command, ["--model", "{ws}/ckpt", "--data", "{ws}/empty.txt"], 1,
          ("empty.txt", "no examples"), ("ckpt",), write("empty.txt", "")),

@@ -85,3 +85,10 @@ def test_bad_jsonl_names_the_line(hf_dir, tmp_path):
     data.write_text('{"text": "w1 w2"}\n{"txt": "w3"}\n')
     result = CliRunner().invoke(eval_command, ["--model", str(tmp_path / "ckpt"), "--data", str(data)])
     assert result.exit_code == 1 and "bad.jsonl:2" in result.output and '"text"' in result.output
+
+
+def test_adapt_with_calibration_data_is_data_aware(hf_dir, text_file, tmp_path):
+    result = invoke(adapt_command, [hf_dir, "--output", tmp_path / "ckpt", "--max-rank", "8",
+                                    "--calibration-data", text_file, "--calibration-tokens", "200"])
+    assert "whitened" in result.output or "fallback" in result.output
+    assert nsn.load_nsn(tmp_path / "ckpt").nsn_config.init == "whitened"
