@@ -144,33 +144,67 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
 
 @click.command(context_settings={"show_default": True})
 @model_option()
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="text file or JSONL (with label for classifiers)")
+@click.option("--retrieval", is_flag=True,
+              help="also score the built-in retrieval benchmark (docstring sentence -> qualified name, top-1)")
 @click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1))
 @click.option("--max-length", default=128, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
-def eval_command(model_path, data_path, ranks, batch_size, max_length, as_json):
-    """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, FLOPs fraction."""
+def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length, as_json):
+    """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, embedding cosine,
+    retrieval top-1, FLOPs fraction."""
     from tqdm import tqdm
 
     from .checkpoint import load_nsn
     from .data import load_records, make_batches
     from .evaluate import evaluate_ranks
+    from .flops import flops_fraction
     from .layers import validate_rank
     from .models import is_causal_lm, load_tokenizer
 
+    if data_path is None and not retrieval:
+        raise click.UsageError("give --data FILE, --retrieval, or both")
     given_ranks = parse_ranks(ranks)
+    records = load_records(data_path) if data_path else None
     model = load_nsn(model_path)
+    if retrieval and is_causal_lm(model):
+        raise click.UsageError("--retrieval scores sentence embeddings: it needs an encoder checkpoint")
     top = model.nsn_config.max_rank
     rank_list = given_ranks or sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
     rank_list = [validate_rank(r, top) for r in rank_list]
-    batches = make_batches(load_records(data_path), load_tokenizer(model_path), is_causal_lm(model),
-                          batch_size, max_length)
-    with tqdm(total=len(rank_list), desc="evaluating ranks", unit="rank", file=sys.stderr) as bar:
-        rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
+    tokenizer = load_tokenizer(model_path)
+    rows = [{"rank": r, "flops_fraction": round(flops_fraction(model, r), 4)} for r in rank_list]
+    with tqdm(total=len(rank_list) * (bool(records) + retrieval), desc="evaluating ranks", unit="rank",
+              file=sys.stderr) as bar:
+        if records:
+            batches = make_batches(records, tokenizer, is_causal_lm(model), batch_size, max_length)
+            rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
+        if retrieval:
+            from calibration.retrieval import docstring_pairs, top1_accuracy
+
+            pairs = docstring_pairs()
+            for row in rows:
+                embed = embedder(model, tokenizer, row["rank"], batch_size, max_length)
+                row["retrieval_top1"] = round(top1_accuracy(embed, pairs), 4)
+                bar.update()
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+
+
+def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_length: int):
+    """``embed(texts)``: a torch model's sentence embeddings (mean-pooled) at ``rank_value``."""
+    import torch
+
+    from .data import make_batches
+    from .evaluate import outputs_at
+
+    def embed(texts):
+        batches = make_batches([{"text": t} for t in texts], tokenizer, False, batch_size, max_length)
+        return torch.cat(outputs_at(model, batches, rank_value)[1]).float().numpy()
+
+    return embed
 
 
 @click.command(context_settings={"show_default": True})
@@ -238,16 +272,22 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
         norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(dense, axis=-1)
         return round(float((np.sum(embeddings * dense, -1) / norms).mean()), 4)
 
+    from calibration.retrieval import docstring_pairs, top1_accuracy
+
+    pairs = docstring_pairs()
     session = NSNSession(export_dir)
     baseline = dense_embedder(dense_path, session)
     embeddings, latency = timed(lambda: baseline(texts))
-    rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings)}]
+    rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
+             "retrieval_top1": round(top1_accuracy(lambda batch: np.concatenate(
+                 [baseline(batch[i:i + 64]) for i in range(0, len(batch), 64)]), pairs), 3)}]
     for rank_value in rank_list:
         session.rank = rank_value
         # one batch of every sentence, as the dense baseline runs them
         embeddings, latency = timed(lambda: session.embed(texts, normalize=False, batch_size=max(1, len(texts))))
         rows.append({"rank": rank_value, "flops_fraction": round(session.info.flops_fraction(rank_value), 4),
-                     "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings)})
+                     "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
+                     "retrieval_top1": round(top1_accuracy(session.embed, pairs), 3)})
     progress(f"ran {len(texts)} sentences per call on {session.providers[0]}")
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -255,7 +295,9 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     click.echo(format_table(rows))
     state = (f"the checkpoint {model_path}" if trained else "UNTRAINED (plain SVD truncation): low ranks are "
              "expected to be poor until multi-rank training (nsn-train, scripts/distill_minilm.py)")
-    click.echo(f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "
+    click.echo(f"\nretrieval_top1: share of {len(pairs)} standard-library docstring sentences whose nearest "
+               f"qualified name (e.g. json.dumps) is the one they document."
+               f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "
                f"model: {state}.\nflops_fraction: FLOPs per token against the dense model; above 1, a factorised "
                f"layer (2r(d_in + d_out) at rank r) costs more than the dense one.")
 

@@ -319,6 +319,10 @@ CASES = [
          write("c.txt", "\n\n"), output="o"),
     Case("adapt-zero-calibration-tokens", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-tokens",
                                                           "0"], 2, ("--calibration-tokens",), ("hf",), output="o"),
+    Case("eval-nothing-to-evaluate", eval_command, ["--model", "{ws}/ckpt"], 2, ("--data FILE, --retrieval",),
+         ("ckpt",)),
+    Case("eval-retrieval-on-a-decoder", eval_command, ["--model", "{ws}/ckpt", "--retrieval"], 2,
+         ("needs an encoder",), ("ckpt",)),
     # ---- data files ------------------------------------------------------------------------------
     Case("eval-empty-data", eval_command, ["--model", "{ws}/ckpt", "--data", "{ws}/empty.txt"], 1,
          ("empty.txt", "no examples"), ("ckpt",), write("empty.txt", "")),

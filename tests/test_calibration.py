@@ -152,3 +152,29 @@ def test_calibrating_a_tensorrt_engine_goes_through_nsn_engine(exported, tmp_pat
     assert run.exit_code == 0, run.output
     frontier = json.loads(run.stdout)
     assert frontier["backend"]["runtime"].startswith("TensorRT") and frontier["rows"][-1]["quality"] == pytest.approx(1.0)
+
+
+def test_the_retrieval_benchmark_is_deterministic_and_scores_top1():
+    import numpy as np
+
+    from calibration.retrieval import docstring_pairs, top1_accuracy
+
+    pairs = docstring_pairs()
+    assert len(pairs) > 300 and pairs == docstring_pairs() and len({q for q, _ in pairs}) == len(pairs)
+    assert any(a == "json.dumps" for _, a in pairs)
+    index = {text: i for i, pair in enumerate(pairs) for text in pair}
+    perfect = lambda texts: np.eye(len(pairs))[[index[t] for t in texts]]  # noqa: E731
+    assert top1_accuracy(perfect, pairs) == 1.0
+    shifted = lambda texts: np.eye(len(pairs))[[(index[t] + (t in dict(pairs).values())) % len(pairs)  # noqa: E731
+                                                for t in texts]]
+    assert top1_accuracy(shifted, pairs) == 0.0
+
+
+def test_nsn_eval_scores_retrieval_per_rank(nsn_checkpoint):
+    from nsn_export.cli import eval_command
+
+    run = CliRunner().invoke(eval_command, ["--model", str(nsn_checkpoint("bert")), "--retrieval", "--ranks", "4,16",
+                                            "--json"])
+    assert run.exit_code == 0, run.output
+    rows = json.loads(run.stdout)
+    assert [r["rank"] for r in rows] == [4, 16] and all(0 <= r["retrieval_top1"] <= 1 for r in rows)
