@@ -51,15 +51,20 @@ def number(section: dict, key: str, where: str, low: float = 0.0, high: float = 
     return float(value)
 
 
+def read_toml(path: Path, missing: str) -> dict:
+    """A TOML file as a dict; ``missing`` completes the message when the file does not exist."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid TOML ({error})") from None
+
+
 def load_policy(path: str | Path | None = None) -> PolicyConfig:
     """Read and validate a policy file (the shipped example when ``path`` is None)."""
     path = Path(path) if path is not None else example_policy_path()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such policy file; start from {example_policy_path()}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid TOML ({error})") from None
+    data = read_toml(path, f"no such policy file; start from {example_policy_path()}")
     return policy_from_dict(data, str(path))
 
 

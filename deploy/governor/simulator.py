@@ -20,19 +20,13 @@ battery_empty_s, mean_rank.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from .config import PolicyConfig, load_policy
+from .config import PolicyConfig, load_policy, read_toml
 from .loop import Governor, levels_for
 from .sensors import Readings, parse_micro, parse_pct, parse_temp_c
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -100,12 +94,7 @@ class Scenario:
 
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such scenario; the shipped ones are in {scenario_dir()}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid TOML ({error})") from None
+    data = read_toml(path, f"no such scenario; the shipped ones are in {scenario_dir()}")
 
     def get(section: str, key: str, default=None, kind=(int, float)):
         value = data.get(section, {}).get(key, default) if section else data.get(key, default)
