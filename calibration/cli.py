@@ -132,13 +132,14 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
 
     from deploy.atomic import atomic_file
     from deploy.cli import parse_ranks
+    from deploy.external_data import model_file
     from deploy.governor.sensors import SysfsSensors
     from deploy.metadata import validate_rank
     from deploy.text import english_sentences, load_records
 
     from .calibrate import Calibration, device_description
 
-    model_path = export_dir / "model.onnx" if export_dir.is_dir() else export_dir
+    model_path = model_file(export_dir)
     rank_list = None if ranks == "auto" else parse_ranks(ranks)
     refuse_clobbering(output_path)
     sample = [r["text"] for r in load_records(data_path)] if data_path else english_sentences(texts)

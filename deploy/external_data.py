@@ -46,6 +46,12 @@ def confined_path(model_dir: str | os.PathLike, name: str, what: str = "file") -
     return path
 
 
+def model_file(path: str | os.PathLike) -> Path:
+    """The graph file of an export: ``path/model.onnx`` for a directory, else ``path`` itself."""
+    path = Path(path)
+    return path / "model.onnx" if path.is_dir() else path
+
+
 def read_json_object(path: Path, fix: str) -> dict:
     """A JSON object from ``path``; anything else is a ``ValueError`` naming the file and ``fix``."""
     try:

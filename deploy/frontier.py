@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .external_data import read_json_object
+from .external_data import model_file, read_json_object
 
 FRONTIER_VERSION = 1
 ROW_FIELDS = ("rank", "flops_fraction", "latency_ms", "quality")
@@ -102,8 +102,7 @@ def read_frontier(path: str | Path, model_path: str | Path | None = None) -> dic
         if missing:
             raise ValueError(f"{path}: rows[{index}] lacks {missing}")
     if model_path is not None:
-        model_path = Path(model_path)
-        model_path = model_path / "model.onnx" if model_path.is_dir() else model_path
+        model_path = model_file(model_path)
         expected = data["model"].get("graph_sha256") if isinstance(data["model"], dict) else None
         actual = graph_sha256(model_path)
         if expected != actual:

@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from .metadata import NSNModelInfo, validate_rank
-from .text import encode_texts, length_sorted_batches, mean_pool, pad_encodings
+from .text import (encode_texts, length_sorted_batches, load_tokenizer, mean_pool, model_max_length,
+                   pad_encodings, stop_token_ids)
 
 
 @dataclass
@@ -78,6 +79,13 @@ class NSNRuntime:
     def set_rank(self, value: int) -> None:
         """The governor's interface: same as assigning ``rank``."""
         self.rank = value
+
+    def load_text_files(self, model_dir, max_length: int | None = None) -> None:
+        """The tokenizer, stop tokens and longest input (capped at ``max_length``) from ``model_dir``."""
+        self.tokenizer = load_tokenizer(model_dir)
+        self.stop_ids = stop_token_ids(model_dir)
+        longest = model_max_length(model_dir)
+        self.max_length = min(longest, max_length) if max_length else longest
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -11,6 +11,7 @@ import click
 
 from deploy.atomic import check_output
 from deploy.cli import parse_ranks, user_errors
+from deploy.external_data import model_file
 
 
 def model_option(required=True, help="NSN checkpoint directory"):
@@ -384,7 +385,7 @@ def verify_command(onnx_path, model_path, ranks, as_json):
     from .checkpoint import load_nsn
     from .verify import TOLERANCE, VerificationError, require_passed, verify_onnx
 
-    onnx_path = onnx_path / "model.onnx" if onnx_path.is_dir() else onnx_path
+    onnx_path = model_file(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
     rank_list = parse_ranks(ranks)

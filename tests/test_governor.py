@@ -4,8 +4,6 @@ through time, the loop's safety, the simulator's numbers, and a governed NSNSess
 from __future__ import annotations
 
 import json
-import threading
-import time
 import tracemalloc
 from pathlib import Path
 

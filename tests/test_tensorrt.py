@@ -190,8 +190,6 @@ def test_every_profile_after_the_first_asks_for_no_extra_weight_memory(exported,
 def test_the_double_refuses_what_tensorrt_refuses(exported, monkeypatch, tmp_path):
     """If the builder forgot the rank shape input, passed it as a shape, or combined REFIT with
     several profiles, the build would fail: the double makes each mistake fatal."""
-    import deploy.tensorrt.build as build_module
-
     result, _ = exported("llama")
     plan = plan_for_export(result.path.parent, "1-5,6-16", BOUNDS)
 

@@ -153,14 +153,7 @@ class Governor:
     def ceilings(self, readings: Readings) -> list[Ceiling]:
         applied = self.levels.work[self.index]
         step_up = self.levels.work[min(self.index + 1, len(self.levels.work) - 1)] * (1 + self.config.up_margin)
-        found = []
-        for policy in self.policies:
-            if isinstance(policy, ThermalPolicy):
-                found.append(policy.ceiling(readings, applied, step_up))
-            elif isinstance(policy, BatteryLadder):
-                found.append(policy.ceiling(readings))
-            else:
-                found.append(policy.ceiling(readings, applied))
+        found = [policy.ceiling(readings, applied, step_up) for policy in self.policies]
         manual = self._manual_ceiling()
         return found + ([manual] if manual else []) or [Ceiling(1.0, "no policy")]
 

@@ -3,7 +3,8 @@ relative to the full rank), with a reason. The governor takes the lowest ceiling
 rank level. Working in work fractions keeps every policy model-independent; ``Levels`` converts.
 
 All units are in the names. Every policy is a small object whose state moves only through
-``ceiling(readings, state)``, so a test can step it through time.
+``ceiling(readings, applied_work, step_up_work)`` — the work fraction applied now and the one a
+climb would reach — so a test can step it through time.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class BatteryLadder:
     def __post_init__(self):
         self.steps = sorted(((float(t), float(w)) for t, w in self.steps), reverse=True)
 
-    def ceiling(self, readings: Readings) -> Ceiling:
+    def ceiling(self, readings: Readings, applied_work: float = 1.0, step_up_work: float = 1.0) -> Ceiling:
         if not readings.discharging:
             self.band = None
             return Ceiling(1.0, "not discharging")
@@ -165,7 +166,7 @@ class BatteryRuntime:
     start_s: float | None = None
     power: LinearByWork = field(default_factory=LinearByWork)
 
-    def ceiling(self, readings: Readings, applied_work: float) -> Ceiling:
+    def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
         if self.start_s is None:
             self.start_s = readings.time_s
         if not readings.discharging:
@@ -192,7 +193,7 @@ class BudgetPolicy:
     budget: float
     model: LinearByWork = field(default_factory=LinearByWork)
 
-    def ceiling(self, readings: Readings, applied_work: float) -> Ceiling:
+    def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
         value = readings.power_w if self.quantity == "power_w" else readings.latency_ms
         self.model.add(applied_work, value)
         work = self.model.work_within(self.budget)

@@ -259,12 +259,10 @@ def simulate(scenario: Scenario, policy: PolicyConfig | None = None, keep_trace:
     policy = policy or load_policy(scenario.policy)
     holder: dict = {}
 
-    def governed(device, now):
+    def governed(device, now):  # the device is both the governor's sensors and its target
         if "governor" not in holder:
             holder["governor"] = Governor(device, policy, device, scenario.max_rank, scenario.flops_of_rank,
                                           trip_c=scenario.device.passive_trip_c)
-        holder["governor"].sensors = device
-        holder["governor"].target = device
         holder["governor"].step(now)
 
     levels = levels_for(policy, scenario.max_rank, scenario.flops_of_rank)

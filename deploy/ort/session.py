@@ -8,17 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from ..external_data import load_graph
+from ..external_data import load_graph, model_file
 from ..metadata import NSNModelInfo
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
-from ..text import load_tokenizer, model_max_length, stop_token_ids
 from .views import RankView, to_view_graph, views_at
-
-MODEL_FILE = "model.onnx"
-
 
 def open_session(model_path: Path, options, providers: list[str], weight_views: bool | None = False):
     """An ONNX Runtime session for the export, with weight views when asked (or by default on the
@@ -74,8 +69,7 @@ class NSNSession(NSNRuntime):
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
                  rank: int | None = None, weight_views: bool | None = None):
-        path = Path(path)
-        self.model_path = path / MODEL_FILE if path.is_dir() else path
+        self.model_path = model_file(path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path}: no exported model here; run nsn-export first")
         self.model_dir = self.model_path.parent
@@ -93,9 +87,7 @@ class NSNSession(NSNRuntime):
                              if name not in view_names}
         self.input_names = list(self.input_shapes)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.stop_ids = stop_token_ids(self.model_dir)
-        self.max_length = model_max_length(self.model_dir)
+        self.load_text_files(self.model_dir)
         hidden = self.session.get_outputs()[0].shape[-1]
         self.hidden_size = hidden if isinstance(hidden, int) else 0
         self._rank = self.info.max_rank

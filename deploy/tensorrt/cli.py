@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..cli import parse_ranks, user_errors
+from ..external_data import model_file
 from .plan import ShapeBounds
 
 
@@ -77,7 +78,7 @@ def check_command(export_dir, trt_version, as_json):
     """Will TensorRT build EXPORT_DIR with rank as a shape input? Exit 1 and each problem if not."""
     from .compat import check_graph
 
-    if not (export_dir / "model.onnx" if export_dir.is_dir() else export_dir).is_file():
+    if not model_file(export_dir).is_file():
         raise FileNotFoundError(f"{export_dir}: no model.onnx here; run nsn-export first")
     problems = check_graph(export_dir, trt_version)
     if as_json:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..external_data import UnsafeModelError, load_graph
+from ..external_data import UnsafeModelError, load_graph, model_file
 
 INT32_MAX = 2**31 - 1
 # Operators that may compute on the rank value itself (shape arithmetic TensorRT runs on the host).
@@ -122,8 +122,7 @@ def check_rank_input(model: onnx.ModelProto) -> list[Problem]:
 def check_graph(model_path: str | Path, trt_version: str = "10.3") -> list[Problem]:
     """Every reason TensorRT ``trt_version`` would not build ``model_path`` with a rank shape input."""
     trt_major(trt_version)
-    model_path = Path(model_path)
-    model_path = model_path / "model.onnx" if model_path.is_dir() else model_path
+    model_path = model_file(model_path)
     try:
         model = load_graph(model_path)
     except UnsafeModelError as error:

@@ -28,7 +28,6 @@ import numpy as np
 from ..external_data import confined_path, read_json_object
 from ..metadata import NSNModelInfo
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
-from ..text import load_tokenizer, model_max_length, stop_token_ids
 from .build import ENGINE_FILE, MANIFEST_FILE, MANIFEST_VERSION, import_tensorrt, make_logger, tensorrt_version
 from .cuda import Cuda, DeviceBuffer, DeviceTensor
 from .plan import EnginePlan
@@ -88,9 +87,7 @@ class NSNEngine(NSNRuntime):
         self._staging: dict[str, DeviceBuffer] = {}
         self.active_profile: int | None = None
         self.profile_switches = 0
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.stop_ids = stop_token_ids(self.model_dir)
-        self.max_length = min(model_max_length(self.model_dir), self.plan.bounds.max_seq)  # the profiles' bounds
+        self.load_text_files(self.model_dir, max_length=self.plan.bounds.max_seq)  # within the profiles
         self.max_batch = self.plan.bounds.max_batch
         hidden = list(self.engine.get_tensor_shape(self.output_names[0]))[-1]
         self.hidden_size = max(int(hidden), 0)

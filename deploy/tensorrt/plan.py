@@ -238,11 +238,11 @@ def graph_inputs(model) -> dict[str, list[int | str]]:
 
 def plan_for_export(export_dir: str | Path, profiles: str, bounds: ShapeBounds) -> EnginePlan:
     """The plan for an nsn-export directory (reads only the graph's structure and metadata)."""
-    from ..external_data import load_graph
+    from ..external_data import load_graph, model_file
 
-    model = load_graph(Path(export_dir) / "model.onnx" if Path(export_dir).is_dir() else export_dir)
+    model_path = model_file(export_dir)
+    model = load_graph(model_path)
     info = NSNModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(export_dir))
-    model_path = Path(export_dir) / "model.onnx" if Path(export_dir).is_dir() else Path(export_dir)
     return make_plan(info, graph_inputs(model), parse_ranges(profiles, info, model_path), bounds)
 
 
