@@ -47,12 +47,16 @@ def layer_groups(sizes: dict[str, int], memory_bytes: int) -> list[list[str]]:
 def input_moments(model: nn.Module, names: list[str], batches: list[dict], max_tokens: int,
                   memory_bytes: int = 1 << 30, progress: Callable[[int, int], None] | None = None
                   ) -> dict[str, InputMoment]:
-    """``InputMoment`` of each layer in ``names`` over the first ``max_tokens`` unpadded tokens."""
+    """``InputMoment`` of each layer in ``names`` over the first ``max_tokens`` unpadded tokens.
+
+    ``progress(done, total)`` is called after each batch (``total``: batches over all passes)."""
     sizes = {name: dense_weight(model.get_submodule(name)).shape[1] for name in names}
     groups = layer_groups(sizes, memory_bytes)
+    batches = batches[:batches_needed(batches, max_tokens)]
     moments: dict[str, InputMoment] = {}
     model.eval()
-    for done, group in enumerate(groups, 1):
+    done = 0
+    for group in groups:
         stats = {name: InputMoment(torch.zeros(sizes[name], sizes[name], dtype=torch.float64), 0) for name in group}
         state: dict = {}
 
@@ -69,19 +73,31 @@ def input_moments(model: nn.Module, names: list[str], batches: list[dict], max_t
 
         handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in group]
         try:
-            seen = 0
             with torch.no_grad():
                 for batch in batches:
-                    if seen >= max_tokens:
-                        break
                     mask = batch.get("attention_mask")
                     state["mask"] = mask.reshape(-1).bool() if mask is not None else None
                     model(**{k: v for k, v in batch.items() if k != "labels"})
-                    seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(groups) * len(batches))
         finally:
             for handle in handles:
                 handle.remove()
         moments.update(stats)
-        if progress is not None:
-            progress(done, len(groups))
     return moments
+
+
+def batch_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def batches_needed(batches: list[dict], max_tokens: int) -> int:
+    """How many leading batches hold ``max_tokens`` real tokens (all of them if they hold fewer)."""
+    seen = 0
+    for count, batch in enumerate(batches, 1):
+        seen += batch_tokens(batch)
+        if seen >= max_tokens:
+            return count
+    return len(batches)

@@ -6,6 +6,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -83,13 +84,10 @@ def adapt_command(source, output_path, targets, max_rank, calibration_data, cali
     if records is not None:
         calibration = make_batches(records, load_tokenizer(source), is_causal_lm(model), 16, 128)
     target_spec = targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
-    with tqdm(desc="factorising (SVD)", unit="layer", file=sys.stderr) as bar:
-        def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        report = adapt(model, target_spec, max_rank_value, progress=advance, calibration=calibration,
-                       calibration_tokens=calibration_tokens)
+    with tqdm(file=sys.stderr) as bar:
+        report = adapt(model, target_spec, max_rank_value, progress=phase(bar, "factorising (SVD)", "layer"),
+                       calibration=calibration, calibration_tokens=calibration_tokens,
+                       calibration_progress=phase(bar, "collecting input statistics", "batch"))
     save_nsn(model, output_path, tokenizer_dir=source)
     click.echo(report.table())
     click.echo(f"wrote {output_path} (global rank range [1, {model.nsn_config.max_rank}])")
@@ -192,6 +190,17 @@ def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length
                 row["retrieval_top1"] = round(top1_accuracy(embed, pairs), 4)
                 bar.update()
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+
+
+def phase(bar, description: str, unit: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that shows one phase of work on a shared tqdm bar."""
+    def advance(done: int, total: int) -> None:
+        if bar.unit != unit or bar.total != total:
+            bar.reset(total)
+            bar.unit = unit
+            bar.set_description(description)
+        bar.update(done - bar.n)
+    return advance
 
 
 def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_length: int):

@@ -1,5 +1,13 @@
 """The paper's multi-rank objective: the anchor (maximum) rank plus sampled lower ranks each step,
 combined with learned per-rank log-variances ``s_k`` as ``sum_k exp(-s_k) L_k + s_k``.
+
+Two choices beyond the paper, both so that the ranks one deploys are trained, not just sampled:
+the curriculum opens ranks from high to low and then samples the least-trained open ranks first,
+so a rank opened late catches up and every rank ends with the same share of steps; and each
+``s_k`` starts at the log of its rank's first loss (its optimum, ``s_k = log L_k``) instead of 0,
+so it tracks ``log L_k`` from the first step rather than drifting there over hundreds of steps.
+Under data parallelism (``torchrun``) every process samples the same ranks (same seed), and the
+``s_k`` start values and gradients are averaged over processes, so they stay identical.
 """
 
 from __future__ import annotations
@@ -13,7 +21,20 @@ from torch import nn
 
 from .surgery import rank as at_rank
 
+
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` averaged in place over the processes of a ``torch.distributed`` group (a no-op
+    in a single process)."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        distributed.all_reduce(tensor)
+        tensor /= distributed.get_world_size()
+    return tensor
+
 SCHEDULES = ("uniform", "curriculum")
+# A rank whose first loss is ~0 (the anchor of an exact start distilled towards its own dense
+# model) would start with weight 1 / L -> inf; its s_k starts no lower than log of this.
+MIN_START_LOSS = 1e-3
 DISTILL_LOSSES = ("kl", "cosine", "mse")
 
 
@@ -48,7 +69,7 @@ class MultiRankObjective(nn.Module):
     """
 
     def __init__(self, max_rank: int, ranks: list[int] | None = None, samples_per_step: int = 1,
-                 schedule: str = "curriculum", warmup_fraction: float = 0.5, distill: str | None = None,
+                 schedule: str = "curriculum", warmup_fraction: float = 0.3, distill: str | None = None,
                  temperature: float = 1.0, seed: int = 0):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -62,6 +83,8 @@ class MultiRankObjective(nn.Module):
             raise ValueError(f"sampled ranks must be in [1, {max_rank - 1}] (below the anchor), got {bad}")
         if samples_per_step < 0:
             raise ValueError(f"samples_per_step must be >= 0, got {samples_per_step}")
+        if not 0 <= warmup_fraction <= 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
         self.samples_per_step = samples_per_step
         self.schedule = schedule
         self.warmup_fraction = warmup_fraction
@@ -72,6 +95,7 @@ class MultiRankObjective(nn.Module):
         # leaves its s_k alone instead of drifting it on stale momentum.
         self.log_variances = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in self.all_ranks)
         self.trained_ranks: set[int] = set()
+        self.sample_counts = {r: 0 for r in self.ranks}  # lower ranks: how many steps sampled each
         self._random = random.Random(seed)
 
     def allowed_ranks(self, progress: float) -> list[int]:
@@ -84,9 +108,18 @@ class MultiRankObjective(nn.Module):
         return self.ranks[-count:]
 
     def step_ranks(self, progress: float) -> list[int]:
+        """The anchor and this step's sampled lower ranks (highest first). Uniform: a random
+        choice; curriculum: the least-sampled open ranks, ties broken at random."""
         allowed = self.allowed_ranks(progress)
         k = min(self.samples_per_step, len(allowed))
-        return [self.max_rank] + sorted(self._random.sample(allowed, k), reverse=True)
+        if self.schedule == "uniform":
+            chosen = self._random.sample(allowed, k)
+        else:
+            shuffled = self._random.sample(allowed, len(allowed))
+            chosen = sorted(shuffled, key=self.sample_counts.__getitem__)[:k]
+        for rank_value in chosen:
+            self.sample_counts[rank_value] += 1
+        return [self.max_rank] + sorted(chosen, reverse=True)
 
     def log_variance(self, rank: int) -> torch.Tensor:
         return self.log_variances[self.all_ranks.index(rank)]
@@ -95,11 +128,13 @@ class MultiRankObjective(nn.Module):
         """All ``s_k`` in the order of ``all_ranks`` (anchor first), detached."""
         return torch.stack([s.detach() for s in self.log_variances])
 
-    def combine(self, losses: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``sum_k exp(-s_k) L_k + s_k`` over the ranks in ``losses``."""
+    def combine(self, losses: dict[int, torch.Tensor], held: frozenset[int] = frozenset()) -> torch.Tensor:
+        """``sum_k exp(-s_k) L_k + s_k`` over the ranks in ``losses`` (no gradient to the ``s_k`` of
+        the ranks in ``held``)."""
         total = 0.0
         for rank_value, loss in losses.items():
             s = self.log_variance(rank_value)
+            s = s.detach() if rank_value in held else s
             total = total + torch.exp(-s) * loss + s
         return total
 
@@ -121,11 +156,24 @@ class MultiRankObjective(nn.Module):
                 teacher = output.detach()
             if loss is not None:
                 losses[rank_value] = loss
-                self.trained_ranks.add(rank_value)
         if not losses:
             raise ValueError("no loss to optimise: the batch has no labels and no lower rank was sampled; "
                              "pass labels, a teacher output, or samples_per_step >= 1 with distill set")
-        return self.combine(losses), losses
+        # A new rank's s_k is set to its optimum for this batch; its gradient there is 0 up to
+        # rounding, which Adam would turn into a full step: hold it for this step.
+        return self.combine(losses, held=self.start_log_variances(losses)), losses
+
+    @torch.no_grad()
+    def start_log_variances(self, losses: dict[int, torch.Tensor]) -> frozenset[int]:
+        """A rank seen for the first time starts its ``s_k`` at ``log L_k``, its optimum for this
+        loss (averaged over processes, so every process starts from the same value; at least
+        ``log MIN_START_LOSS``). Returns the ranks started."""
+        started = frozenset(losses) - self.trained_ranks
+        for rank_value in sorted(started):
+            start = mean_over_processes(losses[rank_value].detach().clone().float()).clamp(min=MIN_START_LOSS).log()
+            self.log_variance(rank_value).copy_(start)
+        self.trained_ranks.update(started)
+        return started
 
     def learned_log_variances(self) -> dict[int, float]:
         return {r: float(self.log_variance(r).detach()) for r in sorted(self.trained_ranks)}

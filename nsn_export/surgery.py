@@ -142,6 +142,7 @@ def adapt(
     progress: Callable[[int, int], None] | None = None,
     calibration: list[dict] | None = None,
     calibration_tokens: int = 16384,
+    calibration_progress: Callable[[int, int], None] | None = None,
 ) -> AdaptReport:
     """Replace the selected linear layers of ``model`` in place by SVD-initialised ``NSNLinear``.
 
@@ -150,7 +151,8 @@ def adapt(
     ``calibration``: tokenised batches (``data.make_batches``); with them every layer is factorised
     data-aware (``NSNLinear.from_linear`` with its input statistics over at most
     ``calibration_tokens`` tokens), so each rank prefix is the best on those activations.
-    ``progress(done, total)`` is called after each layer (SVDs of large models take a while).
+    ``progress(done, total)`` is called after each layer (SVDs of large models take a while),
+    ``calibration_progress(done, total)`` after each calibration batch.
     The NSN facts are stored on ``model.nsn_config``. Returns a per-layer report.
     """
     if any(isinstance(m, NSNLinear) for m in model.modules()):
@@ -163,7 +165,7 @@ def adapt(
     if calibration is not None:
         from .activations import input_moments
 
-        moments = input_moments(model, names, calibration, calibration_tokens)
+        moments = input_moments(model, names, calibration, calibration_tokens, progress=calibration_progress)
     rows = []
     layer_ranks = {}
     for name in names:

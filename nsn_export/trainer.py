@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from .checkpoint import write_checkpoint
-from .objective import MultiRankObjective
+from .objective import MultiRankObjective, mean_over_processes
 from .outputs import hf_forward
 
 
@@ -29,6 +29,7 @@ class NSNTrainer(transformers.Trainer):
         self.log_variance_lr = log_variance_lr
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         self._rank_logs: dict[str, list[float]] = {}
+        self._gradient_step = -1  # the optimiser step the objective's gradients belong to
 
     def create_optimizer(self):
         optimizer = super().create_optimizer()
@@ -38,6 +39,20 @@ class NSNTrainer(transformers.Trainer):
         if not any(id(p) in already for p in params):
             optimizer.add_param_group({"params": params, "weight_decay": 0.0, "lr": self.log_variance_lr})
         return optimizer
+
+    def training_step(self, *args, **kwargs):
+        # Trainer clears only the model's gradients after each optimiser step: clear the s_k's at
+        # the first micro-batch of a step, or they would accumulate over the whole run.
+        if self._gradient_step != self.state.global_step:
+            self.objective.zero_grad(set_to_none=True)
+            self._gradient_step = self.state.global_step
+        loss = super().training_step(*args, **kwargs)
+        # DDP averages the model's gradients, not the objective's: do the same for the s_k, so
+        # every process takes the same optimiser step (every process sampled the same ranks).
+        for parameter in self.objective.parameters():
+            if parameter.grad is not None:
+                mean_over_processes(parameter.grad)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         max_steps = max(1, self.state.max_steps)
@@ -85,7 +100,7 @@ def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankOb
         learning_rate=learning_rate, logging_steps=log_every, save_strategy="no", report_to=[],
         disable_tqdm=not show_progress, lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(10, steps // 10), remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
     )
     trainer = NSNTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=collator or collate(tokenizer), objective=objective,

@@ -1,75 +1,138 @@
-"""Multi-rank distillation of the real all-MiniLM-L6-v2 weights, a few CPU minutes.
+"""Make the low ranks of the real all-MiniLM-L6-v2 good: data-aware initialisation, then
+multi-rank distillation towards the dense model, measured at each stage.
 
-Adapts every linear layer at full rank (R_l = min(d_in, d_out): exact at the top rank), measures
-each rank's sentence-embedding fidelity to the dense model (cosine similarity, held-out English
-sentences from Python's own documentation), trains all ranks jointly towards the dense model's
-embeddings with the paper's objective, and measures again.
+Adapts every linear layer at full rank (R_l = min(d_in, d_out): exact at the top rank) twice — plain
+SVD, and data-aware (whitened by the input statistics of English sentences from Python's own
+documentation) — then trains the data-aware model's ranks jointly with the paper's objective
+(anchor + sampled lower ranks, uncertainty weights ``s_k``, curriculum) towards the dense model's
+sentence embeddings. Reports per rank: FLOPs fraction, cosine to the dense embeddings on held-out
+sentences, and top-1 on the docstring retrieval benchmark (whose query sentences are excluded
+from the training and calibration text), for plain SVD, data-aware and trained.
 
-    python scripts/distill_minilm.py [--steps 150] [--output runs/minilm-nsn]
+    python scripts/distill_minilm.py [--steps 600] [--output runs/minilm-nsn] [--json results.json]
+    python scripts/distill_minilm.py --quick      # a smoke run of the whole path, about a minute
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import sys
 import tempfile
 import time
 
 import torch
 
 import nsn_export as nsn
-from nsn_export.cli import format_table
+from calibration.retrieval import docstring_pairs, top1_accuracy
+from deploy.atomic import atomic_file
+from nsn_export.cli import embedder, format_table, phase
 from nsn_export.data import TokenizedDataset, english_sentences, make_batches
 from nsn_export.evaluate import evaluate_ranks, outputs_at
 from nsn_export.models import default_model_dir, load_hf_model, load_tokenizer
 from nsn_export.trainer import train_nsn
 
-RANKS = (24, 48, 96, 192, 288, 384)
+REPORT_RANKS = "24,48,96,128,192,288,384"  # 128 is the rank closest to half the dense FLOPs
+TRAIN_RANKS = "16,24,48,72,96,128,160,192,256"
+QUICK = {"steps": 2, "batch_size": 4, "held_out": 8, "train_sentences": 32, "calibration_tokens": 256,
+         "retrieval_items": 24, "ranks": "48,384"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--ranks-per-step", type=int, default=2, help="lower ranks sampled per step, besides the anchor")
+    parser.add_argument("--train-ranks", default=TRAIN_RANKS, help="lower ranks the curriculum samples")
+    parser.add_argument("--held-out", type=int, default=256, help="sentences kept for the cosine evaluation")
+    parser.add_argument("--train-sentences", type=int, default=None, help="limit the training sentences")
+    parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens for the data-aware statistics")
+    parser.add_argument("--retrieval-items", type=int, default=None, help="limit the retrieval benchmark's items")
+    parser.add_argument("--ranks", default=REPORT_RANKS, help="ranks to report")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--output", default=None, help="save the trained NSN checkpoint here")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def measure(model, ranks, eval_batches, dense, tokenizer, pairs) -> list[dict]:
+    """Per rank: FLOPs fraction, cosine to the dense embeddings, retrieval top-1."""
+    rows = evaluate_ranks(model, eval_batches, ranks, reference=dense)
+    for row in rows:
+        row["top1"] = round(top1_accuracy(embedder(model, tokenizer, row["rank"], 64, 64), pairs), 4)
+    return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--ranks-per-step", type=int, default=2)
-    parser.add_argument("--held-out", type=int, default=256, help="sentences kept for evaluation")
-    parser.add_argument("--train-sentences", type=int, default=None, help="limit the training sentences")
-    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="ranks to report")
-    parser.add_argument("--output", default=None, help="save the trained NSN checkpoint here")
-    args = parser.parse_args()
+    args = parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
     source = default_model_dir()
     tokenizer = load_tokenizer(source)
     teacher = load_hf_model(source)
-    student = copy.deepcopy(teacher)
-    nsn.adapt(student, "all-linear", max_rank=1.0)
-
-    sentences = english_sentences()
+    pairs = docstring_pairs()[: args.retrieval_items]
+    queries = {query for query, _ in docstring_pairs()}
+    sentences = [s for s in english_sentences() if s not in queries]
     held_out, train_text = sentences[: args.held_out], sentences[args.held_out:][: args.train_sentences]
     ranks = [int(r) for r in args.ranks.split(",")]
-    print(f"{len(train_text)} training sentences, {len(held_out)} held out (Python standard library docs)")
+    log(f"{len(train_text)} training sentences, {len(held_out)} held out, {len(pairs)} retrieval items "
+        "(Python standard library docs; no retrieval query among the training sentences)")
     eval_batches = make_batches([{"text": t} for t in held_out], tokenizer, False, 32, 64)
     dense = outputs_at(teacher, eval_batches, None)[1]
-    before = evaluate_ranks(student, eval_batches, ranks, reference=dense)
+    dense_top1 = round(top1_accuracy(embedder(teacher, tokenizer, None, 64, 64), pairs), 4)
 
-    objective = nsn.MultiRankObjective(nsn.max_rank(student), samples_per_step=args.ranks_per_step,
-                                       schedule="curriculum", warmup_fraction=0.3, distill="cosine")
+    plain = copy.deepcopy(teacher)
+    nsn.adapt(plain, "all-linear", max_rank=1.0)
+    before = measure(plain, ranks, eval_batches, dense, tokenizer, pairs)
+    del plain
+
+    student = copy.deepcopy(teacher)
+    calibration = make_batches([{"text": t} for t in train_text], tokenizer, False, 16, 64)
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(file=sys.stderr) as bar:
+        nsn.adapt(student, "all-linear", max_rank=1.0, calibration=calibration,
+                  calibration_tokens=args.calibration_tokens,
+                  calibration_progress=phase(bar, "collecting input statistics", "batch"),
+                  progress=phase(bar, "factorising (whitened SVD)", "layer"))
+    init_seconds = time.perf_counter() - start
+    data_aware = measure(student, ranks, eval_batches, dense, tokenizer, pairs)
+
+    objective = nsn.MultiRankObjective(nsn.max_rank(student), ranks=[int(r) for r in args.train_ranks.split(",")],
+                                       samples_per_step=args.ranks_per_step, schedule="curriculum", distill="cosine")
     dataset = TokenizedDataset([{"text": t} for t in train_text], tokenizer, max_length=64)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="minilm-distill-") as run_dir:
         train_nsn(student, dataset, tokenizer, run_dir, objective, steps=args.steps, batch_size=args.batch_size,
-                  learning_rate=args.lr, teacher=teacher, log_every=25)
-    minutes = (time.perf_counter() - start) / 60
-    after = evaluate_ranks(student, eval_batches, ranks, reference=dense)
+                  learning_rate=args.lr, teacher=teacher, log_every=max(1, args.steps // 12))
+    train_minutes = (time.perf_counter() - start) / 60
+    trained = measure(student, ranks, eval_batches, dense, tokenizer, pairs)
 
-    rows = [{"rank": b["rank"], "flops_fraction": b["flops_fraction"], "cosine_svd": b["cosine"],
-             "cosine_trained": a["cosine"]} for b, a in zip(before, after)]
-    print(f"\ntrained {args.steps} steps in {minutes:.1f} min; learned s_k: "
-          f"{ {r: round(s, 3) for r, s in objective.learned_log_variances().items()} }")
+    rows = [{"rank": p["rank"], "flops_fraction": p["flops_fraction"],
+             "cosine_svd": p["cosine"], "cosine_data_aware": d["cosine"], "cosine_trained": t["cosine"],
+             "top1_svd": p["top1"], "top1_data_aware": d["top1"], "top1_trained": t["top1"]}
+            for p, d, t in zip(before, data_aware, trained)]
+    s_k = {r: round(s, 3) for r, s in objective.learned_log_variances().items()}
+    print(f"data-aware initialisation: {init_seconds:.0f} s ({student.nsn_config.calibration_tokens} tokens); "
+          f"training: {args.steps} steps of {args.batch_size} in {train_minutes:.1f} min")
+    print(f"learned s_k (rank: s): {s_k}")
+    print(f"steps each lower rank was trained: {objective.sample_counts}")
+    print(f"dense model: retrieval top1 {dense_top1} on {len(pairs)} items")
     print(format_table(rows))
+    if args.json_path:
+        results = {"dense_top1": dense_top1, "retrieval_items": len(pairs), "steps": args.steps,
+                   "batch_size": args.batch_size, "learning_rate": args.lr, "init_seconds": round(init_seconds, 1),
+                   "train_minutes": round(train_minutes, 2), "calibration_tokens": student.nsn_config.calibration_tokens,
+                   "s_k": s_k, "sample_counts": objective.sample_counts, "rows": rows}
+        atomic_file(args.json_path, json.dumps(results, indent=1) + "\n")
     if args.output:
         nsn.save_nsn(student, args.output, tokenizer=tokenizer)
         print(f"saved {args.output}")

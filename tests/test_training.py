@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
@@ -5,7 +8,7 @@ from torch import nn
 
 import nsn_export as nsn
 from nsn_export.data import TokenizedDataset, collate, english_sentences
-from nsn_export.objective import distillation_loss
+from nsn_export.objective import MIN_START_LOSS, distillation_loss
 from tiny import tiny_model, tiny_text, tiny_tokenizer
 
 
@@ -73,6 +76,31 @@ def test_curriculum_opens_ranks_from_high_to_low():
     assert objective.step_ranks(0.0) == [64, 48]
 
 
+def test_curriculum_gives_every_rank_the_same_share_of_steps_though_low_ranks_open_late():
+    objective = nsn.MultiRankObjective(64, ranks=[2, 4, 8, 16, 32, 48], samples_per_step=2, warmup_fraction=0.5)
+    steps = 300
+    for step in range(steps):
+        objective.step_ranks(step / steps)
+    counts = objective.sample_counts
+    # one rank is open at the start, then two per step: ~97 each, the lowest opened at half-time
+    assert sum(counts.values()) > 2 * steps - 20
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+
+
+def test_each_s_k_starts_at_the_log_of_its_first_loss_and_is_held_on_that_step():
+    objective = nsn.MultiRankObjective(8, ranks=[2, 4], samples_per_step=1, schedule="uniform")
+    losses = {8: torch.tensor(0.5, requires_grad=True), 4: torch.tensor(2.0, requires_grad=True)}
+    total = objective.combine(losses, held=objective.start_log_variances(losses))
+    assert objective.learned_log_variances() == pytest.approx({4: math.log(2.0), 8: math.log(0.5)})
+    total.backward()
+    assert all(s.grad is None for s in objective.log_variances)  # no Adam step on a rounding error
+    # a known rank keeps its learned value; an exact start (loss 0) gets a finite weight
+    objective.log_variance(4).data.fill_(-1.0)
+    started = objective.start_log_variances({4: torch.tensor(3.0), 2: torch.tensor(0.0)})
+    assert started == {2} and objective.learned_log_variances()[4] == -1.0
+    assert float(objective.log_variance(2)) == pytest.approx(math.log(MIN_START_LOSS))
+
+
 def test_uncertainty_weighting_formula():
     objective = nsn.MultiRankObjective(8, ranks=[2, 4])
     with torch.no_grad():
@@ -95,24 +123,35 @@ def test_distillation_loss_is_kl_to_the_detached_teacher():
     assert distillation_loss("kl", teacher_logits, teacher_logits) < 1e-6
 
 
-def test_nsn_trainer_logs_per_rank_losses_and_saves_learned_s_k(tmp_path):
+def test_nsn_trainer_logs_per_rank_losses_and_saves_learned_s_k_and_moves_only_the_sampled_s_k(tmp_path):
     model = tiny_model("llama")
     nsn.adapt(model, "all-linear", max_rank=16)
     tokenizer = tiny_tokenizer()
     records = [{"text": text} for text in tiny_text(16)]
     dataset = TokenizedDataset(records, tokenizer, max_length=16, causal_lm=True)
     objective = nsn.MultiRankObjective(16, samples_per_step=2, distill="kl")
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4,
                                           logging_steps=2, save_steps=4, report_to=[], learning_rate=1e-2,
                                           use_cpu=True, disable_tqdm=True)
     trainer = nsn.NSNTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate(tokenizer),
                              objective=objective, processing_class=tokenizer)
     start = objective.log_variance_vector()
+    snapshots = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            snapshots.append({"s": objective.learned_log_variances(), "counts": dict(objective.sample_counts)})
+
+    trainer.add_callback(Record())
     trainer.train()
     assert not torch.equal(start, objective.log_variance_vector())  # s_k are optimised
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert "loss_rank_16" in logged and "s_rank_16" in logged
     assert any(k.startswith("loss_rank_") and k != "loss_rank_16" for k in logged)
+    for before, after in zip(snapshots, snapshots[1:]):
+        for rank_value in objective.ranks:  # the anchor is trained at every step
+            if after["counts"][rank_value] == before["counts"][rank_value] and rank_value in before["s"]:
+                assert after["s"][rank_value] == before["s"][rank_value], (rank_value, snapshots)
     trainer.save_model(str(tmp_path / "out"))
     loaded = nsn.load_nsn(tmp_path / "out")
     assert 16 in loaded.nsn_config.trained_ranks and len(loaded.nsn_config.trained_ranks) >= 2
