@@ -7,10 +7,12 @@ Every file is read from inside the model directory (``confined_path``) and a dam
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import inspect
 import re
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -127,29 +129,53 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 def english_sentences(count: int | None = None, min_words: int = 6, max_words: int = 40) -> list[str]:
     """Deterministic English sentences from the docstrings of Python's standard library."""
-    sentences: list[str] = []
-    seen: set[str] = set()
+    docs = []
     for name in DOC_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        docs = [inspect.getdoc(module) or ""]
+        docs.append(inspect.getdoc(module) or "")
         for _, member in sorted(vars(module).items()):
             if inspect.isclass(member) or inspect.isfunction(member):
                 docs.append(inspect.getdoc(member) or "")
-        for doc in docs:
-            for paragraph in doc.split("\n\n"):
-                text = " ".join(paragraph.split())
-                for sentence in SENTENCE_END.split(text):
-                    words = sentence.split()
-                    letters = sum(ch.isalpha() or ch == " " for ch in sentence)
-                    if (min_words <= len(words) <= max_words and letters > 0.9 * len(sentence)
-                            and sentence[0].isupper() and sentence not in seen):
-                        seen.add(sentence)
-                        sentences.append(sentence)
-                        if count is not None and len(sentences) >= count:
-                            return sentences
+    return prose_sentences(docs, count, min_words, max_words)
+
+
+def stdlib_source_sentences(count: int | None = None, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Many more sentences (tens of thousands): every docstring in the standard library's source
+    files, read with ``ast`` — nothing is imported or run. Deterministic for a Python version."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if {"test", "tests", "idlelib", "site-packages", "dist-packages"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        docs.extend(ast.get_docstring(node) or "" for node in ast.walk(tree)
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+    return prose_sentences(docs, count, min_words, max_words)
+
+
+def prose_sentences(docs: list[str], count: int | None, min_words: int, max_words: int) -> list[str]:
+    """The distinct sentences of ``docs`` that read as prose: ``min_words``..``max_words`` words,
+    starting with a capital, nearly all letters (no code, no tables)."""
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for doc in docs:
+        for paragraph in doc.split("\n\n"):
+            text = " ".join(paragraph.split())
+            for sentence in SENTENCE_END.split(text):
+                words = sentence.split()
+                letters = sum(ch.isalpha() or ch == " " for ch in sentence)
+                if (min_words <= len(words) <= max_words and letters > 0.9 * len(sentence)
+                        and sentence[0].isupper() and sentence not in seen):
+                    seen.add(sentence)
+                    sentences.append(sentence)
+                    if count is not None and len(sentences) >= count:
+                        return sentences
     return sentences
 
 

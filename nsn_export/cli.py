@@ -136,9 +136,10 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
     with tempfile.TemporaryDirectory(prefix="nsn-train-") as run_dir:  # Trainer's scratch space
         trainer = train_nsn(model, dataset, tokenizer, run_dir, objective, steps=steps, batch_size=batch_size,
                             learning_rate=learning_rate, teacher=teacher)
-    save_nsn(model, output_path, tokenizer=tokenizer)
-    click.echo(json.dumps(trainer.state.log_history[-1], indent=1))
-    click.echo(f"wrote {output_path}; trained ranks {model.nsn_config.trained_ranks}")
+    if trainer.is_world_process_zero():  # under torchrun every process holds the same model
+        save_nsn(model, output_path, tokenizer=tokenizer)
+        click.echo(json.dumps(trainer.state.log_history[-1], indent=1))
+        click.echo(f"wrote {output_path}; trained ranks {model.nsn_config.trained_ranks}")
 
 
 @click.command(context_settings={"show_default": True})

@@ -21,3 +21,13 @@ def hf_forward(model, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
     if logits is not None:
         return getattr(outputs, "loss", None), logits
     return None, mean_pool(outputs.last_hidden_state, batch.get("attention_mask"))
+
+
+def hidden_states_forward(model, batch: dict) -> tuple[None, torch.Tensor]:
+    """Run an encoder on ``batch``: ``(None, every layer's output state at every real token)``,
+    shaped ``(layers, tokens, hidden)``: a distillation target layer by layer and token by token,
+    rather than the pooled embedding alone."""
+    outputs = model(**batch, output_hidden_states=True)
+    states = torch.stack(outputs.hidden_states[1:])
+    mask = batch.get("attention_mask")
+    return None, states[:, mask.bool()] if mask is not None else states.flatten(1, 2)

@@ -5,6 +5,8 @@ Being a ``Trainer`` subclass, it runs unchanged under ``torchrun`` / ``accelerat
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import transformers
 
@@ -20,11 +22,14 @@ class NSNTrainer(transformers.Trainer):
     the trained ranks and learned ``s_k``). ``teacher``: an optional frozen model whose outputs the
     ranks are distilled towards (e.g. the original dense model). ``log_variance_lr``: the learning
     rate of ``s_k``, which must track ``log L_k`` much faster than the weights move.
+    ``forward_fn(model, batch) -> (task loss or None, output)``: what is compared (default
+    ``hf_forward``: logits, or pooled embeddings; ``hidden_states_forward``: every layer's states).
     """
 
     def __init__(self, *args, objective: MultiRankObjective, teacher=None, log_variance_lr: float = 2e-2,
-                 **kwargs):
+                 forward_fn: Callable = hf_forward, **kwargs):
         super().__init__(*args, **kwargs)
+        self.forward_fn = forward_fn
         self.objective = objective.to(self.args.device)
         self.log_variance_lr = log_variance_lr
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
@@ -60,8 +65,8 @@ class NSNTrainer(transformers.Trainer):
         teacher_output = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_output = hf_forward(self.teacher, inputs)[1]
-        loss, per_rank = self.objective(model, hf_forward, inputs, progress, teacher_output)
+                teacher_output = self.forward_fn(self.teacher, inputs)[1]
+        loss, per_rank = self.objective(model, self.forward_fn, inputs, progress, teacher_output)
         for rank_value, value in per_rank.items():
             self._rank_logs.setdefault(f"loss_rank_{rank_value}", []).append(float(value.detach()))
         if return_outputs:
@@ -91,20 +96,22 @@ class NSNTrainer(transformers.Trainer):
 
 def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankObjective, steps: int = 100,
               batch_size: int = 8, learning_rate: float = 5e-5, teacher=None, collator=None,
-              log_every: int = 10, show_progress: bool = True) -> NSNTrainer:
-    """Train ``model`` with ``objective`` for ``steps`` optimiser steps on CPU or the visible GPUs."""
+              log_every: int = 10, show_progress: bool = True, forward_fn: Callable = hf_forward,
+              lr_schedule: str = "constant_with_warmup") -> NSNTrainer:
+    """Train ``model`` with ``objective`` for ``steps`` optimiser steps on CPU or the visible GPUs
+    (``lr_schedule``: a ``transformers`` scheduler name, after a warm-up of ``min(10, steps/10)``)."""
     from .data import collate
 
     args = transformers.TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, logging_steps=log_every, save_strategy="no", report_to=[],
-        disable_tqdm=not show_progress, lr_scheduler_type="constant_with_warmup",
+        disable_tqdm=not show_progress, lr_scheduler_type=lr_schedule,
         warmup_steps=min(10, steps // 10), remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
     )
     trainer = NSNTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=collator or collate(tokenizer), objective=objective,
-                         teacher=teacher, processing_class=tokenizer)
+                         teacher=teacher, processing_class=tokenizer, forward_fn=forward_fn)
     model.train()
     trainer.train()
     model.eval()

@@ -28,22 +28,27 @@ import nsn_export as nsn
 from calibration.retrieval import docstring_pairs, top1_accuracy
 from deploy.atomic import atomic_file
 from nsn_export.cli import embedder, format_table, phase
+from deploy.text import stdlib_source_sentences
 from nsn_export.data import TokenizedDataset, english_sentences, make_batches
 from nsn_export.evaluate import evaluate_ranks, outputs_at
 from nsn_export.models import default_model_dir, load_hf_model, load_tokenizer
+from nsn_export.outputs import hf_forward, hidden_states_forward
 from nsn_export.trainer import train_nsn
 
 REPORT_RANKS = "24,48,96,128,192,288,384"  # 128 is the rank closest to half the dense FLOPs
 TRAIN_RANKS = "16,24,48,72,96,128,160,192,256"
-QUICK = {"steps": 2, "batch_size": 4, "held_out": 8, "train_sentences": 32, "calibration_tokens": 256,
+TARGETS = {"hidden-states": hidden_states_forward, "embedding": hf_forward}
+QUICK = {"steps": 2, "batch_size": 4, "held_out": 8, "train_sentences": 32, "calibration_tokens": 1024,
          "retrieval_items": 24, "ranks": "48,384"}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=800, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (linear decay to 0)")
+    parser.add_argument("--target", choices=sorted(TARGETS), default="embedding",
+                        help="what the ranks are distilled towards: every layer's token states, or the sentence embedding")
     parser.add_argument("--ranks-per-step", type=int, default=2, help="lower ranks sampled per step, besides the anchor")
     parser.add_argument("--train-ranks", default=TRAIN_RANKS, help="lower ranks the curriculum samples")
     parser.add_argument("--held-out", type=int, default=256, help="sentences kept for the cosine evaluation")
@@ -79,11 +84,12 @@ def main() -> None:
     teacher = load_hf_model(source)
     pairs = docstring_pairs()[: args.retrieval_items]
     queries = {query for query, _ in docstring_pairs()}
-    sentences = [s for s in english_sentences() if s not in queries]
-    held_out, train_text = sentences[: args.held_out], sentences[args.held_out:][: args.train_sentences]
+    held_out = [s for s in english_sentences() if s not in queries][: args.held_out]
+    unseen = queries | set(held_out)
+    train_text = [s for s in stdlib_source_sentences() if s not in unseen][: args.train_sentences]
     ranks = [int(r) for r in args.ranks.split(",")]
-    log(f"{len(train_text)} training sentences, {len(held_out)} held out, {len(pairs)} retrieval items "
-        "(Python standard library docs; no retrieval query among the training sentences)")
+    log(f"{len(train_text)} training sentences, {len(held_out)} held out, {len(pairs)} retrieval items (Python "
+        "standard library docstrings; no held-out sentence or retrieval query among the training sentences)")
     eval_batches = make_batches([{"text": t} for t in held_out], tokenizer, False, 32, 64)
     dense = outputs_at(teacher, eval_batches, None)[1]
     dense_top1 = round(top1_accuracy(embedder(teacher, tokenizer, None, 64, 64), pairs), 4)
@@ -106,13 +112,17 @@ def main() -> None:
     init_seconds = time.perf_counter() - start
     data_aware = measure(student, ranks, eval_batches, dense, tokenizer, pairs)
 
+    for module in student.modules():  # the student matches the dense model's eval-mode function: no noise
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     objective = nsn.MultiRankObjective(nsn.max_rank(student), ranks=[int(r) for r in args.train_ranks.split(",")],
                                        samples_per_step=args.ranks_per_step, schedule="curriculum", distill="cosine")
     dataset = TokenizedDataset([{"text": t} for t in train_text], tokenizer, max_length=64)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="minilm-distill-") as run_dir:
         train_nsn(student, dataset, tokenizer, run_dir, objective, steps=args.steps, batch_size=args.batch_size,
-                  learning_rate=args.lr, teacher=teacher, log_every=max(1, args.steps // 12))
+                  learning_rate=args.lr, teacher=teacher, log_every=max(1, args.steps // 12),
+                  forward_fn=TARGETS[args.target], lr_schedule="linear")
     train_minutes = (time.perf_counter() - start) / 60
     trained = measure(student, ranks, eval_batches, dense, tokenizer, pairs)
 
@@ -130,7 +140,7 @@ def main() -> None:
     if args.json_path:
         results = {"dense_top1": dense_top1, "retrieval_items": len(pairs), "steps": args.steps,
                    "batch_size": args.batch_size, "learning_rate": args.lr, "init_seconds": round(init_seconds, 1),
-                   "train_minutes": round(train_minutes, 2), "calibration_tokens": student.nsn_config.calibration_tokens,
+                   "train_minutes": round(train_minutes, 2), "target": args.target, "calibration_tokens": student.nsn_config.calibration_tokens,
                    "s_k": s_k, "sample_counts": objective.sample_counts, "rows": rows}
         atomic_file(args.json_path, json.dumps(results, indent=1) + "\n")
     if args.output:

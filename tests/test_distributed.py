@@ -11,11 +11,14 @@ import pytest
 import safetensors.torch
 import torch
 
+import nsn_export as nsn
 from distributed_train import untrained_student
+from tiny import tiny_text
 
 HERE = Path(__file__).resolve().parent
 STEPS = 6
 GLOBAL_BATCH = 8
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun command runs
 
 
 def train(launcher: list[str], output: Path, per_device_batch: int) -> tuple[dict, dict]:
@@ -31,10 +34,9 @@ def train(launcher: list[str], output: Path, per_device_batch: int) -> tuple[dic
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
     root = tmp_path_factory.mktemp("distributed")
     single = train([sys.executable], root / "one", GLOBAL_BATCH)
-    double = train([torchrun, "--standalone", "--nproc_per_node", "2"], root / "two", GLOBAL_BATCH // 2)
+    double = train(TORCHRUN + ["--standalone", "--nproc_per_node", "2"], root / "two", GLOBAL_BATCH // 2)
     return single, double
 
 
@@ -65,3 +67,18 @@ def test_two_processes_learn_what_one_process_learns_with_the_same_global_batch(
     for rank_value, s in s_single.items():
         assert abs(s_double[rank_value] - s) < 1e-4, rank_value
     assert single_facts[0]["sample_counts"] == double_facts[0]["sample_counts"]
+
+
+def test_nsn_train_under_torchrun_writes_one_checkpoint(nsn_checkpoint, tmp_path):
+    nsn_train = shutil.which("nsn-train", path=str(Path(sys.executable).parent)) or shutil.which("nsn-train")
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(tiny_text(16)) + "\n")
+    done = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node", "2", "--no-python", nsn_train,
+                           "--model", str(nsn_checkpoint("llama")), "--data", str(data), "--output",
+                           str(tmp_path / "trained"), "--steps", "2", "--batch-size", "4", "--distill", "kl"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # process 0 saves; the other does not race it
+    trained = nsn.load_nsn(tmp_path / "trained")
+    assert 16 in trained.nsn_config.trained_ranks and trained.nsn_config.log_variances
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "trained"]  # no scratch left

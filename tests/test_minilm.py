@@ -26,11 +26,20 @@ def test_quickstart_runs_the_whole_path_on_minilm(tmp_path):
     assert "verified" in result.stderr
 
 
-def test_distillation_script_runs_and_prints_the_before_after_table(tmp_path):
+def test_distillation_script_quick_run_reports_every_stage_and_saves_the_checkpoint(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "distill_minilm.py"), "--steps", "2", "--batch-size", "4",
-         "--held-out", "8", "--train-sentences", "16", "--ranks", "48,384", "--output", str(tmp_path / "ckpt")],
-        capture_output=True, text=True, timeout=600)
+        [sys.executable, str(ROOT / "scripts" / "distill_minilm.py"), "--quick", "--output", str(tmp_path / "ckpt"),
+         "--json", str(tmp_path / "results.json")], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "cosine_svd" in done.stdout and "cosine_trained" in done.stdout
-    assert (tmp_path / "ckpt" / "nsn_config.json").is_file()
+    for column in ("cosine_svd", "cosine_data_aware", "cosine_trained", "top1_svd", "top1_data_aware", "top1_trained"):
+        assert column in done.stdout
+    assert "collecting input statistics" in done.stderr  # progress on the statistics pass
+    import json
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["rank"] for row in results["rows"]] == [48, 384]
+    full = results["rows"][-1]
+    assert full["cosine_svd"] > 0.9999 and full["cosine_data_aware"] > 0.9999  # exact at full rank
+    assert results["rows"][0]["cosine_data_aware"] > results["rows"][0]["cosine_svd"]
+    config = json.loads((tmp_path / "ckpt" / "nsn_config.json").read_text())
+    assert config["init"] == "whitened" and config["trained_ranks"]

@@ -163,3 +163,15 @@ def test_english_sentences_are_offline_and_deterministic():
     first = english_sentences(50)
     assert first == english_sentences(50) and len(first) == 50
     assert all(s[0].isupper() and len(s.split()) >= 6 for s in first)
+
+
+def test_hidden_states_forward_returns_every_layer_at_every_real_token_only():
+    from nsn_export.outputs import hidden_states_forward
+
+    model = tiny_model("bert")
+    tokenizer = tiny_tokenizer()
+    batch = collate(tokenizer)([dict(tokenizer(t)) for t in ("w1 w2 w3", "w4 w5 w6 w7 w8")])
+    _, states = hidden_states_forward(model, batch)
+    assert states.shape == (2, 3 + 5, 32)  # two layers, eight real tokens (two padding ones left out)
+    alone = hidden_states_forward(model, collate(tokenizer)([dict(tokenizer("w1 w2 w3"))]))[1]
+    torch.testing.assert_close(states[:, :3], alone, atol=1e-5, rtol=1e-5)
