@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from deploy.text import DOC_MODULES, SENTENCE_END
+from deploy.text import DOC_MODULES, SENTENCE_END, stdlib_source_sentences
 
 
 def docstring_pairs(min_words: int = 5) -> list[tuple[str, str]]:
@@ -33,6 +33,14 @@ def docstring_pairs(min_words: int = 5) -> list[tuple[str, str]]:
                 seen.add(first)
                 pairs.append((first, f"{module_name}.{name}"))
     return pairs
+
+
+def unseen_sentences(held_out: Iterable[str] = (), count: int | None = None) -> list[str]:
+    """Sentences to calibrate or train on that the evaluation never sees: the standard library's
+    docstring sentences (``stdlib_source_sentences``) without this benchmark's queries and without
+    ``held_out``. Deterministic for a Python version."""
+    excluded = {query for query, _ in docstring_pairs()} | set(held_out)
+    return [s for s in stdlib_source_sentences() if s not in excluded][:count]
 
 
 def top1_accuracy(embed: Callable[[list[str]], np.ndarray], pairs: list[tuple[str, str]]) -> float:

@@ -223,11 +223,15 @@ def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_leng
               help="work directory (checkpoint and export are written here)")
 @model_option(required=False, help="use this NSN checkpoint of MiniLM instead of adapting the built-in one")
 @click.option("--sentences", default=64, type=click.IntRange(min=1), help="English sentences (from Python's own docs) to embed")
-@click.option("--ranks", default="24,48,96,192,288,384", help="comma-separated ranks to compare")
+@click.option("--ranks", default="24,48,96,128,192,288,384", help="comma-separated ranks to compare")
 @click.option("--repeats", default=5, type=click.IntRange(min=1), help="timed ONNX Runtime runs per rank (median reported)")
+@click.option("--init", "init", type=click.Choice(["data-aware", "svd"]), default="data-aware",
+              help="how the built-in model is factorised (without --model): whitened by the input statistics of "
+                   "standard-library docstring sentences (about 15 s), or plain SVD truncation")
+@click.option("--calibration-tokens", default=16384, type=click.IntRange(min=1), help="tokens for --init data-aware")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
-def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_json):
+def quickstart_command(output_path, model_path, sentences, ranks, repeats, init, calibration_tokens, as_json):
     """The whole path on the built-in MiniLM encoder: adapt -> export (opset 17) -> verify -> run.
 
     Prints per rank the FLOPs fraction, ONNX Runtime latency and the cosine similarity of the
@@ -260,9 +264,19 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
     trained = model_path is not None
     if model_path is None:
-        report = adapt(model, "all-linear", 1.0)  # the dense baseline is taken: factorise in place
+        calibration = None
+        if init == "data-aware":
+            from calibration.retrieval import unseen_sentences
+
+            calibration = make_batches([{"text": t} for t in unseen_sentences(texts)], tokenizer, False, 16, 64)
+            progress(f"collecting input statistics over {calibration_tokens} tokens of standard-library docstring "
+                     "sentences (none of them evaluated below)")
+        # the dense baseline is taken: factorise in place
+        report = adapt(model, "all-linear", 1.0, calibration=calibration, calibration_tokens=calibration_tokens)
         model_path = save_nsn(model, output_path / "minilm-nsn", tokenizer_dir=source)
-        progress(f"adapted {len(report.layers)} linear layers (R_l = min(d_in, d_out)) -> {model_path}")
+        how = (f"whitened SVD on {model.nsn_config.calibration_tokens} tokens" if calibration is not None
+               else "plain SVD")
+        progress(f"adapted {len(report.layers)} linear layers ({how}; R_l = min(d_in, d_out)) -> {model_path}")
     else:
         model = load_nsn(model_path)
     export_dir = output_path / "minilm-nsn-onnx"
@@ -304,8 +318,9 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, as_js
         click.echo(json.dumps(rows, indent=1))
         return
     click.echo(format_table(rows))
-    state = (f"the checkpoint {model_path}" if trained else "UNTRAINED (plain SVD truncation): low ranks are "
-             "expected to be poor until multi-rank training (nsn-train, scripts/distill_minilm.py)")
+    start = "data-aware initialisation" if init == "data-aware" else "plain SVD truncation"
+    state = (f"the checkpoint {model_path}" if trained else f"UNTRAINED ({start}): low ranks get much better "
+             "with multi-rank training (nsn-train, scripts/distill_minilm.py)")
     click.echo(f"\nretrieval_top1: share of {len(pairs)} standard-library docstring sentences whose nearest "
                f"qualified name (e.g. json.dumps) is the one they document."
                f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "

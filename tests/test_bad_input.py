@@ -242,6 +242,10 @@ CASES = [
     Case("bench-zero-threads", bench_command, ["--threads", "0"], 2, ("--threads",), ()),
     Case("quickstart-no-ranks", quickstart_command, ["--ranks", ",", "--output", "{ws}/q"], 2, ("names no rank",), (),
          output="q"),
+    Case("quickstart-unknown-init", quickstart_command, ["--init", "random", "--output", "{ws}/q"], 2,
+         ("--init", "'random' is not one of", "'data-aware', 'svd'"), (), output="q"),
+    Case("quickstart-zero-calibration-tokens", quickstart_command, ["--calibration-tokens", "0", "--output", "{ws}/q"],
+         2, ("--calibration-tokens", "0 is not in the range x>=1"), (), output="q"),
     # ---- nsn-trt (TensorRT is not installed here: build and run say so) ------------------------
     Case("trt-plan-gap", trt_command, ["plan", "{ws}/export", "--profiles", "1-4,6-16"], 1,
          ("a gap at rank 5", "[1, 16]"), ("export",)),

@@ -170,6 +170,20 @@ def test_the_retrieval_benchmark_is_deterministic_and_scores_top1():
     assert top1_accuracy(shifted, pairs) == 0.0
 
 
+def test_calibration_text_never_holds_an_evaluated_sentence():
+    from calibration.retrieval import docstring_pairs, unseen_sentences
+    from deploy.text import english_sentences, stdlib_source_sentences
+
+    queries = {query for query, _ in docstring_pairs()}
+    held_out = english_sentences(64)
+    everything = stdlib_source_sentences()
+    assert queries & set(everything) and set(held_out) & set(everything)  # else this test proves nothing
+    unseen = unseen_sentences(held_out)
+    assert len(unseen) > 5000 and not (queries | set(held_out)) & set(unseen)
+    assert unseen == [s for s in everything if s in set(unseen)]  # the order of the source, deterministic
+    assert unseen_sentences(held_out, 10) == unseen[:10]
+
+
 def test_nsn_eval_scores_retrieval_per_rank(nsn_checkpoint):
     from nsn_export.cli import eval_command
 

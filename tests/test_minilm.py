@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quickstart_runs_the_whole_path_on_minilm(tmp_path):
-    result = CliRunner().invoke(quickstart_command, ["--output", str(tmp_path), "--sentences", "8",
-                                                     "--ranks", "48,384", "--repeats", "1", "--json"])
+    result = CliRunner().invoke(quickstart_command, ["--output", str(tmp_path), "--sentences", "8", "--ranks", "48,384",
+                                                     "--repeats", "1", "--calibration-tokens", "2048", "--json"])
     assert result.exit_code == 0, result.output
     import json
 
@@ -24,6 +24,9 @@ def test_quickstart_runs_the_whole_path_on_minilm(tmp_path):
     assert low["cosine_to_dense"] < full["cosine_to_dense"] and low["flops_fraction"] < full["flops_fraction"]
     assert (tmp_path / "minilm-nsn-onnx" / "model.onnx").is_file()
     assert "verified" in result.stderr
+    assert "whitened SVD on 2" in result.stderr  # data-aware by default, on at least the tokens asked for
+    config = json.loads((tmp_path / "minilm-nsn" / "nsn_config.json").read_text())
+    assert config["init"] == "whitened" and config["calibration_tokens"] >= 2048
 
 
 def test_distillation_script_quick_run_reports_every_stage_and_saves_the_checkpoint(tmp_path):
