@@ -244,6 +244,9 @@ CASES = [
          output="q"),
     Case("quickstart-unknown-init", quickstart_command, ["--init", "random", "--output", "{ws}/q"], 2,
          ("--init", "'random' is not one of", "'data-aware', 'svd'"), (), output="q"),
+    Case("quickstart-init-with-a-checkpoint", quickstart_command,
+         ["--model", "{ws}/ckpt", "--init", "svd", "--output", "{ws}/q"], 2,
+         ("--init svd", "ckpt", "already an NSN checkpoint", "drop --init"), ("ckpt",), output="q"),
     Case("quickstart-zero-calibration-tokens", quickstart_command, ["--calibration-tokens", "0", "--output", "{ws}/q"],
          2, ("--calibration-tokens", "0 is not in the range x>=1"), (), output="q"),
     # ---- nsn-trt (TensorRT is not installed here: build and run say so) ------------------------
