@@ -35,11 +35,12 @@ def docstring_pairs(min_words: int = 5) -> list[tuple[str, str]]:
     return pairs
 
 
-def unseen_sentences(held_out: Iterable[str] = (), count: int | None = None) -> list[str]:
+def unseen_sentences(held_out: Iterable[str] = (), count: int | None = None,
+                     pairs: list[tuple[str, str]] | None = None) -> list[str]:
     """Sentences to calibrate or train on that the evaluation never sees: the standard library's
-    docstring sentences (``stdlib_source_sentences``) without this benchmark's queries and without
-    ``held_out``. Deterministic for a Python version."""
-    excluded = {query for query, _ in docstring_pairs()} | set(held_out)
+    docstring sentences (``stdlib_source_sentences``) without this benchmark's queries (those of
+    ``pairs``, default ``docstring_pairs()``) and without ``held_out``. Deterministic for a Python version."""
+    excluded = {query for query, _ in (docstring_pairs() if pairs is None else pairs)} | set(held_out)
     return [s for s in stdlib_source_sentences() if s not in excluded][:count]
 
 

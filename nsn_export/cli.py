@@ -266,13 +266,15 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, init,
     dense = outputs_at(model, batches, None)[1][0].numpy()
     dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
+    from calibration.retrieval import docstring_pairs, top1_accuracy, unseen_sentences
+
+    pairs = docstring_pairs()
     trained = model_path is not None
     if model_path is None:
         calibration = None
         if init == "data-aware":
-            from calibration.retrieval import unseen_sentences
-
-            calibration = make_batches([{"text": t} for t in unseen_sentences(texts)], tokenizer, False, 16, 64)
+            calibration = make_batches([{"text": t} for t in unseen_sentences(texts, pairs=pairs)], tokenizer,
+                                       False, 16, 64)
             progress(f"collecting input statistics over {calibration_tokens} tokens of standard-library docstring "
                      "sentences (none of them evaluated below)")
         # the dense baseline is taken: factorise in place
@@ -301,9 +303,6 @@ def quickstart_command(output_path, model_path, sentences, ranks, repeats, init,
         norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(dense, axis=-1)
         return round(float((np.sum(embeddings * dense, -1) / norms).mean()), 4)
 
-    from calibration.retrieval import docstring_pairs, top1_accuracy
-
-    pairs = docstring_pairs()
     session = NSNSession(export_dir)
     baseline = dense_embedder(dense_path, session)
     embeddings, latency = timed(lambda: baseline(texts))

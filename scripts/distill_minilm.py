@@ -86,7 +86,7 @@ def main() -> None:
     pairs = all_pairs[: args.retrieval_items]
     queries = {query for query, _ in all_pairs}
     held_out = [s for s in english_sentences() if s not in queries][: args.held_out]
-    train_text = unseen_sentences(held_out, args.train_sentences)
+    train_text = unseen_sentences(held_out, args.train_sentences, pairs=all_pairs)
     ranks = [int(r) for r in args.ranks.split(",")]
     log(f"{len(train_text)} training sentences, {len(held_out)} held out, {len(pairs)} retrieval items (Python "
         "standard library docstrings; no held-out sentence or retrieval query among the training sentences)")
