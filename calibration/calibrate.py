@@ -6,7 +6,9 @@ repetitions interleaved across ranks (so drift and heat affect every rank alike)
 prefill of ``prompt_tokens`` and one decode step after ``context_tokens``; encoders: one batch of
 ``batch`` sentences; the process's resident memory; power and energy per token when the governor's
 sensors see a power rail or battery draw (``None`` otherwise, never invented); quality on the data —
-cosine to the full rank's embeddings for encoders, 1 / perplexity for decoders.
+cosine to the full rank's embeddings for encoders, 1 / perplexity for decoders. An export without a
+tokenizer is measured on token ids drawn from its vocabulary: cosine to the full rank's embeddings
+(encoders), agreement with the full rank's next-token choice (decoders); ``quality_metric`` says which.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import numpy as np
 
 from deploy.frontier import FRONTIER_VERSION, choose_levels, graph_sha256, mark_pareto, primary_latency, profile_ranges
 from deploy.runtime import decoder_feeds
-from deploy.text import read_model_json
 
 
 def geometric_ranks(max_rank: int, count: int = 8) -> list[int]:
@@ -45,6 +46,16 @@ class Calibration:
         self.decoder = runtime.info.task == "text-generation"
         self.rows: dict[int, dict] = {}
         self._reference = None
+        # Without a tokenizer, quality is measured on token ids drawn from the vocabulary.
+        self.token_ids = None if runtime.tokenizer is not None else random_token_ids(
+            self.vocab_size(), len(texts), min(prompt_tokens, runtime.max_length), seed)
+
+    @property
+    def quality_metric(self) -> str:
+        if self.token_ids is not None:
+            what = "next-token agreement with the full rank" if self.decoder else "cosine to the full rank's embeddings"
+            return f"{what} (random token ids: the export has no tokenizer)"
+        return "1 / perplexity" if self.decoder else "cosine to the full rank's embeddings"
 
     # ---- latency, memory, power ----------------------------------------------------------------
     def _timed_call(self) -> dict[str, float]:
@@ -52,7 +63,7 @@ class Calibration:
         runtime = self.runtime
         if not self.decoder:
             start = time.perf_counter()
-            runtime.embed(self.texts[: self.batch], batch_size=self.batch)
+            runtime.embed(self.inputs[: self.batch], batch_size=self.batch)
             return {"batch": (time.perf_counter() - start) * 1e3}
         vocab = self.vocab_size()
         generator = np.random.default_rng(0)
@@ -71,11 +82,7 @@ class Calibration:
 
     def vocab_size(self) -> int:
         """Token ids are drawn below this: the model config's vocabulary, else the tokenizer's."""
-        vocab = read_model_json(self.runtime.model_dir, "config.json").get("vocab_size")
-        if isinstance(vocab, int) and vocab > 0:
-            return vocab
-        tokenizer = self.runtime.tokenizer
-        return tokenizer.get_vocab_size() if tokenizer is not None else 2
+        return self.runtime.vocab_size or 2
 
     def power_w(self) -> float | None:
         if self.sensors is None:
@@ -115,21 +122,44 @@ class Calibration:
                 progress(rank)
 
     # ---- quality -------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list:
+        """What encoders embed: the texts, or token ids when there is no tokenizer."""
+        return self.texts if self.token_ids is None else self.token_ids
+
+    def at_full_rank(self, measure: Callable[[], object]):
+        """``measure()`` at the maximum rank, computed once and kept (the reference of every rank)."""
+        if self._reference is None:
+            rank = self.runtime.rank
+            self.runtime.rank = self.runtime.info.max_rank
+            self._reference = measure()
+            self.runtime.rank = rank
+        return self._reference
+
     def measure_quality(self, rank: int) -> None:
         row = self.rows.setdefault(rank, {"rank": rank})
         self.runtime.rank = rank
-        if self.decoder and self.runtime.tokenizer is None:
-            row.update({"perplexity": None, "quality": None})  # no tokenizer: quality omitted, never invented
+        if self.decoder and self.token_ids is not None:
+            choices = self.next_token_choices()
+            reference = self.at_full_rank(self.next_token_choices)
+            row["quality"] = round(float(np.mean(np.concatenate(choices) == np.concatenate(reference))), 6)
         elif self.decoder:
             perplexity = self.perplexity()
             row.update({"perplexity": round(perplexity, 4), "quality": round(1 / perplexity, 6)})
         else:
-            embeddings = self.runtime.embed(self.texts)
-            if self._reference is None:
-                self.runtime.rank = self.runtime.info.max_rank
-                self._reference = self.runtime.embed(self.texts)
-                self.runtime.rank = rank
-            row["quality"] = round(float(np.mean(np.sum(embeddings * self._reference, axis=-1))), 6)
+            embed = lambda: self.runtime.embed(self.inputs)  # noqa: E731
+            embeddings, reference = embed(), self.at_full_rank(embed)
+            row["quality"] = round(float(np.mean(np.sum(embeddings * reference, axis=-1))), 6)
+
+    def teacher_forced_logits(self, ids: list[int]) -> np.ndarray:
+        """The logits at every position of ``ids`` at the current rank, in one call."""
+        feeds = decoder_feeds(self.runtime.input_shapes, np.array([ids], np.int64))
+        name = self.runtime.output_names[0]
+        return self.runtime.run(feeds, [name])[name][0]
+
+    def next_token_choices(self) -> list[np.ndarray]:
+        """The greedy next token at every position of every token-id sequence."""
+        return [np.argmax(self.teacher_forced_logits(ids), axis=-1) for ids in self.token_ids]
 
     def perplexity(self) -> float:
         """Teacher-forced perplexity of the texts (each cut at ``prompt_tokens``)."""
@@ -139,9 +169,7 @@ class Calibration:
             ids = tokenizer.encode(text).ids[: self.prompt_tokens] if tokenizer is not None else []
             if len(ids) < 2:
                 continue
-            feeds = decoder_feeds(self.runtime.input_shapes, np.array([ids], np.int64))
-            logits = self.runtime.run(feeds, [self.runtime.output_names[0]])[self.runtime.output_names[0]][0]
-            logits = logits[:-1].astype(np.float64)
+            logits = self.teacher_forced_logits(ids)[:-1].astype(np.float64)
             log_probs = logits - logits.max(-1, keepdims=True)
             log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
             total -= float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
@@ -174,7 +202,7 @@ class Calibration:
         self.measure_latency(sorted(self.rows),
                              progress=lambda r: report(f"latency at rank {r}: {self.rows[r]['latency_ms']}"))
 
-    def frontier(self, model_path, backend: dict, quality_metric: str | None) -> dict:
+    def frontier(self, model_path, backend: dict) -> dict:
         rows = mark_pareto([self.rows[r] for r in sorted(self.rows)])
         levels = choose_levels(rows)
         info = self.runtime.info
@@ -187,9 +215,17 @@ class Calibration:
             "shapes": {"task": info.task, **({"prompt_tokens": self.prompt_tokens,
                                               "context_tokens": self.context_tokens, "batch": 1}
                                              if self.decoder else {"batch": self.batch})},
-            "quality_metric": quality_metric, "rows": rows, "levels": levels,
+            "quality_metric": self.quality_metric, "rows": rows, "levels": levels,
             "profiles": profile_ranges(levels, info.max_rank),
         }
+
+
+def random_token_ids(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``count`` sequences of 8 to ``length`` token ids drawn uniformly below ``vocab_size``."""
+    generator = np.random.default_rng(seed)
+    shortest = min(8, length)
+    return [generator.integers(0, vocab_size, int(generator.integers(shortest, length + 1))).tolist()
+            for _ in range(count)]
 
 
 def device_description() -> dict:

@@ -163,9 +163,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     calibration = Calibration(runtime, sample[:texts], batch, prompt_tokens, context_tokens, repeats, sensors)
     with tqdm(desc="calibrating", unit="step", file=sys.stderr) as bar:
         calibration.run(rank_list, budget_s, progress=lambda message: (bar.update(), bar.set_postfix_str(message[:60])))
-    metric = ("1 / perplexity" if runtime.tokenizer is not None else None) if calibration.decoder else \
-        "cosine to the full rank's embeddings"
-    frontier = calibration.frontier(model_path, backend, metric)
+    frontier = calibration.frontier(model_path, backend)
     atomic_file(output_path, json.dumps(frontier, indent=1) + "\n")
     if plot_path is not None:
         from .plot import plot_frontier

@@ -49,10 +49,17 @@ def is_our_output(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / OUTPUT_MARKER).is_file()
 
 
+def is_empty_directory(path: Path) -> bool:
+    """True for a real directory (not a symlink) with nothing in it: it holds nothing to lose."""
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+
+
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
                  overwrite: bool = False) -> None:
     """Refuse ``path`` as an output when it is, contains or lies inside one of ``inputs``; when it
-    exists without ``overwrite``; or when it exists but is not a directory nsn-export wrote."""
+    exists without ``overwrite``; or when it exists but is not a directory nsn-export wrote.
+    An empty directory (``tempfile.TemporaryDirectory()``) is accepted, with or without
+    ``overwrite``."""
     path = Path(path)
     target = path.resolve()
     for source in inputs:
@@ -63,7 +70,7 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
             relation = "is" if target == resolved else "is inside" if target.is_relative_to(resolved) else "contains"
             raise OutputError(f"output {path} {relation} the input {source}; writing it would destroy the input: "
                               f"choose an --output outside it")
-    if not (path.exists() or path.is_symlink()):
+    if not (path.exists() or path.is_symlink()) or is_empty_directory(path):
         return
     if not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")

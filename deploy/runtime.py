@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 
 from .metadata import NSNModelInfo, validate_rank
-from .text import (encode_texts, length_sorted_batches, load_tokenizer, mean_pool, model_max_length,
-                   pad_encodings, stop_token_ids)
+from .text import (check_token_ids, encode_texts, encode_token_ids, length_sorted_batches, load_tokenizer, mean_pool,
+                   model_max_length, model_vocab_size, pad_encodings, stop_token_ids)
 
 
 @dataclass
@@ -60,7 +60,7 @@ def decoder_feeds(shapes: dict[str, list], input_ids: np.ndarray, past: list | N
 
 class NSNRuntime:
     """The shared half of a runtime. Subclasses set ``info`` (``NSNModelInfo``), ``tokenizer``,
-    ``stop_ids``, ``max_length``, ``model_dir``, ``input_names``, ``hidden_size`` and ``_rank``, and
+    ``vocab_size``, ``stop_ids``, ``max_length``, ``model_dir``, ``input_names``, ``hidden_size`` and ``_rank``, and
     implement ``run`` and ``decode_step``."""
 
     info: NSNModelInfo
@@ -83,6 +83,7 @@ class NSNRuntime:
     def load_text_files(self, model_dir, max_length: int | None = None) -> None:
         """The tokenizer, stop tokens and longest input (capped at ``max_length``) from ``model_dir``."""
         self.tokenizer = load_tokenizer(model_dir)
+        self.vocab_size = model_vocab_size(model_dir, self.tokenizer)
         self.stop_ids = stop_token_ids(model_dir)
         longest = model_max_length(model_dir)
         self.max_length = min(longest, max_length) if max_length else longest
@@ -98,25 +99,32 @@ class NSNRuntime:
         """Give back a KV cache that will not be used again (device memory, for TensorRT)."""
 
     # ---- encoders -------------------------------------------------------------------------
-    def embed(self, texts: list[str] | str, normalize: bool = True, max_length: int | None = None,
+    def embed(self, texts: list[str] | str | list[list[int]], normalize: bool = True, max_length: int | None = None,
               batch_size: int = 32) -> np.ndarray:
-        """Sentence embeddings, one row per text in order: the attention-masked mean of
-        ``last_hidden_state`` (L2-normalised unless ``normalize=False``).
+        """Sentence embeddings, one row per input in order: the attention-masked mean of
+        ``last_hidden_state`` (L2-normalised unless ``normalize=False``). Inputs are texts, or lists
+        of token ids (no tokenizer needed).
 
-        Texts run in batches of at most ``batch_size``, grouped by length, so peak memory depends on
-        the batch, not on how many texts there are. Texts longer than ``max_length`` (default: the
-        model's maximum) are cut, with a ``TruncationWarning``; NaN or inf in the result gives a
-        ``NonFiniteOutputWarning`` (the weights are damaged)."""
+        Inputs run in batches of at most ``batch_size``, grouped by length, so peak memory depends on
+        the batch, not on how many inputs there are. Inputs longer than ``max_length`` (default and
+        upper bound: the model's maximum) are cut, with a ``TruncationWarning``; NaN or inf in the
+        result gives a ``NonFiniteOutputWarning`` (the weights are damaged)."""
         if self.info.task != "feature-extraction":
             raise ValueError(f"embed needs an encoder export (task feature-extraction), this one is {self.info.task}")
-        self._require_tokenizer()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        max_length = self._checked_max_length(max_length)
         batch_size = min(batch_size, self.max_batch or batch_size)
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.zeros((0, self.hidden_size), np.float32)
-        encodings = encode_texts(self.tokenizer, texts, max_length or self.max_length)
+        if all(isinstance(t, str) for t in texts):
+            self._require_tokenizer()
+            encodings = encode_texts(self.tokenizer, texts, max_length)
+        elif not any(isinstance(t, str) for t in texts):
+            encodings = encode_token_ids(texts, max_length, self.vocab_size)
+        else:
+            raise ValueError("embed takes texts or lists of token ids, not a mix of both; give one kind")
         order, parts = [], []
         for batch in length_sorted_batches(encodings, batch_size):
             feeds = pad_encodings([encodings[i] for i in batch], self.input_names)
@@ -135,7 +143,16 @@ class NSNRuntime:
     # ---- decoders -------------------------------------------------------------------------
     def _require_tokenizer(self) -> None:
         if self.tokenizer is None:
-            raise ValueError(f"{self.model_dir} has no tokenizer.json; pass token ids instead of text")
+            raise ValueError(f"{self.model_dir} has no tokenizer.json, so it cannot read text; give token ids "
+                             f"(lists of integers) instead, or re-export from a checkpoint saved with its tokenizer")
+
+    def _checked_max_length(self, max_length) -> int:
+        if max_length is None:
+            return self.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= self.max_length:
+            raise ValueError(f"max_length must be an integer in [1, {self.max_length}] (the model's longest input), "
+                             f"got {max_length!r}")
+        return max_length
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -152,10 +169,12 @@ class NSNRuntime:
         if isinstance(prompt, str):
             self._require_tokenizer()
             prompt_ids = self.tokenizer.encode(prompt).ids
+            if not prompt_ids:
+                raise ValueError("the prompt is empty; give at least one token")
         else:
-            prompt_ids = [int(t) for t in prompt]
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
+            prompt_ids = check_token_ids(prompt, self.vocab_size, "the prompt's token ids")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
         random = np.random.default_rng(seed)
         cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
@@ -188,7 +207,7 @@ class NSNRuntime:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         scores = logits.astype(np.float64) / temperature
-        if top_k:
+        if top_k and top_k < len(scores):
             cutoff = np.partition(scores, -top_k)[-top_k]
             scores = np.where(scores < cutoff, -np.inf, scores)
         probs = np.exp(scores - scores.max())

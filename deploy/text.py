@@ -14,6 +14,7 @@ import inspect
 import re
 import sysconfig
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,59 @@ def model_max_length(model_dir: str | Path) -> int:
               read_model_json(model_dir, "config.json").get("max_position_embeddings")]
     sane = [int(v) for v in limits if isinstance(v, (int, float)) and 1 <= v < 1_000_000]
     return min(sane) if sane else DEFAULT_MAX_LENGTH
+
+
+def model_vocab_size(model_dir: str | Path, tokenizer=None) -> int | None:
+    """The number of token ids the model embeds: ``config.json``'s ``vocab_size``, else the
+    tokenizer's; ``None`` when neither says."""
+    vocab = read_model_json(model_dir, "config.json").get("vocab_size")
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        return vocab
+    return tokenizer.get_vocab_size() if tokenizer is not None else None
+
+
+@dataclass
+class TokenIdEncoding:
+    """Token ids given by the caller, shaped like a ``tokenizers`` encoding."""
+    ids: list[int]
+    overflowing: bool = False
+
+    @property
+    def attention_mask(self) -> list[int]:
+        return [1] * len(self.ids)
+
+    @property
+    def type_ids(self) -> list[int]:
+        return [0] * len(self.ids)
+
+
+def check_token_ids(ids, vocab_size: int | None, what: str = "token ids") -> list[int]:
+    """``ids`` as a non-empty list of ints in ``[0, vocab_size)``; anything else is a ``ValueError``."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"{what} must be a list of integers, got {type(ids).__name__}")
+    values = list(ids)
+    if not values:
+        raise ValueError(f"{what} is empty; give at least one token")
+    upper = f"{vocab_size - 1}" if vocab_size else "the vocabulary's size - 1"
+    for value in values:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{what} must be integers in [0, {upper}], got {value!r} ({type(value).__name__})")
+        if value < 0 or (vocab_size is not None and value >= vocab_size):
+            raise ValueError(f"{what} must be in [0, {upper}] (the model's vocabulary), got {int(value)}")
+    return [int(v) for v in values]
+
+
+def encode_token_ids(sequences: list, max_length: int, vocab_size: int | None) -> list[TokenIdEncoding]:
+    """Caller-given token id sequences, checked and cut at ``max_length`` (``TruncationWarning``)."""
+    encodings = []
+    for index, ids in enumerate(sequences):
+        values = check_token_ids(ids, vocab_size, f"input {index}")
+        encodings.append(TokenIdEncoding(values[:max_length], overflowing=len(values) > max_length))
+    cut = sum(1 for e in encodings if e.overflowing)
+    if cut:
+        warnings.warn(f"{cut} of {len(sequences)} input(s) were longer than {max_length} tokens and were truncated",
+                      TruncationWarning, stacklevel=3)
+    return encodings
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list:

@@ -116,17 +116,26 @@ def test_tensorrt_profiles_and_governor_levels_come_from_the_frontier(encoder_fr
 
 
 
-def test_a_decoder_without_tokenizer_is_timed_with_quality_omitted(exported, tmp_path):
+@pytest.mark.parametrize("family, metric", [
+    ("llama", "next-token agreement with the full rank (random token ids: the export has no tokenizer)"),
+    ("bert", "cosine to the full rank's embeddings (random token ids: the export has no tokenizer)"),
+])
+def test_an_export_without_tokenizer_is_measured_on_token_ids_with_quality_filled_in(exported, tmp_path, family,
+                                                                                       metric):
     import shutil
 
-    shutil.copytree(exported("llama")[0].path.parent, tmp_path / "e")
+    shutil.copytree(exported(family)[0].path.parent, tmp_path / "e")
     (tmp_path / "e" / "tokenizer.json").unlink()
-    run = CliRunner().invoke(calibrate_command, [str(tmp_path / "e"), "--ranks", "2,8,16", "--prompt-tokens", "8",
-                                                 "--context-tokens", "8", "--repeats", "2", "--output",
-                                                 str(tmp_path / "f.json"), "--json"])
+    run = CliRunner().invoke(calibrate_command, [str(tmp_path / "e"), "--ranks", "1,8,16", "--prompt-tokens", "12",
+                                                 "--context-tokens", "8", "--texts", "6", "--batch", "3",
+                                                 "--repeats", "2", "--output", str(tmp_path / "f.json"), "--json"])
     assert run.exit_code == 0, run.output
     frontier = json.loads(run.stdout)
-    assert frontier["quality_metric"] is None and all(r["quality"] is None for r in frontier["rows"])
+    assert frontier["quality_metric"] == metric
+    quality = {r["rank"]: r["quality"] for r in frontier["rows"]}
+    assert quality[16] == pytest.approx(1.0) and all(0 <= q <= 1 + 1e-6 for q in quality.values())
+    assert quality[1] < 1.0  # rank 1 of a random model disagrees with the full rank somewhere
+    assert read_frontier(tmp_path / "f.json", tmp_path / "e")["quality_metric"] == metric
     assert frontier["levels"] and frontier["profiles"].endswith("-16")
 
 

@@ -37,6 +37,25 @@ def test_nsn_config_round_trips(checkpoint):
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "nsn_config.json", "nsn_output.json"]
 
 
+def test_a_checkpoint_and_an_export_go_into_an_existing_empty_directory(tmp_path):
+    """The everyday ``with tempfile.TemporaryDirectory() as d: save_nsn(model, d)``: an empty
+    directory holds nothing to lose, so it is accepted, and the swap leaves it whole."""
+    import tempfile
+
+    from nsn_export.export import export_onnx
+
+    model = tiny_model("llama")
+    nsn.adapt(model, "all-linear", max_rank=0.5)
+    with tempfile.TemporaryDirectory(dir=tmp_path) as directory:
+        loaded = nsn.load_nsn(nsn.save_nsn(model, directory))
+        assert torch.equal(loaded.state_dict()["model.layers.0.mlp.up_proj.A"],
+                           model.state_dict()["model.layers.0.mlp.up_proj.A"])
+        with tempfile.TemporaryDirectory(dir=tmp_path) as onnx_dir:
+            result = export_onnx(loaded, onnx_dir, overwrite=False)  # verified before it lands
+            assert result.path.parent.samefile(onnx_dir) and (result.path.parent / "nsn_output.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing left beside it
+
+
 @pytest.mark.parametrize("name", ["config.json", "nsn_config.json", "model.safetensors"])
 def test_missing_file_is_named(checkpoint, name):
     _, path = checkpoint

@@ -5,6 +5,7 @@ GPU work, against the real thing (tests marked ``tensorrt``)."""
 from __future__ import annotations
 
 import ast
+import gzip
 import inspect
 import json
 import re
@@ -22,7 +23,7 @@ from deploy.tensorrt.compat import check_graph
 from deploy.tensorrt.engine import EngineMismatchError, NSNEngine
 from deploy.tensorrt.plan import RankRange, ShapeBounds, make_plan, parse_ranges, plan_for_export
 
-SURFACES = Path(__file__).resolve().parents[2] / "shared" / "trt"
+SURFACES = Path(__file__).resolve().parent / "data" / "trt"  # the recorded real API: see its README
 BOUNDS = ShapeBounds(max_seq=32, max_context=64, opt_seq=8, opt_context=16)
 PROMPT = [5, 17, 3, 60, 22, 9]
 
@@ -336,10 +337,8 @@ def test_rank_is_read_from_a_host_int64_buffer_that_the_engine_keeps(llama_engin
 
 # ---- the double and our code use only the real API ------------------------------------------------------------
 def load_surface(version: str) -> dict:
-    path = SURFACES / f"api-surface-{version}.json"
-    if not path.is_file():
-        pytest.skip(f"the recorded TensorRT API is not here ({path})")
-    return json.loads(path.read_text())
+    with gzip.open(SURFACES / f"api-surface-{version}.json.gz", "rt") as handle:
+        return json.load(handle)
 
 
 def parameter_names(signature: str) -> list[str]:

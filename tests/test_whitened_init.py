@@ -31,10 +31,13 @@ def test_every_prefix_beats_plain_svd_on_the_activations_and_full_rank_is_exact(
     whitened = NSNLinear.from_linear(linear, 40, input_moment=moment, damping=1e-8)
     assert plain.init_method == "svd" and whitened.init_method == "whitened"
     w = linear.weight.detach()
+    # Near full rank both errors are rounding noise whose size depends on the CPU's BLAS path:
+    # compare above a floor scaled to the size of the output, not relative to the noise.
+    noise_floor = 1e-9 * torch.linalg.norm(w @ x.T)
     for r in range(1, 41):
         error_plain = torch.linalg.norm((w - plain.weight_at(r)) @ x.T)
         error_whitened = torch.linalg.norm((w - whitened.weight_at(r)) @ x.T)
-        assert error_whitened <= error_plain * (1 + 1e-9), r
+        assert error_whitened <= error_plain + noise_floor, (r, error_whitened, error_plain)
     assert torch.linalg.norm((w - whitened.weight_at(8)) @ x.T) < 0.5 * torch.linalg.norm((w - plain.weight_at(8)) @ x.T)
     assert torch.allclose(whitened.weight_at(40), w, atol=1e-8)  # exact at min(d_in, d_out)
     assert torch.equal(whitened.weight_at(5), whitened.B[:, :5] @ whitened.A[:5])  # nested prefixes
