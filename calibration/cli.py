@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from deploy.cli import user_errors
+from deploy.cli import FiniteFloat, user_errors
 
 
 def bench_markdown(report: dict) -> str:
@@ -81,12 +81,13 @@ def read_report(path: Path) -> dict:
 def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
                   output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
-    from deploy.atomic import atomic_file
+    from deploy.atomic import atomic_file, check_output_files
 
     from .bench import run_benchmark
 
     start = time.perf_counter()
     report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
+    check_output_files({"--output": output_path}, [from_json, work_dir])
     if from_json:
         report = read_report(from_json)
     else:
@@ -110,7 +111,7 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
               help="text file or JSONL with text [default: English sentences from Python's own docs]")
 @click.option("--ranks", default="auto", help="auto (a geometric ladder refined where quality changes fastest) "
                                               "or comma-separated ranks")
-@click.option("--budget-s", default=240.0, type=click.FloatRange(min=1), help="time budget of --ranks auto")
+@click.option("--budget-s", default=240.0, type=FiniteFloat(1, 86_400), help="time budget of --ranks auto")
 @click.option("--texts", default=256, type=click.IntRange(min=1), help="texts to measure quality on")
 @click.option("--batch", default=32, type=click.IntRange(min=1), help="sentences per timed batch (encoders)")
 @click.option("--prompt-tokens", default=128, type=click.IntRange(min=1), help="prefill length (decoders)")
@@ -130,17 +131,17 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from deploy.atomic import atomic_file
-    from deploy.cli import parse_ranks
+    from deploy.atomic import atomic_file, check_output_files
+    from deploy.cli import checked_ranks, parse_ranks
     from deploy.external_data import model_file
     from deploy.governor.sensors import SysfsSensors
-    from deploy.metadata import validate_rank
     from deploy.text import english_sentences, load_records
 
     from .calibrate import Calibration, device_description
 
     model_path = model_file(export_dir)
     rank_list = None if ranks == "auto" else parse_ranks(ranks)
+    check_output_files({"--output": output_path, "--plot": plot_path}, [export_dir, engine_dir, data_path])
     refuse_clobbering(output_path)
     sample = [r["text"] for r in load_records(data_path)] if data_path else english_sentences(texts)
     if engine_dir is not None:
@@ -156,7 +157,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
                    "weight_views": runtime.weight_views}
     backend["device"] = device_description()
     if rank_list:
-        rank_list = sorted({validate_rank(r, runtime.info.max_rank, "--ranks") for r in rank_list})
+        rank_list = sorted(set(checked_ranks(rank_list, runtime.info.max_rank)))
     sensors = SysfsSensors("/")
     if sensors.read().power_w is None:
         sensors = None

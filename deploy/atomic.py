@@ -61,15 +61,7 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
     An empty directory (``tempfile.TemporaryDirectory()``) is accepted, with or without
     ``overwrite``."""
     path = Path(path)
-    target = path.resolve()
-    for source in inputs:
-        if source is None:
-            continue
-        resolved = Path(source).resolve()
-        if target == resolved or target.is_relative_to(resolved) or resolved.is_relative_to(target):
-            relation = "is" if target == resolved else "is inside" if target.is_relative_to(resolved) else "contains"
-            raise OutputError(f"output {path} {relation} the input {source}; writing it would destroy the input: "
-                              f"choose an --output outside it")
+    refuse_overlap(path, inputs, "--output")
     if not (path.exists() or path.is_symlink()) or is_empty_directory(path):
         return
     if not overwrite:
@@ -77,6 +69,46 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
     if not is_our_output(path):
         raise OutputError(f"{path} exists and was not written by nsn-export (no {OUTPUT_MARKER} in it), so "
                           f"--overwrite will not replace it; choose another --output or remove it yourself")
+
+
+def overlap(path: Path, other: Path) -> str | None:
+    """How ``path`` relates to ``other`` ("is", "is inside", "contains"), or None when apart."""
+    target, resolved = path.resolve(), other.resolve()
+    if target == resolved:
+        return "is"
+    if target.is_relative_to(resolved):
+        return "is inside"
+    if resolved.is_relative_to(target):
+        return "contains"
+    return None
+
+
+def refuse_overlap(path: Path, inputs: Iterable[str | os.PathLike | None], option: str) -> None:
+    for source in inputs:
+        if source is not None and (relation := overlap(path, Path(source))):
+            raise OutputError(f"{option} {path} {relation} the input {source}; writing it would destroy the input: "
+                              f"choose an {option} outside it")
+
+
+def check_output_files(outputs: dict[str, str | os.PathLike | None],
+                       inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """The one check of the files a command will write (reports, plots, logs, rank files,
+    frontiers), run before any work: ``outputs`` maps each option (``"--plot"``) to its path (None:
+    not asked for). Each may replace an existing regular file, but may not be, contain or lie
+    inside an input, be a directory or a special file, or be the same path as another output."""
+    inputs = list(inputs)
+    given = {option: Path(path) for option, path in outputs.items() if path is not None}
+    for option, path in given.items():
+        refuse_overlap(path, inputs, option)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a symlink" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+            raise OutputError(f"{option} {path} is {kind}; give the path of a file to write")
+    seen: dict[Path, str] = {}
+    for option, path in given.items():
+        key = path.resolve()
+        if key in seen:
+            raise OutputError(f"{option} {path} is the same file as {seen[key]}; give each output its own path")
+        seen[key] = option
 
 
 def pid_alive(pid: int) -> bool:

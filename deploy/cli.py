@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import warnings
 from pathlib import Path
 
 import click
 
+from .metadata import OptionValueError, validate_rank
 from .tensorrt.cuda import CudaError, TensorRTUnavailable
 
 
@@ -29,13 +31,34 @@ def parse_ranks(value: str | None) -> list[int] | None:
     return ranks
 
 
+class FiniteFloat(click.FloatRange):
+    """A float option within a range that is also finite: ``nan`` and ``inf`` are never a setting."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        result = super().convert(value, param, ctx)
+        if not math.isfinite(result):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return result
+
+
+def checked_ranks(ranks: list[int] | None, max_rank: int) -> list[int]:
+    """``--ranks`` checked against the model (exit 2 on a rank outside ``[1, max_rank]``); the
+    maximum rank when none were given."""
+    return [validate_rank(r, max_rank, "--ranks") for r in ranks] if ranks else [max_rank]
+
+
 def user_errors(command):
     """Show errors a user can meet as one clear line, not a traceback: our ``ValueError``s (bad
-    values, damaged files) and the operating system's (unwritable output, full disk, ...)."""
+    values, damaged files; exit 1, or 2 for a bad option value) and the operating system's
+    (unwritable output, full disk, ...)."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except OptionValueError as error:
+            raise click.UsageError(str(error)) from None
         except (ValueError, TensorRTUnavailable, CudaError) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:
@@ -53,7 +76,7 @@ def user_errors(command):
 @click.option("--text", "texts", multiple=True, help="sentence to embed (encoder exports); repeatable")
 @click.option("--max-new-tokens", default=32, type=click.IntRange(min=1))
 @click.option("--sample", is_flag=True, help="sample instead of greedy decoding")
-@click.option("--temperature", default=1.0, type=click.FloatRange(min=0, min_open=True))
+@click.option("--temperature", default=1.0, type=FiniteFloat(min=0, min_open=True))
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="sample among the k most likely (0: all)")
 @click.option("--seed", default=None, type=int)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
@@ -75,7 +98,7 @@ def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, tempera
         warnings.simplefilter("always")
         warnings.simplefilter("error", NonFiniteOutputWarning)  # a NaN answer is a failure, not a result
         try:
-            for rank in rank_list or [session.info.max_rank]:
+            for rank in checked_ranks(rank_list, session.info.max_rank):
                 session.rank = rank
                 reports.append(run_once(session, prompt, list(texts), max_new_tokens, sample, temperature, top_k,
                                         seed))

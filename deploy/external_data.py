@@ -52,11 +52,49 @@ def model_file(path: str | os.PathLike) -> Path:
     return path / "model.onnx" if path.is_dir() else path
 
 
+class NotRegularFileError(ValueError):
+    """A path that should be a small file we read is a FIFO, device, socket or directory."""
+
+
+def read_regular_bytes(path: str | os.PathLike, max_bytes: int = 64 << 20) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes`` of them. A FIFO, device,
+    socket or directory is refused before a byte is read and without blocking (it is opened
+    non-blocking and checked with ``fstat``); a larger file is a ``ValueError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise NotRegularFileError(f"{path} is a directory; give the path of a file")
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"{path} is not a regular file (a FIFO, device or socket); give the path of "
+                                      f"a file")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes} bytes, too large for what it should hold; check the path")
+    return b"".join(chunks)
+
+
+def read_regular_text(path: str | os.PathLike, max_bytes: int = 64 << 20) -> str:
+    """``read_regular_bytes`` decoded as UTF-8 (a ``ValueError`` naming the file otherwise)."""
+    try:
+        return read_regular_bytes(path, max_bytes).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
 def read_json_object(path: Path, fix: str) -> dict:
     """A JSON object from ``path``; anything else is a ``ValueError`` naming the file and ``fix``."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = json.loads(read_regular_text(path))
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a file we wrote; {fix}") from None
+    except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error}); {fix}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: holds a JSON {type(data).__name__}, expected an object; {fix}")

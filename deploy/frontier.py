@@ -25,9 +25,9 @@ import hashlib
 from pathlib import Path
 
 from .external_data import model_file, read_json_object
+from .schema import Flag, ListOf, MapOf, Number, Table, Text, check, optional
 
 FRONTIER_VERSION = 1
-ROW_FIELDS = ("rank", "flops_fraction", "latency_ms", "quality")
 
 
 def graph_sha256(model_path: str | Path) -> str:
@@ -81,9 +81,35 @@ def profile_ranges(levels: list[int], max_rank: int, count: int = 3) -> str:
     return ",".join(f"{a}-{b}" for a, b in zip(starts, ends))
 
 
+MS = Number(0, 1e9, "ms")
+PROFILES_SYNTAX = r"\d+-\d+(,\d+-\d+)*"
+FRONTIER_SCHEMA = Table({
+    "format_version": Number(FRONTIER_VERSION, FRONTIER_VERSION, integer=True),
+    "model": Table({"graph_sha256": Text(pattern="[0-9a-f]{64}", example="64 hex digits"),
+                    "nsn": optional(Table({"max_rank": optional(Number(1, 1_000_000, integer=True))}, open=True),
+                                    dict)}, open=True),
+    "backend": optional(Table(open=True), dict),
+    "shapes": optional(Table(open=True), dict),
+    "quality_metric": optional(Text()),
+    "rows": ListOf(Table({
+        "rank": Number(1, 1_000_000, integer=True),
+        "flops_fraction": Number(0, 1e6),
+        "latency_ms": MapOf(Table({"median": MS, "p90": MS}), min_len=1),
+        "quality": optional(Number(-1, 1e9)),
+        "perplexity": optional(Number(0, 1e12)),
+        "rss_mb": optional(Number(0, 1e9, "MiB")),
+        "power_w": optional(Number(0, 10_000, "W")),
+        "energy_mj_per_token": optional(Number(0, 1e12, "mJ")),
+        "pareto": optional(Flag(), False),
+    }), min_len=1),
+    "levels": ListOf(Number(1, 1_000_000, integer=True), min_len=1, max_len=1024),
+    "profiles": Text(pattern=PROFILES_SYNTAX, example="1-64,65-192,193-448"),
+})
+
+
 def read_frontier(path: str | Path, model_path: str | Path | None = None) -> dict:
-    """Read and check a frontier; with ``model_path`` (a graph or export directory), refuse a
-    frontier measured on another model. Errors name the file and the field."""
+    """Read and check a frontier (``FRONTIER_SCHEMA``); with ``model_path`` (a graph or export
+    directory), refuse a frontier measured on another model. Errors name the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such frontier file; write one with nsn-calibrate")
@@ -91,19 +117,14 @@ def read_frontier(path: str | Path, model_path: str | Path | None = None) -> dic
     if data.get("format_version") != FRONTIER_VERSION:
         raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not one this nsn-export reads "
                          f"({FRONTIER_VERSION}); recalibrate with nsn-calibrate")
-    for field in ("model", "rows", "levels", "profiles"):
-        if field not in data:
-            raise ValueError(f"{path}: field {field!r} is missing; recalibrate with nsn-calibrate")
-    rows = data["rows"]
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: field 'rows' must be a non-empty list")
-    for index, row in enumerate(rows):
-        missing = [f for f in ROW_FIELDS if not isinstance(row, dict) or f not in row]
-        if missing:
-            raise ValueError(f"{path}: rows[{index}] lacks {missing}")
+    data = check(data, FRONTIER_SCHEMA, str(path))
+    levels, max_rank = data["levels"], data["model"]["nsn"].get("max_rank")
+    if levels != sorted(set(levels)) or (max_rank is not None and levels[-1] > max_rank):
+        raise ValueError(f"{path}: field 'levels' = {levels} must be distinct ranks in ascending order within "
+                         f"[1, {max_rank or 'the model maximum'}]; recalibrate with nsn-calibrate")
     if model_path is not None:
         model_path = model_file(model_path)
-        expected = data["model"].get("graph_sha256") if isinstance(data["model"], dict) else None
+        expected = data["model"]["graph_sha256"]
         actual = graph_sha256(model_path)
         if expected != actual:
             raise ValueError(f"{path}: field 'model.graph_sha256' is {str(expected)[:12]}..., but {model_path} hashes "

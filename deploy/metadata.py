@@ -11,6 +11,11 @@ import numpy as np
 SUPPORTED_FORMAT_VERSIONS = ("1",)
 
 
+class OptionValueError(ValueError):
+    """A bad value given for a command-line option (``--profiles``, ``--ranks``, ``--max-seq``): the
+    commands exit 2 on it, as on any other bad option value, and 1 on a bad file or a failed run."""
+
+
 @dataclass(frozen=True)
 class NSNModelInfo:
     max_rank: int
@@ -29,17 +34,29 @@ class NSNModelInfo:
         if version not in SUPPORTED_FORMAT_VERSIONS:
             raise ValueError(f"{source}: not an nsn-export graph or unknown NSN metadata version {version!r} "
                              f"(supported: {', '.join(SUPPORTED_FORMAT_VERSIONS)}); re-export it with nsn-export")
-        return cls(
-            max_rank=int(props["nsn.max_rank"]),
-            task=props["nsn.task"],
-            rank_mode=props["nsn.rank_mode"],
-            layer_ranks=json.loads(props["nsn.layer_ranks"]),
-            trained_ranks=json.loads(props["nsn.trained_ranks"]),
-            flops_per_rank=json.loads(props["nsn.flops_per_rank"]),
-            dense_flops=int(props["nsn.dense_flops"]),
-            attention_flops_per_context_token=int(props["nsn.attention_flops_per_context_token"]),
-            source_model=props.get("nsn.source_model", ""),
-        )
+        try:
+            info = cls(
+                max_rank=int(props["nsn.max_rank"]),
+                task=props["nsn.task"],
+                rank_mode=props["nsn.rank_mode"],
+                layer_ranks=json.loads(props["nsn.layer_ranks"]),
+                trained_ranks=json.loads(props["nsn.trained_ranks"]),
+                flops_per_rank=json.loads(props["nsn.flops_per_rank"]),
+                dense_flops=int(props["nsn.dense_flops"]),
+                attention_flops_per_context_token=int(props["nsn.attention_flops_per_context_token"]),
+                source_model=props.get("nsn.source_model", ""),
+            )
+        except KeyError as error:
+            raise ValueError(f"{source}: the NSN metadata lacks {error.args[0]}; re-export it with nsn-export") from None
+        except (ValueError, TypeError, RecursionError) as error:
+            raise ValueError(f"{source}: damaged NSN metadata ({type(error).__name__}: {error}); re-export it with "
+                             f"nsn-export") from None
+        if not (1 <= info.max_rank <= 1_000_000 and isinstance(info.flops_per_rank, list)
+                and len(info.flops_per_rank) == info.max_rank and info.task in ("text-generation", "feature-extraction")):
+            raise ValueError(f"{source}: inconsistent NSN metadata (max_rank {info.max_rank}, task {info.task!r}, "
+                             f"{len(info.flops_per_rank) if isinstance(info.flops_per_rank, list) else 'no'} FLOPs "
+                             f"entries); re-export it with nsn-export")
+        return info
 
     def flops(self, rank: int, context_length: int = 0) -> int:
         """FLOPs per token at ``rank`` with ``context_length`` tokens of attention context."""
@@ -59,19 +76,21 @@ class NSNModelInfo:
 
 
 def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
-    """``rank`` as an int in ``[1, max_rank]``; anything else is a ``ValueError`` naming the range.
+    """``rank`` as an int in ``[1, max_rank]``; anything else is a ``ValueError`` naming the range
+    (an ``OptionValueError`` when ``what`` is a command-line option such as ``--ranks``).
 
     The one definition of a valid rank: the torch layer, the ONNX Runtime session and Optimum
     interop all call it."""
+    error = OptionValueError if what.startswith("--") else ValueError
     value = rank
     if isinstance(value, np.ndarray):
         if value.size != 1 or value.dtype.kind not in "iu":
-            raise ValueError(f"{what} must be a single integer in [1, {max_rank}], got an array of shape "
+            raise error(f"{what} must be a single integer in [1, {max_rank}], got an array of shape "
                              f"{value.shape} and dtype {value.dtype}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__}); "
+        raise error(f"{what} must be an integer in [1, {max_rank}], got {rank!r} ({type(rank).__name__}); "
                          f"pass a Python int")
     if not 1 <= int(value) <= max_rank:
-        raise ValueError(f"{what} must be in [1, {max_rank}], got {int(value)}; choose a rank within that range")
+        raise error(f"{what} must be in [1, {max_rank}], got {int(value)}; choose a rank within that range")
     return int(value)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .external_data import confined_path, read_json_object
+from .external_data import NotRegularFileError, confined_path, read_json_object, read_regular_bytes
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -237,10 +237,12 @@ def load_records(path: str | Path) -> list[dict]:
     """Examples from a ``.jsonl`` file (objects with ``text`` and optionally ``label``) or a text
     file (one example per non-empty line)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in read_regular_bytes(path).decode("utf-8").splitlines() if line.strip()]
+    except NotRegularFileError as error:
+        raise ValueError(f"data {error}: a text or JSONL file") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     if not lines:

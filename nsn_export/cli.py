@@ -11,7 +11,7 @@ from typing import Callable
 import click
 
 from deploy.atomic import check_output
-from deploy.cli import parse_ranks, user_errors
+from deploy.cli import checked_ranks, parse_ranks, user_errors
 from deploy.external_data import model_file
 
 
@@ -162,7 +162,6 @@ def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length
     from .data import load_records, make_batches
     from .evaluate import evaluate_ranks
     from .flops import flops_fraction
-    from .layers import validate_rank
     from .models import is_causal_lm, load_tokenizer
 
     if data_path is None and not retrieval:
@@ -173,8 +172,8 @@ def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length
     if retrieval and is_causal_lm(model):
         raise click.UsageError("--retrieval scores sentence embeddings: it needs an encoder checkpoint")
     top = model.nsn_config.max_rank
-    rank_list = given_ranks or sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
-    rank_list = [validate_rank(r, top) for r in rank_list]
+    default_ranks = sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
+    rank_list = checked_ranks(given_ranks, top) if given_ranks else default_ranks
     tokenizer = load_tokenizer(model_path)
     rows = [{"rank": r, "flops_fraction": round(flops_fraction(model, r), 4)} for r in rank_list]
     with tqdm(total=len(rank_list) * (bool(records) + retrieval), desc="evaluating ranks", unit="rank",

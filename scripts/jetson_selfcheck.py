@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy import NSNSession  # noqa: E402
-from deploy.atomic import atomic_file  # noqa: E402
+from deploy.atomic import atomic_file, check_output_files  # noqa: E402
 from deploy.tensorrt.build import BuildOptions, build_engine, import_tensorrt, tensorrt_version  # noqa: E402
 from deploy.tensorrt.compat import check_graph  # noqa: E402
 from deploy.tensorrt.cuda import Cuda  # noqa: E402
@@ -38,6 +38,14 @@ from deploy.tensorrt.plan import ShapeBounds, plan_for_export  # noqa: E402
 
 PROMPT = [5, 17, 3, 60, 22, 9]
 BOUNDS = ShapeBounds(max_seq=64, max_context=128, opt_seq=16, opt_context=32)
+
+
+def require(trt):
+    """The TensorRT module, or the reason it is missing (a FAIL of the step that needs it)."""
+    if trt is None:
+        raise RuntimeError("TensorRT is not importable (see the 'import tensorrt' step); on JetPack 6 create the "
+                           "virtual environment with --system-site-packages")
+    return trt
 
 
 class SelfCheck:
@@ -166,14 +174,18 @@ def main(argv=None, trt=None, cudart=None, root: Path = Path("/")) -> int:
     parser.add_argument("--report", type=Path, default=Path("runs/jetson-selfcheck/report.json"))
     args = parser.parse_args(argv)
     check, state = SelfCheck(), {}
-    trt = trt or import_tensorrt()
-    check.step("platform", lambda: platform_info(root, trt, cudart))
+    check_output_files({"--report": args.report}, [args.export])
+    if trt is None and not check.step("import tensorrt", lambda: {"tensorrt": tensorrt_version(
+            state.setdefault("trt", import_tensorrt()))}):
+        trt = None  # every TensorRT step below is reported as FAIL; the sensors are still read
+    trt = trt or state.get("trt")
+    check.step("platform", lambda: platform_info(root, require(trt), cudart))
     if check.step("export", lambda: {"export": str(state.setdefault("export", args.export or tiny_export(args.work)))}):
         export = state["export"]
         check.step("nsn-trt check", lambda: compatibility(export))
         plan = plan_for_export(export, "2", BOUNDS)
         built = check.step("build two rank ranges", lambda: {"engine": str(build_engine(
-            export, args.work / "engine", plan, BuildOptions(workspace_mib=512), trt=trt, cudart=cudart)),
+            export, args.work / "engine", plan, BuildOptions(workspace_mib=512), trt=require(trt), cudart=cudart)),
             "ranges": [str(r) for r in plan.ranges]})
         if built:
             engine = NSNEngine(args.work / "engine", trt=trt, cudart=cudart)

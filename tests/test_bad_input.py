@@ -180,7 +180,13 @@ CASES = [
     Case("run-config-is-a-list", run_command, ["{ws}/encoder", *RUN_TEXT], 1, ("config.json", "expected an object"),
          ("encoder",), write("encoder/config.json", "[1, 2]")),
     Case("run-no-model", run_command, ["{ws}/nothing", *RUN_TEXT], 1, ("nothing", "nsn-export first"), ()),
-    Case("run-rank-zero", run_command, ["{ws}/encoder", "--ranks", "0", *RUN_TEXT], 1, ("[1, 16]",), ("encoder",)),
+    Case("run-rank-zero", run_command, ["{ws}/encoder", "--ranks", "0", *RUN_TEXT], 2, ("[1, 16]",), ("encoder",)),
+    Case("run-rank-above-max", run_command, ["{ws}/encoder", "--ranks", "385", *RUN_TEXT], 2,
+         ("--ranks must be in [1, 16], got 385",), ("encoder",)),
+    Case("run-rank-negative", run_command, ["{ws}/encoder", "--ranks", "-5", *RUN_TEXT], 2,
+         ("--ranks must be in [1, 16], got -5",), ("encoder",)),
+    Case("run-nan-temperature", run_command, ["{ws}/encoder", "--temperature", "nan", *RUN_TEXT], 2,
+         ("--temperature", "not a finite number"), ("encoder",)),
     Case("run-ranks-empty", run_command, ["{ws}/encoder", "--ranks", ",,", *RUN_TEXT], 2, ("names no rank",),
          ("encoder",)),
     Case("verify-truncated-graph", verify_command, VERIFY, 1, ("model.onnx", "re-export"), ("export", "ckpt"),
@@ -250,11 +256,11 @@ CASES = [
     Case("quickstart-zero-calibration-tokens", quickstart_command, ["--calibration-tokens", "0", "--output", "{ws}/q"],
          2, ("--calibration-tokens", "0 is not in the range x>=1"), (), output="q"),
     # ---- nsn-trt (TensorRT is not installed here: build and run say so) ------------------------
-    Case("trt-plan-gap", trt_command, ["plan", "{ws}/export", "--profiles", "1-4,6-16"], 1,
+    Case("trt-plan-gap", trt_command, ["plan", "{ws}/export", "--profiles", "1-4,6-16"], 2,
          ("a gap at rank 5", "[1, 16]"), ("export",)),
-    Case("trt-plan-too-many-ranges", trt_command, ["plan", "{ws}/export", "--profiles", "17"], 1,
+    Case("trt-plan-too-many-ranges", trt_command, ["plan", "{ws}/export", "--profiles", "17"], 2,
          ("--profiles 17", "[1, 16]"), ("export",)),
-    Case("trt-plan-opt-seq-above-max", trt_command, ["plan", "{ws}/export", "--opt-seq", "900"], 1,
+    Case("trt-plan-opt-seq-above-max", trt_command, ["plan", "{ws}/export", "--opt-seq", "900"], 2,
          ("--opt-seq 900", "--max-seq 512"), ("export",)),
     Case("trt-plan-no-export", trt_command, ["plan", "{ws}/nothing"], 1, ("nothing", "model.onnx"), ()),
     Case("trt-check-mask-export", trt_command, ["check", "{ws}/mask"], 1, ("flows into data", "--rank-mode slice"),
@@ -286,7 +292,7 @@ CASES = [
     Case("governor-simulate-no-duration", governor_command, ["simulate", "{ws}/s.toml"], 1, ("duration_s",), (),
          write("s.toml", "[device]\n")),
     Case("governor-policy-unknown-key", governor_command, ["simulate", "{ws}/s.toml", "--policy", "{ws}/p.toml"], 1,
-         ("p.toml", "[thermal] has unknown key(s) ['target']"), (),
+         ("p.toml", "unknown key 'thermal.target'", "did you mean 'target_c'?"), (),
          steps(write("s.toml", "duration_s = 60"), write("p.toml", "[thermal]\ntarget = 80"))),
     Case("governor-policy-target-above-emergency", governor_command,
          ["simulate", "{ws}/s.toml", "--policy", "{ws}/p.toml"], 1, ("target_c must be below emergency_c",), (),
@@ -301,7 +307,7 @@ CASES = [
     Case("calibrate-no-export", calibrate_command, ["{ws}/nothing", "--output", "{ws}/f.json"], 1,
          ("nothing", "nsn-export first"), (), output="f.json"),
     Case("calibrate-rank-out-of-range", calibrate_command, ["{ws}/encoder", "--ranks", "0,8", "--output",
-                                                            "{ws}/f.json"], 1, ("--ranks", "[1, 16]"), ("encoder",),
+                                                            "{ws}/f.json"], 2, ("--ranks", "[1, 16]"), ("encoder",),
          output="f.json"),
     Case("calibrate-no-ranks", calibrate_command, ["{ws}/encoder", "--ranks", ",", "--output", "{ws}/f.json"], 2,
          ("names no rank",), ("encoder",), output="f.json"),
@@ -310,7 +316,7 @@ CASES = [
          write("e.txt", "\n"), output="f.json"),
     Case("calibrate-over-the-model", calibrate_command, ["{ws}/encoder", "--ranks", "4", "--output",
                                                          "{ws}/encoder/model.onnx"], 1,
-         ("model.onnx exists and is not a frontier.json",), ("encoder",)),
+         ("--output", "model.onnx is inside the input", "encoder"), ("encoder",)),
     Case("calibrate-not-an-engine", calibrate_command, ["{ws}/encoder", "--engine", "{ws}/encoder", "--output",
                                                         "{ws}/f.json"], 1, ("no engine.json",), ("encoder",),
          output="f.json"),
@@ -320,7 +326,7 @@ CASES = [
          ("f.json", "another model"), ("export",),
          write("f.json", json.dumps({"format_version": 1, "model": {"graph_sha256": "0" * 64}, "levels": [1],
                                      "profiles": "1-16", "rows": [{"rank": 1, "flops_fraction": 0.1, "quality": 1,
-                                                                   "latency_ms": {"decode": {"median": 1}}}]}))),
+                                                                   "latency_ms": {"decode": {"median": 1, "p90": 1}}}]}))),
     Case("adapt-empty-calibration-data", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-data",
                                                          "{ws}/c.txt"], 1, ("c.txt", "no examples"), ("hf",),
          write("c.txt", "\n\n"), output="o"),
@@ -358,6 +364,204 @@ CASES = [
          ("config.json", "not valid JSON"), ("ckpt",), steps(write("d.txt", "w1 w2\n"), write("ckpt/config.json", "{"))),
 ]
 
+
+
+# ---- helpers of the hardening cases: files laid out as our commands read them ------------------------------------
+def fifo(relative: str) -> Callable[[Path], None]:
+    """A FIFO where a file should be: a reader that opens it blocking would hang for ever."""
+    def setup(ws: Path) -> None:
+        (ws / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(ws / relative)
+    return setup
+
+
+def no_trip_sysfs(ws: Path) -> None:
+    """A sysfs tree with one thermal zone and no trip point (a laptop, a CI machine)."""
+    zone = ws / "sys" / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("x86_pkg_temp\n")
+    (zone / "temp").write_text("45000\n")
+
+
+def frontier_file(change: dict) -> Callable[[Path], None]:
+    """``f.json``: a valid frontier of ``ws/export`` (ranks 2, 8, 16) with ``change`` applied."""
+    def setup(ws: Path) -> None:
+        from deploy.frontier import graph_sha256
+
+        rows = [{"rank": r, "flops_fraction": r / 16, "latency_ms": {"decode": {"median": r, "p90": r}},
+                 "quality": r / 16} for r in (2, 8, 16)]
+        data = {"format_version": 1, "model": {"graph_sha256": graph_sha256(ws / "export" / "model.onnx"),
+                                               "nsn": {"max_rank": 16}},
+                "rows": rows, "levels": [2, 8, 16], "profiles": "1-2,3-8,9-16", **change}
+        (ws / "f.json").write_text(json.dumps(data))
+    return setup
+
+
+def engine_manifest(change: Callable[[dict], None] = lambda m: None, text: str | None = None):
+    """``engine/engine.json`` as nsn-trt build writes it for ``ws/export`` (``change`` edits it), or ``text``."""
+    def setup(ws: Path) -> None:
+        from deploy.tensorrt.plan import ShapeBounds, plan_for_export
+
+        (ws / "engine").mkdir()
+        if text is not None:
+            (ws / "engine" / "engine.json").write_text(text)
+            return
+        plan = plan_for_export(ws / "export", "2", ShapeBounds(max_seq=32, max_context=64, opt_seq=8, opt_context=16))
+        graph = onnx.load(str(ws / "export" / "model.onnx"), load_external_data=False)
+        manifest = {"format_version": 1, "tensorrt_version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7",
+                    "plan": plan.to_dict(), "build": {}, "source": {},
+                    "nsn": {p.key: p.value for p in graph.metadata_props}}
+        change(manifest)
+        (ws / "engine" / "engine.json").write_text(json.dumps(manifest))
+    return setup
+
+
+def scenario(text: str) -> Callable[[Path], None]:
+    return write("s.toml", text)
+
+
+SIM = ["simulate", "{ws}/s.toml"]
+OK_SCENARIO = "duration_s = 60\n"
+GOVERN = ["run", "--model", "{ws}/encoder", "--sysfs-root", "{ws}/sys", "--duration-s", "0.3", "--period-s", "0.1"]
+CALIBRATE = ["{ws}/encoder", "--ranks", "4", "--repeats", "1", "--texts", "4", "--batch", "2"]
+CASES += [
+    # ---- every path a command writes goes through the one output check, before any work ------------
+    Case("calibrate-plot-over-the-graph", calibrate_command, [*CALIBRATE, "--output", "{ws}/f.json", "--plot",
+                                                              "{ws}/encoder/model.onnx"], 1,
+         ("--plot", "model.onnx is inside the input", "encoder"), ("encoder",)),
+    Case("calibrate-output-inside-the-export", calibrate_command, [*CALIBRATE, "--output",
+                                                                   "{ws}/encoder/frontier.json"], 1,
+         ("--output", "frontier.json is inside the input"), ("encoder",)),
+    Case("calibrate-plot-is-the-output", calibrate_command, [*CALIBRATE, "--output", "{ws}/f.json", "--plot",
+                                                             "{ws}/f.json"], 1,
+         ("--plot", "f.json is the same file as --output"), ("encoder",)),
+    Case("calibrate-output-is-a-directory", calibrate_command, [*CALIBRATE, "--output", "{ws}/out"], 1,
+         ("--output", "out is a directory"), ("encoder",), lambda ws: (ws / "out").mkdir()),
+    Case("governor-rank-file-over-the-graph", governor_command, [*GOVERN, "--rank-file", "{ws}/encoder/model.onnx"],
+         1, ("--rank-file", "is inside the input"), ("encoder",), no_trip_sysfs),
+    Case("governor-log-over-the-graph", governor_command, [*GOVERN, "--log", "{ws}/encoder/model.onnx"], 1,
+         ("--log", "is inside the input"), ("encoder",), no_trip_sysfs),
+    Case("governor-log-is-the-rank-file", governor_command, [*GOVERN, "--log", "{ws}/r", "--rank-file", "{ws}/r"], 1,
+         ("--rank-file", "is the same file as --log"), ("encoder",), no_trip_sysfs),
+    Case("simulate-plot-over-the-scenario", governor_command, [*SIM, "--plot", "{ws}/s.toml"], 1,
+         ("--plot", "s.toml is the input"), (), scenario(OK_SCENARIO)),
+    Case("simulate-plot-over-the-policy", governor_command, [*SIM, "--policy", "{ws}/p.toml", "--plot",
+                                                             "{ws}/p.toml"], 1, ("--plot", "p.toml is the input"), (),
+         steps(scenario(OK_SCENARIO), write("p.toml", ""))),
+    # ---- the governor fails safe and starts anywhere ------------------------------------------------
+    Case("governor-default-policy-without-trip-points", governor_command, GOVERN, 0,
+         ("thermal control off", "no passive trip point", "target_c and emergency_c"), ("encoder",), no_trip_sysfs),
+    Case("governor-sensors-say-why-thermal-is-off", governor_command, ["sensors", "--sysfs-root", "{ws}/sys"], 0,
+         ("governor thermal control off", "no passive trip point"), (), no_trip_sysfs),
+    Case("governor-frontier-levels-negative", governor_command, [*GOVERN[:2], "{ws}/export", *GOVERN[3:], "--policy",
+                                                                 "{ws}/p.toml"], 1,
+         ("f.json", "levels[0] = -5 must be an integer in [1,"), ("export",),
+         steps(no_trip_sysfs, frontier_file({"levels": [-5, 0, 16]}), write("p.toml", '[levels]\nfrontier = "f.json"'))),
+    Case("governor-frontier-levels-above-the-model", governor_command, [*GOVERN[:2], "{ws}/export", *GOVERN[3:],
+                                                                        "--policy", "{ws}/p.toml"], 1,
+         ("f.json", "levels", "within [1, 16]"), ("export",),
+         steps(no_trip_sysfs, frontier_file({"levels": [2, 999]}), write("p.toml", '[levels]\nfrontier = "f.json"'))),
+    Case("governor-safe-rank-above-the-model", governor_command, [*SIM, "--policy", "{ws}/p.toml"], 1,
+         ("safe_rank = 99999 must be in [0, 448]",), (),
+         steps(scenario(OK_SCENARIO), write("p.toml", "[levels]\nsafe_rank = 99999"))),
+    Case("governor-policy-ranks-above-the-model", governor_command, [*SIM, "--policy", "{ws}/p.toml"], 1,
+         ("ranks go to 99999", "maximum rank 448"), (),
+         steps(scenario(OK_SCENARIO), write("p.toml", "[levels]\nranks = [8, 99999]"))),
+    # ---- no hangs: FIFOs, NaN and unbounded durations -----------------------------------------------
+    Case("governor-sensors-fifo-temp", governor_command, ["sensors", "--sysfs-root", "{ws}/sys"], 0,
+         ("cpu-thermal", "unreadable"), (),
+         steps(write("sys/sys/class/thermal/thermal_zone0/type", "cpu-thermal\n"),
+               fifo("sys/sys/class/thermal/thermal_zone0/temp"))),
+    Case("governor-sensors-fifo-type", governor_command, ["sensors", "--sysfs-root", "{ws}/sys"], 0,
+         ("absent thermal zones",), (),
+         steps(fifo("sys/sys/class/thermal/thermal_zone0/type"),
+               write("sys/sys/class/thermal/thermal_zone0/temp", "40000\n"))),
+    Case("governor-policy-fifo", governor_command, [*SIM, "--policy", "{ws}/p.toml"], 1,
+         ("p.toml", "not a regular file"), (), steps(scenario(OK_SCENARIO), fifo("p.toml"))),
+    Case("governor-scenario-fifo", governor_command, SIM, 1, ("s.toml", "not a regular file"), (), fifo("s.toml")),
+    Case("governor-scenario-is-a-directory", governor_command, SIM, 1, ("s.toml", "is a directory"), (),
+         lambda ws: (ws / "s.toml").mkdir()),
+    Case("governor-run-nan-duration", governor_command, ["run", "--model", "{ws}/encoder", "--duration-s", "nan"], 2,
+         ("--duration-s", "not a finite number"), ("encoder",)),
+    Case("governor-run-infinite-duration", governor_command, ["run", "--model", "{ws}/encoder", "--duration-s",
+                                                              "inf"], 2, ("--duration-s", "inf is not"),
+         ("encoder",)),
+    Case("governor-sysfs-root-missing", governor_command, ["sensors", "--sysfs-root", "{ws}/none"], 1,
+         ("sysfs root", "none does not exist"), ()),
+    Case("governor-sysfs-root-is-a-file", governor_command, ["sensors", "--sysfs-root", "{ws}/f"], 1,
+         ("sysfs root", "is not a directory"), (), write("f", "x")),
+    Case("calibrate-nan-budget", calibrate_command, ["{ws}/encoder", "--budget-s", "nan"], 2,
+         ("--budget-s", "not a finite number"), ("encoder",)),
+    Case("calibrate-data-is-a-directory", calibrate_command, [*CALIBRATE, "--data", "{ws}/d", "--output",
+                                                              "{ws}/f.json"], 1, ("d is a directory",), ("encoder",),
+         lambda ws: (ws / "d").mkdir(), output="f.json"),
+    Case("calibrate-data-is-a-fifo", calibrate_command, [*CALIBRATE, "--data", "{ws}/d.txt", "--output",
+                                                         "{ws}/f.json"], 1, ("d.txt", "not a regular file"),
+         ("encoder",), fifo("d.txt"), output="f.json"),
+    Case("trt-plan-huge-max-seq", trt_command, ["plan", "{ws}/export", "--max-seq", "1" + "0" * 23], 2,
+         ("--max-seq", "1<=x<=1048576"), ("export",)),
+    Case("trt-plan-range-from-zero", trt_command, ["plan", "{ws}/export", "--profiles", "0-10,11-16"], 2,
+         ("range 0-10 starts below rank 1",), ("export",)),
+    Case("trt-plan-frontier-names-itself", trt_command, ["plan", "{ws}/export", "--profiles", "{ws}/f.json"], 1,
+         ("profiles = 'f.json' must be a string like",), ("export",), frontier_file({"profiles": "f.json"})),
+    Case("trt-plan-frontier-empty-latency", trt_command, ["plan", "{ws}/export", "--profiles", "{ws}/f.json"], 1,
+         ("rows[0].latency_ms = {} must be a table",), ("export",),
+         frontier_file({"rows": [{"rank": 2, "flops_fraction": 0.1, "quality": 1, "latency_ms": {}}]})),
+    # ---- scenario files: one schema, physical ranges, unknown keys named ------------------------------
+    *[Case(f"scenario-{name}", governor_command, SIM, 1, words, (), scenario(text)) for name, text, words in [
+        ("duration-infinite", "duration_s = inf", ("duration_s = inf must be a number in (0, 86400] s",)),
+        ("duration-huge", "duration_s = 1e9", ("duration_s = 1000000000.0 must be",)),
+        ("duration-zero", "duration_s = 0", ("duration_s = 0 must be a number in (0,",)),
+        ("device-not-a-table", "duration_s = 60\ndevice = 5", ("device = 5 must be a table",)),
+        ("schedule-empty", "duration_s = 60\n[ambient]\nschedule = []", ("ambient.schedule = [] must be a list of 1",)),
+        ("schedule-short-point", "duration_s = 60\n[ambient]\nschedule = [[0]]",
+         ("ambient.schedule[0] = [0] must be [time_s, ambient_c]",)),
+        ("schedule-text", 'duration_s = 60\n[ambient]\nschedule = [["a", "b"]]', ("schedule[0][0] (time_s) = 'a'",)),
+        ("schedule-nan", "duration_s = 60\n[ambient]\nschedule = [[0, nan]]", ("schedule[0][1] (ambient_c) = nan",)),
+        ("schedule-backwards", "duration_s = 60\n[ambient]\nschedule = [[30, 20.0], [10, 25.0]]",
+         ("ambient.schedule times must not decrease",)),
+        ("capacity-text", 'duration_s = 60\n[battery]\ncapacity_wh = "big"',
+         ("battery.capacity_wh = 'big' must be a number in (0, 10000] Wh",)),
+        ("capacity-zero", "duration_s = 60\n[battery]\ncapacity_wh = 0", ("battery.capacity_wh = 0 must be",)),
+        ("capacity-negative", "duration_s = 60\n[battery]\ncapacity_wh = -1", ("battery.capacity_wh = -1 must be",)),
+        ("initial-pct-500", "duration_s = 60\n[battery]\ncapacity_wh = 30\ninitial_pct = 500",
+         ("battery.initial_pct = 500 must be a number in [0, 100] %",)),
+        ("heat-capacity-zero", "duration_s = 60\n[device]\nc_j_per_c = 0", ("device.c_j_per_c = 0 must be",)),
+        ("heat-capacity-negative", "duration_s = 60\n[device]\nc_j_per_c = -5", ("device.c_j_per_c = -5 must be",)),
+        ("max-rank-zero", "duration_s = 60\n[model]\nmax_rank = 0", ("model.max_rank = 0 must be an integer in [1,",)),
+        ("max-rank-negative", "duration_s = 60\n[model]\nmax_rank = -4", ("model.max_rank = -4 must be",)),
+        ("max-rank-huge", "duration_s = 60\n[model]\nmax_rank = 100000000", ("model.max_rank = 100000000 must be",)),
+        ("negative-demand", "duration_s = 60\n[load]\ndemand_tokens_per_s = [[0, -3.0]]",
+         ("demand_tokens_per_s[0][1] (tokens_per_s) = -3.0 must be",)),
+        ("quality-lengths", "duration_s = 60\n[quality]\nranks = [8, 16]\nvalues = [0.5]",
+         ("quality.ranks has 2 entries and quality.values 1",)),
+        ("unknown-fault-key", "duration_s = 60\n[faults]\ndropout = [[1, 2]]",
+         ("unknown key 'faults.dropout'", "did you mean 'dropouts'?")),
+        ("unknown-battery-key", "duration_s = 60\n[battery]\ncapacity_w = 30",
+         ("unknown key 'battery.capacity_w'", "did you mean 'capacity_wh'?")),
+        ("unknown-section", "duration_s = 60\n[weather]\nrain = true", ("unknown key 'weather'",)),
+        ("window-backwards", "duration_s = 60\n[faults]\ndropouts = [[20, 10]]",
+         ("faults.dropouts has a window that ends before it starts",)),
+    ]],
+    # ---- engine.json: one schema ----------------------------------------------------------------------
+    Case("engine-plan-is-a-list", trt_command, ["inspect", "{ws}/engine"], 1,
+         ("engine.json", "plan = [1, 2] must be a table", "rebuild the engine"), ("export",),
+         engine_manifest(lambda m: m.update(plan=[1, 2]))),
+    Case("engine-shapes-as-text", trt_command, ["inspect", "{ws}/engine"], 1,
+         ("plan.profiles[0].shapes = 'big' must be a table",), ("export",),
+         engine_manifest(lambda m: m["plan"]["profiles"][0].update(shapes="big"))),
+    Case("engine-negative-bounds", trt_command, ["inspect", "{ws}/engine"], 1,
+         ("plan.bounds.max_seq = -3 must be an integer in [1,",), ("export",),
+         engine_manifest(lambda m: m["plan"]["bounds"].update(max_seq=-3))),
+    Case("engine-unknown-task", trt_command, ["inspect", "{ws}/engine"], 1,
+         ("plan.task = 'translation' must be one of",), ("export",),
+         engine_manifest(lambda m: m["plan"].update(task="translation"))),
+    Case("engine-deeply-nested", trt_command, ["inspect", "{ws}/engine"], 1, ("engine.json", "nested too deeply"),
+         ("export",), engine_manifest(text='{"format_version": 1, "plan": ' + "[" * 100_000 + "]" * 100_000 + "}")),
+    Case("engine-without-max-rank", trt_command, ["run", "{ws}/engine", "--prompt", "w1"], 1,
+         ("engine.json", "lacks nsn.max_rank", "re-export"), ("export",),
+         engine_manifest(lambda m: m["nsn"].pop("nsn.max_rank"))),
+]
 
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under ``root`` with its type, size and modification time (symlinks not followed)."""
@@ -412,6 +616,44 @@ def test_embed_of_nothing_is_an_empty_matrix(sources):
     from deploy import NSNSession
 
     assert NSNSession(sources["encoder"]).embed([]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("model, call, words", [
+    ("encoder", lambda s: s.embed([None]), "input 0 must be a list of integers, got NoneType"),
+    ("encoder", lambda s: s.embed(["w1", [1, 2]]), "not a mix of both"),
+    ("encoder", lambda s: s.embed(["w1"], max_length=100000), "max_length must be an integer in [1, 128]"),
+    ("encoder", lambda s: s.embed(["w1"], max_length=0), "max_length must be an integer in [1, 128]"),
+    ("encoder", lambda s: s.embed([[5, 96]]), "input 0 must be in [0, 95] (the model's vocabulary), got 96"),
+    ("encoder", lambda s: s.embed(["w1"], batch_size=0), "batch_size must be an integer >= 1"),
+    ("export", lambda s: s.generate([99999]), "must be in [0, 95] (the model's vocabulary), got 99999"),
+    ("export", lambda s: s.generate([-5]), "got -5"),
+    ("export", lambda s: s.generate([1], top_k=-1, do_sample=True), "top_k must be an integer >= 0"),
+    ("export", lambda s: s.generate([True]), "must be integers in [0, 95], got True"),
+])
+def test_the_python_api_refuses_bad_values_naming_the_range(sources, model, call, words):
+    from deploy import NSNSession
+
+    with pytest.raises(ValueError) as error:
+        call(NSNSession(sources[model]))
+    assert words in str(error.value)
+
+
+def test_session_and_policy_constructors_refuse_bad_values(sources):
+    from deploy import NSNSession
+    from deploy.governor import policy_from_dict
+
+    with pytest.raises(ValueError, match=r"intra_op_threads must be an integer >= 0"):
+        NSNSession(sources["encoder"], intra_op_threads=-1)
+    with pytest.raises(ValueError, match=r"p.toml: the file is null; it must be a table"):
+        policy_from_dict(None, "p.toml")
+
+
+def test_embed_takes_token_ids_and_matches_the_text_it_encodes(sources):
+    from deploy import NSNSession
+
+    session = NSNSession(sources["encoder"])
+    ids = [session.tokenizer.encode(text).ids for text in tiny_text(3, 5)]
+    np.testing.assert_allclose(session.embed(ids), session.embed(tiny_text(3, 5)), atol=1e-6)
 
 
 def test_embed_reports_truncation_and_keeps_order(sources):

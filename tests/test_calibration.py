@@ -80,15 +80,22 @@ def test_a_frontier_of_another_model_or_version_is_refused_naming_file_and_field
     with pytest.raises(ValueError, match=r"frontier.json: field 'model.graph_sha256'.*another model"):
         read_frontier(out, exported("llama")[0].path)
     data = json.loads(out.read_text())
-    for change, words in [({"format_version": 9}, "format_version 9"), ({"rows": []}, "'rows' must be"),
-                          ({"levels": None, "rows": [{"rank": 1}]}, "rows[0] lacks")]:
+    for change, words in [({"format_version": 9}, "format_version 9"), ({"rows": []}, "rows = [] must be a list"),
+                          ({"rows": [{"rank": 1}]}, "rows[0].flops_fraction is missing"),
+                          ({"levels": [-5, 0, 16]}, "levels[0] = -5 must be an integer in [1,"),
+                          ({"levels": [16, 2]}, "'levels' = [16, 2] must be distinct ranks in ascending order"),
+                          ({"levels": [2, 400]}, "within [1, 16]"),
+                          ({"profiles": "frontier.json"}, "profiles = 'frontier.json' must be a string like"),
+                          ({"rows": [{**data["rows"][0], "latency_ms": {}}]}, "latency_ms = {} must be a table"),
+                          ({"rows": [{**data["rows"][0], "lantency": 1}]}, "did you mean 'latency_ms'?"),
+                          ({"shapes": "x"}, "shapes = 'x' must be a table")]:
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**data, **change}))
         with pytest.raises(ValueError, match=re.escape(words)):
             read_frontier(bad)
     missing = {k: v for k, v in data.items() if k != "profiles"}
     (tmp_path / "bad.json").write_text(json.dumps(missing))
-    with pytest.raises(ValueError, match="bad.json: field 'profiles' is missing"):
+    with pytest.raises(ValueError, match="bad.json: profiles is missing"):
         read_frontier(tmp_path / "bad.json")
 
 

@@ -146,7 +146,7 @@ def test_run_command_generates_and_embeds(exported):
     assert result.exit_code == 0, result.output
     assert result.output.count("embedding[32]") == 2
     bad = runner.invoke(run_command, [str(encoder.path.parent), "--ranks", "99", "--text", "w1"])
-    assert bad.exit_code == 1 and "[1, 16]" in bad.output
+    assert bad.exit_code == 2 and "[1, 16]" in bad.output  # a bad option value
 
 
 def test_cuda_is_preferred_when_onnxruntime_gpu_offers_it_and_views_stay_off_there(exported, monkeypatch):

@@ -4,6 +4,7 @@ through time, the loop's safety, the simulator's numbers, and a governed NSNSess
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -186,7 +187,64 @@ def test_manual_override_by_api_and_by_file(tmp_path):
     rank_file.write_text("16\n")
     assert governor.step(1).rank == 16
     rank_file.write_text("oops")
-    assert governor.step(2).rank == 16 and "ignored" in governor.step(3).ceilings[-1]["reason"]
+    assert governor.step(2).rank == 4 and "not a rank in [1, 64]: safe rank" in governor.step(3).ceilings[-1]["reason"]
+    rank_file.unlink()
+    assert governor.step(4).rank == 8  # released: back to the API's override
+
+
+@pytest.mark.parametrize("content", ["\u00b2", "9" * 5000, "-3", "0", None])
+def test_a_bad_manual_rank_file_holds_the_safe_rank_and_is_reported_once(tmp_path, caplog, content):
+    rank_file = tmp_path / "manual"
+    if content is None:
+        rank_file.mkdir()  # a directory where the rank file should be
+    else:
+        rank_file.write_text(content)
+    policy = {**POLICY, "levels": {**POLICY["levels"], "safe_rank": 8}, "manual": {"rank_file": str(rank_file)}}
+    governor, target = governor_for(lambda now: Readings(now, {"tj-thermal": 60.0}), policy)
+    with caplog.at_level("WARNING", logger="nsn.governor"):
+        ranks = [governor.step(t).rank for t in range(50)]
+    assert set(ranks) == {8} and target.ranks[-1] == 8 and governor.failures == 0
+    assert len([r for r in caplog.records if "manual rank file" in r.getMessage()]) == 1
+
+
+def test_a_failing_set_rank_leaves_the_model_at_the_safe_rank():
+    class Refuses:
+        rank = None
+
+        def set_rank(self, rank):
+            if rank != 8:
+                raise ValueError(f"rank must be in [1, 8], got {rank}")
+            self.rank = rank
+
+    policy = {**POLICY, "levels": {**POLICY["levels"], "safe_rank": 8}}
+    target = Refuses()
+    governor = Governor(ScriptedSensors(lambda now: Readings(now, {"tj-thermal": 60.0})), policy_from_dict(policy),
+                        target, 64, lambda r: r / 64)
+    assert target.rank == 8 and governor.rank == 8 and governor.failures == 1
+
+
+def test_a_missing_temperature_gives_the_policy_safe_rank_not_the_lowest():
+    policy = {**POLICY, "levels": {**POLICY["levels"], "safe_rank": 16}}
+    governor, target = governor_for(lambda now: Readings(now, {"tj-thermal": None}), policy)
+    decision = governor.step(0)
+    assert decision.rank == 16 and target.ranks[-1] == 16 and "safe rank" in decision.ceilings[0]["reason"]
+
+
+@pytest.mark.parametrize("policy, words", [
+    ({"levels": {"safe_rank": 99999}}, "safe_rank = 99999 must be in [0, 64]"),
+    ({"levels": {"ranks": [8, 99999]}}, "ranks go to 99999, above the model's maximum rank 64"),
+])
+def test_levels_and_safe_rank_above_the_model_are_refused(policy, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Governor(ScriptedSensors(lambda now: Readings(now)), policy_from_dict(policy), None, 64, lambda r: r / 64)
+
+
+def test_override_takes_a_rank_or_none():
+    governor, _ = governor_for(lambda now: Readings(now, {"tj-thermal": 60.0}), POLICY)
+    for bad in ("x", 0, 65, 2.5):
+        with pytest.raises(ValueError, match=r"override rank must be"):
+            governor.override(bad)
+    governor.override(None)
 
 
 def test_decisions_go_to_a_json_lines_log_and_the_rank_to_a_file(tmp_path):
@@ -208,8 +266,12 @@ def test_decisions_go_to_a_json_lines_log_and_the_rank_to_a_file(tmp_path):
     ({"thermal": {"target_c": "hot", "emergency_c": 80}}, "target_c = 'hot'"),
     ({"battery": {"ladder": [[120, 0.5]]}}, "ladder"),
     ({"levels": {"ranks": [0, 8]}}, "ranks"),
-    ({"levels": {"dwell": 3}}, "unknown key(s) ['dwell']"),
-    ({"fan": {}}, "unknown section(s) ['fan']"),
+    ({"levels": {"dwell": 3}}, "unknown key 'levels.dwell'; did you mean 'min_dwell_s'?"),
+    ({"fan": {}}, "unknown key 'fan'"),
+    ({"levels": {"safe_rank": 1.5}}, "safe_rank = 1.5 must be an integer"),
+    ({"thermal": {"target_c": float("nan"), "emergency_c": 80}}, "target_c = nan must be a number in [-40, 150] degC"),
+    ({"battery": {"ladder": [["a", 1.0]]}}, "ladder[0][0] (capacity_pct) = 'a'"),
+    ({"battery": {"ladder": [[True, 0.5]]}}, "ladder[0][0] (capacity_pct) = True"),
 ])
 def test_policy_files_are_validated_naming_the_key(policy, words):
     with pytest.raises(ValueError) as error:
@@ -323,3 +385,11 @@ def test_simulate_command_prints_the_table_and_draws_the_plot(tmp_path):
     report = json.loads(result.output)
     assert [r["run"] for r in report["runs"]][:2] == ["governor", "fixed full rank 448"]
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_policy_frontier_path_is_resolved_against_the_policy_file(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "p.toml").write_text('[levels]\nfrontier = "frontier.json"\n')
+    monkeypatch.chdir(tmp_path)  # not the policy's directory
+    assert load_policy(tmp_path / "conf" / "p.toml").frontier == str(tmp_path / "conf" / "frontier.json")
+    assert policy_from_dict({"levels": {"frontier": "/abs/f.json"}}, base_dir=tmp_path).frontier == "/abs/f.json"

@@ -547,3 +547,28 @@ def test_the_jetson_selfcheck_runs_every_step_and_writes_a_report(exported, tmp_
     assert steps["governor sensors"]["ina3221_rails_ma"] == {"VDD_IN": "1234"}
     assert set(steps["decode latency and switch cost"]["decode_ms_by_rank"]) == {"1", "8", "9", "16"}
     assert "[PASS] generation switching ranks" in capsys.readouterr().out
+
+
+def test_the_selfcheck_without_tensorrt_reports_fail_per_step_and_writes_the_report(exported, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import importlib.util
+
+    from deploy.tensorrt.cuda import TensorRTUnavailable
+
+    spec = importlib.util.spec_from_file_location("selfcheck", Path(__file__).parents[1] / "scripts" /
+                                                  "jetson_selfcheck.py")
+    selfcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selfcheck)
+
+    def missing():
+        raise TensorRTUnavailable("TensorRT is not installed")
+
+    monkeypatch.setattr(selfcheck, "import_tensorrt", missing)
+    report = tmp_path / "report.json"
+    code = selfcheck.main(["--export", str(exported("llama")[0].path.parent), "--work", str(tmp_path / "work"),
+                           "--report", str(report)], root=tmp_path)
+    steps = {s["step"]: s["status"] for s in json.loads(report.read_text())["steps"]}
+    assert code == 1
+    assert steps == {"import tensorrt": "FAIL", "platform": "FAIL", "export": "PASS", "nsn-trt check": "PASS",
+                     "build two rank ranges": "FAIL", "governor sensors": "PASS"}
+    assert "[FAIL] import tensorrt" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import user_errors
+from ..cli import FiniteFloat, user_errors
 
 
 @click.group()
@@ -25,12 +25,14 @@ def sensors_command(sysfs_root, as_json):
     """What the governor finds and reads here, and what is missing."""
     from dataclasses import asdict
 
+    from .config import load_policy
     from .sensors import SysfsSensors
 
     sensors = SysfsSensors(sysfs_root)
     found, readings = sensors.describe(), asdict(sensors.read())
+    thermal = thermal_control(sensors, load_policy().thermal["zones"])
     if as_json:
-        click.echo(json.dumps({"found": found, "readings": readings}, indent=1))
+        click.echo(json.dumps({"found": found, "readings": readings, "thermal_control": thermal}, indent=1))
         return
     for zone, info in found["thermal_zones"].items():
         value = readings["temps_c"].get(zone)
@@ -45,6 +47,17 @@ def sensors_command(sysfs_root, as_json):
                    f"power {readings['battery_power_w']} W, energy {readings['battery_energy_wh']} Wh")
     for kind in found["absent"]:
         click.echo(f"absent   {kind}")
+    click.echo(f"governor thermal control {'on' if thermal['on'] else 'off'}: {thermal['reason']}")
+
+
+def thermal_control(sensors, zones: list[str]) -> dict:
+    """Whether the shipped policy's thermal control can run here, and why (its trip point)."""
+    trip = sensors.trip_c(zones)
+    if trip is None:
+        return {"on": False, "trip_c": None, "reason": f"no passive trip point in zones {zones}; give target_c and "
+                                                       f"emergency_c in the policy's [thermal] to turn it on"}
+    return {"on": True, "trip_c": trip, "reason": f"holds {trip - 3:.1f} degC, 3 degC below the passive trip "
+                                                  f"point {trip:.1f} degC"}
 
 
 @governor_command.command("run")
@@ -56,23 +69,26 @@ def sensors_command(sysfs_root, as_json):
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None, help="JSON-lines decision log")
 @click.option("--rank-file", type=click.Path(path_type=Path), default=None,
               help="write the chosen rank here atomically (for an application in another process)")
-@click.option("--period-s", default=1.0, type=click.FloatRange(min=0.01), help="seconds between governor ticks")
-@click.option("--duration-s", default=None, type=click.FloatRange(min=0), help="stop after this long")
+@click.option("--period-s", default=1.0, type=FiniteFloat(0.01, 3600), help="seconds between governor ticks")
+@click.option("--duration-s", default=None, type=FiniteFloat(0, 1e9), help="stop after this long")
 @click.option("--prompt", default="The robot", help="text generated continuously (decoders)")
 @click.option("--text", default="Robots adapt their compute to the battery.", help="text embedded (encoders)")
 @user_errors
 def run_command(model_dir, policy_path, sysfs_root, log_path, rank_file, period_s, duration_s, prompt, text):
     """Run the model continuously under the governor; print rank, temperature, power, tokens/s."""
+    from ..atomic import check_output_files
     from .config import load_policy
     from .loop import Governor
     from .sensors import SysfsSensors
 
+    check_output_files({"--log": log_path, "--rank-file": rank_file}, [model_dir, policy_path])
     policy = load_policy(policy_path)
     runtime = open_runtime(model_dir)
     sensors = SysfsSensors(sysfs_root)
     governor = Governor(sensors, policy, runtime, runtime.info.max_rank, runtime.info.flops, log_path=log_path,
                         rank_file=rank_file)
-    click.echo(json.dumps({"sensors": sensors.describe(), "levels": governor.levels.ranks}), err=True)
+    click.echo(json.dumps({"sensors": sensors.describe(), "levels": governor.levels.ranks, "notes": governor.notes}),
+               err=True)
     governor.start(period_s)
     start = last_print = time.monotonic()
     try:
@@ -173,17 +189,25 @@ def open_runtime(model_dir: Path):
 def simulate_command(scenario_path, policy_path, as_json, plot_path):
     """Run the governor and the baselines on a simulated device (SCENARIO.toml; see
     deploy/governor/scenarios/)."""
+    from ..atomic import check_output_files
     from .config import load_policy
     from .simulator import load_scenario, simulate
 
     scenario = load_scenario(scenario_path)
-    policy = load_policy(policy_path or scenario.policy)
+    policy_path = policy_path or scenario.policy
+    check_output_files({"--plot": plot_path}, [scenario_path, policy_path])
+    policy = load_policy(policy_path)
     report = simulate(scenario, policy, keep_trace=plot_path is not None)
-    trace = report.pop("trace")
+    report.pop("trace")
+    traces = report.pop("traces")
+    failures = report["governor"]["failures"]
+    if failures:  # a verdict over failing ticks would be a verdict on the safe rank, not on the policy
+        raise click.ClickException(f"{failures} governor tick(s) failed in {scenario_path} (each applied the safe "
+                                   f"rank); no verdict. Run with a policy that loads and check the log above")
     if plot_path is not None:
-        plot(trace, scenario, plot_path)
+        plot(traces, scenario, plot_path)
     if as_json:
-        click.echo(json.dumps(report, indent=1))
+        click.echo(json.dumps(report, indent=1, allow_nan=False))
         return
     click.echo(f"{report['scenario']} on {report['device']}, {report['duration_s']:.0f} s; levels {report['levels']}")
     columns = ["run", "tokens", "quality_tokens", "seconds_above_trip", "max_temp_c", "seconds_throttled", "switches",
@@ -194,7 +218,9 @@ def simulate_command(scenario_path, policy_path, as_json, plot_path):
         click.echo("  ".join(str(row[c]).rjust(widths[c]) for c in columns))
 
 
-def plot(trace, scenario, path: Path) -> None:
+def plot(traces: dict, scenario, path: Path) -> None:
+    """Temperature, rank (and battery) against time: the governor bold, the baselines beside it,
+    fault and burst windows shaded; the rank axis spans [1, max rank] so a flat line looks flat."""
     try:
         import matplotlib
 
@@ -202,24 +228,36 @@ def plot(trace, scenario, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'nsn-export[plot]'") from None
-    from ..atomic import atomic_file
-
-    times = [t / 60 for t, *_ in trace]
-    figure, axes = plt.subplots(3 if scenario.battery_wh else 2, 1, sharex=True, figsize=(8, 6))
-    axes[0].plot(times, [temp for _, temp, _, _ in trace], label="temperature")
-    axes[0].axhline(scenario.device.passive_trip_c, color="red", linestyle="--", label="passive trip")
-    axes[0].set_ylabel("degC")
-    axes[0].legend(loc="lower right")
-    axes[1].step(times, [rank for _, _, rank, _ in trace], where="post")
-    axes[1].set_ylabel("rank")
-    if scenario.battery_wh:
-        axes[2].plot(times, [battery for *_, battery in trace])
-        axes[2].set_ylabel("battery %")
-    axes[-1].set_xlabel("minutes")
-    figure.suptitle(scenario.name)
-    figure.tight_layout()
     import io
 
+    from ..atomic import atomic_file
+
+    figure, axes = plt.subplots(3 if scenario.battery_wh else 2, 1, sharex=True, figsize=(9, 7))
+    for name, trace in traces.items():
+        style = {"linewidth": 2.0, "color": "black", "zorder": 3} if name == "governor" else {"linewidth": 0.9,
+                                                                                             "alpha": 0.7}
+        times = [t / 60 for t, *_ in trace]
+        axes[0].plot(times, [temp for _, temp, _, _ in trace], label=name, **style)
+        axes[1].step(times, [rank for _, _, rank, _ in trace], where="post", **style)
+        if scenario.battery_wh:
+            axes[2].plot(times, [battery for *_, battery in trace], **style)
+    for start, end, *_ in scenario.bursts:
+        for axis in axes:
+            axis.axvspan(start / 60, end / 60, color="tab:orange", alpha=0.12, linewidth=0)
+    for start, end in scenario.dropouts + scenario.garbage:
+        for axis in axes:
+            axis.axvspan(start / 60, end / 60, color="tab:red", alpha=0.15, linewidth=0)
+    axes[0].axhline(scenario.device.passive_trip_c, color="red", linestyle="--", label="passive trip")
+    axes[0].set_ylabel("degC")
+    axes[0].legend(loc="lower right", fontsize=7)
+    axes[1].set_ylim(1, scenario.max_rank * 1.02)
+    axes[1].set_ylabel("rank")
+    if scenario.battery_wh:
+        axes[2].set_ylim(0, 100)
+        axes[2].set_ylabel("battery %")
+    axes[-1].set_xlabel("minutes (shaded: orange bursts, red sensor faults)")
+    figure.suptitle(scenario.name)
+    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)

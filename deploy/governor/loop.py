@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_file
+from ..external_data import read_regular_text
 from ..frontier import primary_latency
+from ..metadata import validate_rank
 from .config import PolicyConfig
 from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, ThermalPolicy
 from .sensors import Readings
@@ -74,7 +77,11 @@ class Governor:
         if self.levels.ranks[-1] > max_rank:
             raise ValueError(f"{config.source}: [levels] ranks go to {self.levels.ranks[-1]}, above the model's "
                              f"maximum rank {max_rank}")
+        if config.safe_rank > max_rank:
+            raise ValueError(f"{config.source}: [levels] safe_rank = {config.safe_rank} must be in [0, {max_rank}] "
+                             f"(0: the lowest level; {max_rank}: the model's maximum rank)")
         self.safe_index = self.level_at_most(config.safe_rank) if config.safe_rank else 0
+        self.notes: list[str] = []  # policies turned off here, and why (shown at start-up)
         self.policies = self._policies(config, trip_c)
         if frontier is not None:
             self._seed_from(frontier, flops_of_rank)
@@ -82,6 +89,7 @@ class Governor:
         self.rank_file = Path(rank_file) if rank_file else None
         self.on_decision = on_decision
         self.manual_rank: int | None = None
+        self._last_warning: str | None = None
         self.index = len(self.levels.ranks) - 1
         self.last_change_s: float | None = None
         self.last_step_s: float | None = None
@@ -103,10 +111,14 @@ class Governor:
             target = config.thermal["target_c"] or (passive - 3.0 if passive is not None else None)
             emergency = config.thermal["emergency_c"] or (passive + 5.0 if passive is not None else None)
             if target is None or emergency is None:
-                raise ValueError(f"{config.source} [thermal]: give target_c and emergency_c (no passive trip point "
-                                 f"was found for zones {zones})")
-            policies.append(ThermalPolicy(target, emergency, zones, config.thermal["kp_per_c"],
-                                          config.thermal["ki_per_c_s"]))
+                # Off a Jetson (a laptop, CI) there may be no trip point: run without thermal control
+                # and say so, rather than refuse to start or hold the safe rank for ever.
+                self.notes.append(f"thermal control off: no passive trip point was found for zones {zones}; "
+                                  f"set target_c and emergency_c in [thermal] of the policy to turn it on")
+                log.warning(self.notes[-1])
+            else:
+                    policies.append(ThermalPolicy(target, emergency, zones, config.thermal["kp_per_c"],
+                                              config.thermal["ki_per_c_s"]))
         if config.battery is not None:
             if config.battery["ladder"]:
                 policies.append(BatteryLadder(config.battery["ladder"], config.battery["hysteresis_pct"]))
@@ -137,23 +149,41 @@ class Governor:
 
     def override(self, rank: int | None) -> None:
         """Manual override: cap the rank at ``rank`` (None releases it). Safety limits still apply."""
-        self.manual_rank = rank
+        self.manual_rank = None if rank is None else validate_rank(rank, self.levels.ranks[-1], "override rank")
 
     def _manual_ceiling(self) -> Ceiling | None:
         rank, source = self.manual_rank, "manual rank"
-        if self.config.rank_file and Path(self.config.rank_file).is_file():
-            text = Path(self.config.rank_file).read_text().strip()
-            if not text.isdigit():
-                return Ceiling(1.0, f"manual rank file {self.config.rank_file} holds {text[:20]!r}, not a rank: ignored")
-            rank, source = int(text), f"manual rank file {self.config.rank_file}"
+        if self.config.rank_file:
+            path = Path(self.config.rank_file)
+            try:
+                text = read_regular_text(path, max_bytes=64).strip()
+            except FileNotFoundError:
+                text = None  # no file: no manual cap
+            except (OSError, ValueError) as error:
+                text = f"<unreadable: {error}>"
+            if text is not None:
+                if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+                    return self._say_once(Ceiling(self.levels.work[self.safe_index],
+                                                  f"manual rank file {path} holds {text[:40]!r}, not a rank in "
+                                                  f"[1, {self.levels.ranks[-1]}]: safe rank", hard=True))
+                rank, source = int(text), f"manual rank file {path}"
+        self._last_warning = None
         if rank is None:
             return None
         return Ceiling(self.levels.work[self.level_at_most(rank)], f"{source}: {rank}", hard=True)
+
+    def _say_once(self, ceiling: Ceiling) -> Ceiling:
+        """Log a ceiling's reason once while it stays the same (not on every tick)."""
+        if ceiling.reason != self._last_warning:
+            log.warning(ceiling.reason)
+            self._last_warning = ceiling.reason
+        return ceiling
 
     def ceilings(self, readings: Readings) -> list[Ceiling]:
         applied = self.levels.work[self.index]
         step_up = self.levels.work[min(self.index + 1, len(self.levels.work) - 1)] * (1 + self.config.up_margin)
         found = [policy.ceiling(readings, applied, step_up) for policy in self.policies]
+        found = [replace(c, work=self.levels.work[self.safe_index]) if c.safe else c for c in found]
         manual = self._manual_ceiling()
         return found + ([manual] if manual else []) or [Ceiling(1.0, "no policy")]
 
@@ -222,12 +252,19 @@ class Governor:
         return plan is not None and plan.profile_for(old, "decode").index != plan.profile_for(new, "decode").index
 
     def _apply(self, index: int) -> None:
+        """Set the level's rank; if that fails, the safe rank (never leave the model where it was)."""
         rank = self.levels.ranks[index]
         try:
             self.target.set_rank(rank)
         except Exception:
             self.failures += 1
-            log.exception("set_rank(%s) failed", rank)
+            log.exception("set_rank(%s) failed; applying the safe rank", rank)
+            self.index = self.safe_index
+            rank = self.levels.ranks[self.safe_index]
+            try:
+                self.target.set_rank(rank)
+            except Exception:
+                log.exception("set_rank(%s) (the safe rank) failed too", rank)
         if self.rank_file is not None:
             try:
                 atomic_file(self.rank_file, f"{rank}\n")

@@ -21,6 +21,7 @@ class Ceiling:
     reason: str
     hard: bool = False  # a safety limit or a manual rank: applies at once, without hysteresis
     average: bool = False  # a limit on the average work (an energy budget), not on every instant
+    safe: bool = False  # no trustworthy reading: the governor puts the policy's safe rank in ``work``
 
 
 class Levels:
@@ -105,7 +106,7 @@ class ThermalPolicy:
         temp = readings.hottest_c(self.zones)
         if temp is None:
             self.last_error_c = None
-            return Ceiling(0.0, f"no valid temperature from {self.zones or 'any zone'}: safe rank", hard=True)
+            return Ceiling(0.0, f"no valid temperature from {self.zones or 'any zone'}: safe rank", hard=True, safe=True)
         if temp >= self.emergency_c:
             self.ceiling_work, self.last_error_c = 0.0, None
             return Ceiling(0.0, f"{temp:.1f} degC >= emergency {self.emergency_c:.1f} degC", hard=True)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..external_data import read_regular_text
+
 TEMP_RANGE_C = (-40.0, 150.0)
 MAX_POWER_W = 1000.0
 
@@ -73,11 +75,13 @@ def parse_milli(text, high=MAX_POWER_W):  # mA -> A, mV -> V
 
 
 def read_text(path: Path | None) -> str | None:
+    """A sysfs value, or ``None`` when it cannot be read. Never blocks: a FIFO (or anything but a
+    regular file) reads as ``None``, and at most a page is read."""
     if path is None:
         return None
     try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        return read_regular_text(path, max_bytes=4096).strip()
+    except (OSError, ValueError):
         return None
 
 
@@ -107,6 +111,9 @@ class SysfsSensors:
 
     def __init__(self, root: str | Path = "/"):
         self.root = Path(root)
+        if not self.root.is_dir():
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise ValueError(f"sysfs root {self.root} {what}; give the directory that holds sys/ (default /)")
         self.zones = self._thermal_zones()
         self.supplies = self._power_supplies()
         self.rails = self._rails()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from ..schema import ListOf, Number, Pair, Table, Text, check, optional
 from .config import PolicyConfig, load_policy, read_toml
 from .loop import Governor, levels_for
 from .sensors import Readings, parse_micro, parse_pct, parse_temp_c
@@ -92,41 +93,87 @@ class Scenario:
         return schedule_value([[r, self.quality[r]] for r in ranks], rank)
 
 
+MAX_DURATION_S = 24 * 3600  # a day of simulated time, one tick per second
+MAX_SIM_RANK = 65_536
+
+
+def schedule(value: Number, name: str) -> ListOf:
+    """``[[time_s, value], ...]``: a piecewise-linear value over time."""
+    return ListOf(Pair((Number(0, MAX_DURATION_S, "s"), value), ("time_s", name)), min_len=1, max_len=10_000)
+
+
+def windows(*extra) -> ListOf:
+    """``[[start_s, end_s, ...], ...]``: time windows (faults, bursts)."""
+    names = ("start_s", "end_s") + tuple(name for name, _ in extra)
+    items = (Number(0, MAX_DURATION_S, "s"), Number(0, MAX_DURATION_S, "s")) + tuple(spec for _, spec in extra)
+    return ListOf(Pair(items, names), max_len=10_000)
+
+
+SCENARIO_SCHEMA = Table({
+    "name": optional(Text(example="heat soak")),
+    "duration_s": Number(0, MAX_DURATION_S, "s", low_open=True),
+    "policy": optional(Text(example="my-policy.toml")),
+    "device": optional(Table({
+        "preset": optional(Text(choices=tuple(PRESETS)), "orin-nx-25w"),
+        "idle_w": optional(Number(0, 1000, "W")),
+        "dynamic_w": optional(Number(0, 1000, "W")),
+        "r_th_c_per_w": optional(Number(0, 100, "degC/W", low_open=True)),
+        "c_j_per_c": optional(Number(0, 1e6, "J/degC", low_open=True)),
+        "passive_trip_c": optional(Number(-40, 150, "degC")),
+        "throttle_clock": optional(Number(0, 1, low_open=True)),
+        "tokens_per_s_full": optional(Number(0, 1e6, "tokens/s", low_open=True)),
+        "fixed_work": optional(Number(0, 0.99)),
+    }), dict),
+    "ambient": optional(Table({"schedule": optional(schedule(Number(-40, 80, "degC"), "ambient_c"))}), dict),
+    "load": optional(Table({"demand_tokens_per_s": optional(schedule(Number(0, 1e6, "tokens/s"), "tokens_per_s")),
+                            "bursts": optional(windows(("extra_tokens_per_s", Number(0, 1e6, "tokens/s"))), list)}),
+                     dict),
+    "battery": optional(Table({"capacity_wh": Number(0, 10_000, "Wh", low_open=True),
+                               "initial_pct": optional(Number(0, 100, "%"), 100.0)})),
+    "faults": optional(Table({"dropouts": optional(windows(), list), "garbage": optional(windows(), list)}), dict),
+    "model": optional(Table({"max_rank": optional(Number(1, MAX_SIM_RANK, integer=True), 448),
+                             "fixed_work": optional(Number(0, 0.99), 0.1)}), dict),
+    "quality": optional(Table({"ranks": ListOf(Number(1, MAX_SIM_RANK, integer=True), min_len=1),
+                               "values": ListOf(Number(0, 1), min_len=1)})),
+})
+
+
 def load_scenario(path: str | Path) -> Scenario:
+    """A validated scenario (``SCENARIO_SCHEMA``); its ``policy`` is resolved against its directory."""
     path = Path(path)
-    data = read_toml(path, f"no such scenario; the shipped ones are in {scenario_dir()}")
-
-    def get(section: str, key: str, default=None, kind=(int, float)):
-        value = data.get(section, {}).get(key, default) if section else data.get(key, default)
-        if value is None or not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"{path}: {f'[{section}] ' if section else ''}{key} = {value!r} is missing or of the "
-                             f"wrong type")
-        return value
-
-    device_data = data.get("device", {})
-    preset = device_data.get("preset", "orin-nx-25w")
-    if preset not in PRESETS:
-        raise ValueError(f"{path}: [device] preset = {preset!r}; known presets: {', '.join(PRESETS)}")
-    overrides = {k: float(v) for k, v in device_data.items() if k != "preset"}
-    unknown = sorted(set(overrides) - set(Device.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"{path}: [device] unknown key(s) {unknown}")
-    device = replace(PRESETS[preset], **overrides)
-    quality = data.get("quality", {})
-    scenario = Scenario(
-        name=str(data.get("name", path.stem)), duration_s=float(get("", "duration_s")), device=device,
-        ambient=get("ambient", "schedule", [[0, 25.0]], list),
-        demand=get("load", "demand_tokens_per_s", [[0, 0.8 * device.tokens_per_s_full]], list),
-        bursts=get("load", "bursts", [], list),
-        battery_wh=data.get("battery", {}).get("capacity_wh"),
-        battery_pct=float(data.get("battery", {}).get("initial_pct", 100.0)),
-        dropouts=get("faults", "dropouts", [], list), garbage=get("faults", "garbage", [], list),
-        max_rank=int(get("model", "max_rank", 448)), model_fixed_work=float(get("model", "fixed_work", 0.1)),
-        quality={int(r): float(q) for r, q in zip(quality.get("ranks", []), quality.get("values", []))},
-        policy=str(path.parent / data["policy"]) if "policy" in data else None)
-    if scenario.duration_s <= 0:
-        raise ValueError(f"{path}: duration_s must be > 0")
-    return scenario
+    data = check(read_toml(path, f"no such scenario; the shipped ones are in {scenario_dir()}"), SCENARIO_SCHEMA,
+                 str(path))
+    device_data = data["device"]
+    device = replace(PRESETS[device_data["preset"]],
+                     **{k: float(v) for k, v in device_data.items() if k != "preset" and v is not None})
+    ambient = data["ambient"]["schedule"] or [[0, 25.0]]
+    demand = data["load"]["demand_tokens_per_s"] or [[0, 0.8 * device.tokens_per_s_full]]
+    for key, points in (("ambient.schedule", ambient), ("load.demand_tokens_per_s", demand)):
+        if any(b[0] < a[0] for a, b in zip(points, points[1:])):
+            raise ValueError(f"{path}: {key} times must not decrease; list the points in time order")
+    for key, spans in (("load.bursts", data["load"]["bursts"]), ("faults.dropouts", data["faults"]["dropouts"]),
+                       ("faults.garbage", data["faults"]["garbage"])):
+        if any(span[1] < span[0] for span in spans):
+            raise ValueError(f"{path}: {key} has a window that ends before it starts; write [start_s, end_s]")
+    model, quality = data["model"], data["quality"]
+    if quality is not None:
+        if len(quality["ranks"]) != len(quality["values"]):
+            raise ValueError(f"{path}: quality.ranks has {len(quality['ranks'])} entries and quality.values "
+                             f"{len(quality['values'])}; give one value per rank")
+        if max(quality["ranks"]) > model["max_rank"]:
+            raise ValueError(f"{path}: quality.ranks go to {max(quality['ranks'])}, above model.max_rank "
+                             f"{model['max_rank']}")
+    battery = data["battery"]
+    return Scenario(
+        name=data["name"] or path.stem, duration_s=float(data["duration_s"]), device=device,
+        ambient=ambient, demand=demand,
+        bursts=data["load"]["bursts"],
+        battery_wh=None if battery is None else float(battery["capacity_wh"]),
+        battery_pct=100.0 if battery is None else float(battery["initial_pct"]),
+        dropouts=data["faults"]["dropouts"], garbage=data["faults"]["garbage"],
+        max_rank=model["max_rank"], model_fixed_work=float(model["fixed_work"]),
+        quality={} if quality is None else dict(zip(quality["ranks"], map(float, quality["values"]))),
+        policy=str(path.parent / data["policy"]) if data["policy"] else None)
 
 
 def scenario_dir() -> Path:
@@ -276,14 +323,16 @@ def simulate(scenario: Scenario, policy: PolicyConfig | None = None, keep_trace:
         device.set_rank(high if device.temp_c < target_c else low)
 
     runs = [run_scenario(scenario, "governor", governed, high, keep_trace=keep_trace),
-            run_scenario(scenario, f"fixed full rank {high}", fixed(high), high),
-            run_scenario(scenario, f"fixed minimum rank {low}", fixed(low), low),
-            run_scenario(scenario, "threshold, no hysteresis", threshold, high)]
-    constant = [run_scenario(scenario, f"oracle: constant rank {r}", fixed(r), r) for r in levels.ranks]
+            run_scenario(scenario, f"fixed full rank {high}", fixed(high), high, keep_trace=keep_trace),
+            run_scenario(scenario, f"fixed minimum rank {low}", fixed(low), low, keep_trace=keep_trace),
+            run_scenario(scenario, "threshold, no hysteresis", threshold, high, keep_trace=keep_trace)]
+    constant = [run_scenario(scenario, f"oracle: constant rank {r}", fixed(r), r, keep_trace=keep_trace)
+                for r in levels.ranks]
     safe = [r for r in constant if r.seconds_above_trip == 0 and (scenario.battery_wh is None or
                                                                   r.battery_empty_s is None)]
     runs.append(max(safe, key=lambda r: r.quality_tokens) if safe else constant[0])
     return {"scenario": scenario.name, "device": scenario.device.name, "duration_s": scenario.duration_s,
             "levels": levels.ranks, "runs": [r.summary() for r in runs],
             "governor": {"failures": holder["governor"].failures, "switches": holder["governor"].switches},
-            "trace": runs[0].trace if keep_trace else None}
+            "trace": runs[0].trace if keep_trace else None,
+            "traces": {r.name: r.trace for r in runs} if keep_trace else None}

@@ -75,6 +75,10 @@ class NSNSession(NSNRuntime):
         self.model_dir = self.model_path.parent
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
+                                             or intra_op_threads < 0):
+            raise ValueError(f"intra_op_threads must be an integer >= 0 (0 or None: ONNX Runtime's default), got "
+                             f"{intra_op_threads!r}")
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         providers = providers or default_providers()

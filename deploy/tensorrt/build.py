@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_directory, atomic_file, check_output
+from ..atomic import atomic_directory, atomic_file, check_output, check_output_files
 from ..external_data import load_graph
 from ..frontier import graph_sha256
 from .compat import check_graph
@@ -162,6 +162,7 @@ def build_engine(export_dir: str | Path, output_dir: str | Path, plan: EnginePla
     export_dir, output_dir = Path(export_dir), Path(output_dir)
     model_path = export_dir / "model.onnx"
     check_output(output_dir, [export_dir], overwrite=True)
+    check_output_files({"--timing-cache": options.timing_cache}, [export_dir, output_dir])
     options.check(len(plan.profiles))
     model = load_graph(model_path)  # every weight location confined to the export before TensorRT reads it
     problems = check_graph(model_path)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import click
 
-from ..cli import parse_ranks, user_errors
+from ..cli import checked_ranks, parse_ranks, user_errors
 from ..external_data import model_file
 from .plan import ShapeBounds
+
+MAX_TOKENS = 1 << 20  # a million tokens: beyond any context a device engine is built for
 
 
 def profile_options(command):
@@ -21,12 +23,13 @@ def profile_options(command):
     options = [
         click.option("--profiles", default="2", help="rank ranges: 1-64,65-192,193-448, or a count of ranges with "
                                                      "equal FLOPs span"),
-        click.option("--max-batch", default=1, type=click.IntRange(min=1)),
-        click.option("--max-seq", default=512, type=click.IntRange(min=1), help="longest prompt (prefill) or input"),
-        click.option("--max-context", default=1024, type=click.IntRange(min=1),
+        click.option("--max-batch", default=1, type=click.IntRange(1, 4096)),
+        click.option("--max-seq", default=512, type=click.IntRange(1, MAX_TOKENS), help="longest prompt (prefill) or input"),
+        click.option("--max-context", default=1024, type=click.IntRange(1, MAX_TOKENS),
                      help="longest KV cache plus new token (decoders)"),
-        click.option("--opt-seq", default=64, type=click.IntRange(min=1), help="typical prompt / input length"),
-        click.option("--opt-context", default=256, type=click.IntRange(min=1), help="typical context when decoding"),
+        click.option("--opt-seq", default=64, type=click.IntRange(1, MAX_TOKENS), help="typical prompt / input length"),
+        click.option("--opt-context", default=256, type=click.IntRange(1, MAX_TOKENS),
+                     help="typical context when decoding"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -169,7 +172,7 @@ def run_command(engine_dir, ranks, prompt, texts, max_new_tokens, as_json):
     rank_list = parse_ranks(ranks)
     engine = NSNEngine(engine_dir)
     reports = []
-    for rank in rank_list or [engine.info.max_rank]:
+    for rank in checked_ranks(rank_list, engine.info.max_rank):
         engine.rank = rank
         report = run_once(engine, prompt, list(texts), max_new_tokens, False, 1.0, 0, None)
         report["profile_switches"] = engine.profile_switches

@@ -28,16 +28,44 @@ import numpy as np
 from ..external_data import confined_path, read_json_object
 from ..metadata import NSNModelInfo
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
+from ..schema import ListOf, MapOf, Number, Pair, Table, Text, check, optional
 from .build import ENGINE_FILE, MANIFEST_FILE, MANIFEST_VERSION, import_tensorrt, make_logger, tensorrt_version
 from .cuda import Cuda, DeviceBuffer, DeviceTensor
-from .plan import EnginePlan
+from .plan import PHASES, EnginePlan, ShapeBounds
 
 
 class EngineMismatchError(ValueError):
     """The engine was built for another TensorRT version or GPU."""
 
 
+DIMS = ListOf(Number(0, 2**31 - 1, integer=True), max_len=16)
+RANGE = Table({"low": Number(1, 1_000_000, integer=True), "high": Number(1, 1_000_000, integer=True),
+               "opt": Number(1, 1_000_000, integer=True)})
+# engine.json, as nsn-trt build writes it (deploy/tensorrt/build.py).
+MANIFEST_SCHEMA = Table({
+    "format_version": Number(MANIFEST_VERSION, MANIFEST_VERSION, integer=True),
+    "tensorrt_version": Text(example="10.3.0"),
+    "gpu": Text(example="Orin"),
+    "compute_capability": Text(pattern=r"\d+\.\d+", example="8.7"),
+    "plan": Table({
+        "format_version": Number(1, 1, integer=True),
+        "task": Text(choices=tuple(PHASES)),
+        "max_rank": Number(1, 1_000_000, integer=True),
+        "bounds": Table({name: Number(1, 2**31 - 1, integer=True) for name in ShapeBounds.__dataclass_fields__}),
+        "ranges": ListOf(RANGE, min_len=1, max_len=1024),
+        "profiles": ListOf(Table({"index": Number(0, 4096, integer=True), "phase": Text(choices=("prefill", "decode",
+                                                                                                "encode")),
+                                  "ranks": RANGE, "shapes": MapOf(Pair((DIMS, DIMS, DIMS), ("min", "opt", "max")))}),
+                           min_len=1, max_len=4096),
+    }),
+    "build": optional(Table(open=True), dict),
+    "source": optional(Table(open=True), dict),
+    "nsn": MapOf(Text()),
+})
+
+
 def read_manifest(engine_dir: Path) -> dict:
+    """``engine.json``, checked against ``MANIFEST_SCHEMA``."""
     path = confined_path(engine_dir, MANIFEST_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{engine_dir}: no {MANIFEST_FILE}; not an engine directory (build one with "
@@ -45,7 +73,10 @@ def read_manifest(engine_dir: Path) -> dict:
     manifest = read_json_object(path, "rebuild the engine with nsn-trt build")
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: unknown engine manifest format; rebuild the engine with nsn-trt build")
-    return manifest
+    try:
+        return check(manifest, MANIFEST_SCHEMA, str(path))
+    except ValueError as error:
+        raise ValueError(f"{error}; rebuild the engine with nsn-trt build") from None
 
 
 def check_compatible(manifest: dict, running_version: str, device: dict, source: str) -> None:

@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..metadata import NSNModelInfo
+from ..metadata import NSNModelInfo, OptionValueError
 
 PLAN_FORMAT_VERSION = 1
 PHASES = {"text-generation": ("prefill", "decode"), "feature-extraction": ("encode",)}
@@ -54,13 +54,13 @@ class ShapeBounds:
     def check(self, task: str) -> None:
         for name in ("max_batch", "max_seq", "max_context", "opt_seq", "opt_context", "opt_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise OptionValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         if not self.opt_batch <= self.max_batch:
-            raise ValueError(f"opt batch {self.opt_batch} is above --max-batch {self.max_batch}; lower it")
+            raise OptionValueError(f"opt batch {self.opt_batch} is above --max-batch {self.max_batch}; lower it")
         if not self.opt_seq <= self.max_seq:
-            raise ValueError(f"--opt-seq {self.opt_seq} is above --max-seq {self.max_seq}; lower it or raise --max-seq")
+            raise OptionValueError(f"--opt-seq {self.opt_seq} is above --max-seq {self.max_seq}; lower it or raise --max-seq")
         if task == "text-generation" and not (self.max_seq <= self.max_context and self.opt_context < self.max_context):
-            raise ValueError(f"decoders need --max-seq ({self.max_seq}) <= --max-context ({self.max_context}) and "
+            raise OptionValueError(f"decoders need --max-seq ({self.max_seq}) <= --max-context ({self.max_context}) and "
                              f"--opt-context ({self.opt_context}) < --max-context: the cache holds the prompt")
 
 
@@ -127,16 +127,18 @@ def ranges_from_bounds(info: NSNModelInfo, pairs: list[tuple[int, int]], spec: s
     """Check that ``pairs`` cover ``[1, max_rank]`` without gaps or overlaps, in order."""
     expected = 1
     for low, high in pairs:
+        if low < 1:
+            raise OptionValueError(f"--profiles {spec!r}: range {low}-{high} starts below rank 1; ranks start at 1")
         if low != expected:
             problem = "a gap" if low > expected else "an overlap"
-            raise ValueError(f"--profiles {spec!r}: {problem} at rank {min(low, expected)} (range {low}-{high}); "
+            raise OptionValueError(f"--profiles {spec!r}: {problem} at rank {min(low, expected)} (range {low}-{high}); "
                              f"ranges must cover [1, {info.max_rank}] in order, e.g. 1-{info.max_rank // 2},"
                              f"{info.max_rank // 2 + 1}-{info.max_rank}")
         if high < low:
-            raise ValueError(f"--profiles {spec!r}: range {low}-{high} is empty; write LOW-HIGH with LOW <= HIGH")
+            raise OptionValueError(f"--profiles {spec!r}: range {low}-{high} is empty; write LOW-HIGH with LOW <= HIGH")
         expected = high + 1
     if expected != info.max_rank + 1:
-        raise ValueError(f"--profiles {spec!r}: the ranges end at {expected - 1}, the model's ranks go to "
+        raise OptionValueError(f"--profiles {spec!r}: the ranges end at {expected - 1}, the model's ranks go to "
                          f"{info.max_rank}; the last range must end at {info.max_rank}")
     return [RankRange(low, high, opt_rank(info, low, high)) for low, high in pairs]
 
@@ -144,7 +146,7 @@ def ranges_from_bounds(info: NSNModelInfo, pairs: list[tuple[int, int]], spec: s
 def equal_flops_ranges(info: NSNModelInfo, count: int) -> list[RankRange]:
     """``count`` ranges whose FLOPs spans are as equal as whole ranks allow."""
     if not 1 <= count <= info.max_rank:
-        raise ValueError(f"--profiles {count}: the number of rank ranges must be in [1, {info.max_rank}]")
+        raise OptionValueError(f"--profiles {count}: the number of rank ranges must be in [1, {info.max_rank}]")
     lowest, highest = info.flops(1), info.flops(info.max_rank)
     ends: list[int] = []
     for k in range(1, count):
@@ -169,7 +171,7 @@ def parse_ranges(spec: str, info: NSNModelInfo, model_path: str | Path | None = 
     for part in spec.split(","):
         match = RANGE_SPEC.match(part)
         if not match:
-            raise ValueError(f"--profiles {spec!r}: {part.strip()!r} is not LOW-HIGH; give e.g. "
+            raise OptionValueError(f"--profiles {spec!r}: {part.strip()!r} is not LOW-HIGH; give e.g. "
                              f"1-{info.max_rank // 2},{info.max_rank // 2 + 1}-{info.max_rank} or a count such as 2")
         pairs.append((int(match.group(1)), int(match.group(2))))
     return ranges_from_bounds(info, pairs, spec)
