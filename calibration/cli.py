@@ -82,6 +82,7 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
                   output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
     from deploy.atomic import atomic_file, check_output_files
+    from deploy.extras import require_extra
 
     from .bench import run_benchmark
 
@@ -91,6 +92,7 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
     if from_json:
         report = read_report(from_json)
     else:
+        require_extra("export", "nsn-bench (it exports the models it compares)")
         report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
                                progress=report_progress)
     text = json.dumps(report, indent=1)
@@ -128,7 +130,6 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     """Measure EXPORT_DIR across ranks on this device; write frontier.json (and a plot)."""
     import sys
 
-    import onnxruntime as ort
     from tqdm import tqdm
 
     from deploy.atomic import atomic_file, check_output_files
@@ -150,7 +151,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
         runtime = NSNEngine(engine_dir)
         backend = {"runtime": f"TensorRT {runtime.providers[0]}", "engine": str(engine_dir)}
     else:
-        from deploy import NSNSession
+        from deploy.ort.session import NSNSession, ort
 
         runtime = NSNSession(export_dir, intra_op_threads=threads)
         backend = {"runtime": f"onnxruntime {ort.__version__} ({runtime.providers[0]})", "threads": threads,
@@ -165,7 +166,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     with tqdm(desc="calibrating", unit="step", file=sys.stderr) as bar:
         calibration.run(rank_list, budget_s, progress=lambda message: (bar.update(), bar.set_postfix_str(message[:60])))
     frontier = calibration.frontier(model_path, backend)
-    atomic_file(output_path, json.dumps(frontier, indent=1) + "\n")
+    atomic_file(output_path, json.dumps(frontier, indent=1, allow_nan=False) + "\n")
     if plot_path is not None:
         from .plot import plot_frontier
 

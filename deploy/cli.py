@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .extras import MissingExtraError, RuntimeConflictError, require_extra
 from .metadata import OptionValueError, validate_rank
 from .tensorrt.cuda import CudaError, TensorRTUnavailable
 
@@ -49,6 +50,18 @@ def checked_ranks(ranks: list[int] | None, max_rank: int) -> list[int]:
     return [validate_rank(r, max_rank, "--ranks") for r in ranks] if ranks else [max_rank]
 
 
+def needs_extra(extra: str):
+    """A command that needs ``extra``: without it, one line naming the install command (exit 1).
+    Place it under ``@user_errors``."""
+    def decorate(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            require_extra(extra, click.get_current_context().command_path)
+            return command(*args, **kwargs)
+        return run
+    return decorate
+
+
 def user_errors(command):
     """Show errors a user can meet as one clear line, not a traceback: our ``ValueError``s (bad
     values, damaged files; exit 1, or 2 for a bad option value) and the operating system's
@@ -59,6 +72,8 @@ def user_errors(command):
             return command(*args, **kwargs)
         except OptionValueError as error:
             raise click.UsageError(str(error)) from None
+        except (MissingExtraError, RuntimeConflictError) as error:
+            raise click.ClickException(str(error)) from None
         except (ValueError, TensorRTUnavailable, CudaError) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:

@@ -4,16 +4,27 @@ supplies ``run`` (standard inputs -> outputs at the current rank) and ``decode_s
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .metadata import NSNModelInfo, validate_rank
 from .text import (check_token_ids, encode_texts, encode_token_ids, length_sorted_batches, load_tokenizer, mean_pool,
                    model_max_length, model_vocab_size, pad_encodings, stop_token_ids)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token: its id, the rank it ran at, the decode call's latency, and whether it
+    is a stop token (the last step)."""
+    token: int
+    rank: int
+    latency_ms: float
+    stop: bool = False
 
 
 @dataclass
@@ -154,62 +165,97 @@ class NSNRuntime:
                              f"got {max_length!r}")
         return max_length
 
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids: text through the tokenizer, or ids checked against the vocabulary."""
+        if self.info.task != "text-generation":
+            raise ValueError(f"generate needs a decoder export (task text-generation), this one is {self.info.task}")
+        if not isinstance(prompt, str):
+            return check_token_ids(prompt, self.vocab_size, "the prompt's token ids")
+        self._require_tokenizer()
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        return ids
+
+    def generate_steps(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                       stop_ids: set[int] | None = None) -> Iterator[Step]:
+        """The one generation loop: one ``Step`` per new token, at whatever ``rank`` is set when the
+        step runs (batch 1, with a KV cache). The caller may change ``rank`` between steps, or stop
+        early (``close()``): the cache is released either way. The sampling options are checked
+        here, before the first step."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        return self._steps(prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                           self.stop_ids if stop_ids is None else set(stop_ids))
+
+    def _steps(self, prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stops):
+        random = np.random.default_rng(seed)
+        cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
+        try:
+            for _ in range(max_new_tokens):
+                start = time.perf_counter()
+                logits, cache = self.decode_step(step_input, cache, past)
+                self.last_latency_ms = (time.perf_counter() - start) * 1e3
+                past += step_input.shape[1]
+                token = self._choose(logits[0], do_sample, temperature, top_k, top_p, random)
+                # last_rank: the rank that call ran at (a governor may move it)
+                yield Step(token, self.last_rank, self.last_latency_ms, token in stops)
+                if token in stops:
+                    return
+                step_input = np.array([[token]], np.int64)
+        finally:
+            self.release_cache(cache)
+
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop_ids: set[int] | None = None, rank_at: Callable[[int], int | None] | None = None) -> Generation:
+                 stop_ids: set[int] | None = None, rank_at: Callable[[int], int | None] | None = None,
+                 top_p: float = 1.0) -> Generation:
         """Greedy or sampled generation with a KV cache (batch 1).
 
         ``rank_at(step)`` (step 0 is the prompt) may return a new rank before each step; the cache
         is kept, so earlier keys and values keep the rank they were computed at.
         """
-        if self.info.task != "text-generation":
-            raise ValueError(f"generate needs a decoder export (task text-generation), this one is {self.info.task}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if isinstance(prompt, str):
-            self._require_tokenizer()
-            prompt_ids = self.tokenizer.encode(prompt).ids
-            if not prompt_ids:
-                raise ValueError("the prompt is empty; give at least one token")
-        else:
-            prompt_ids = check_token_ids(prompt, self.vocab_size, "the prompt's token ids")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
-        stops = self.stop_ids if stop_ids is None else set(stop_ids)
-        random = np.random.default_rng(seed)
-        cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
+        prompt_ids = self.encode_prompt(prompt)
+        steps = self.generate_steps(prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_ids)
         result = Generation([], None)
-        try:
-            for step in range(max_new_tokens):
-                if rank_at is not None and (new_rank := rank_at(step)) is not None:
+        with contextlib.closing(steps):
+            for index in range(max_new_tokens):
+                if rank_at is not None and (new_rank := rank_at(index)) is not None:
                     self.rank = new_rank
-                start = time.perf_counter()
-                logits, cache = self.decode_step(step_input, cache, past)
-                self.last_latency_ms = (time.perf_counter() - start) * 1e3
-                result.step_latency_ms.append(self.last_latency_ms)
-                result.ranks.append(self.last_rank)  # the rank that call ran at (a governor may move it)
-                past += step_input.shape[1]
-                token = self._choose(logits[0], do_sample, temperature, top_k, random)
-                result.token_ids.append(token)
-                if token in stops:
+                step = next(steps)
+                result.token_ids.append(step.token)
+                result.ranks.append(step.rank)
+                result.step_latency_ms.append(step.latency_ms)
+                if step.stop:
                     break
-                step_input = np.array([[token]], np.int64)
-        finally:
-            self.release_cache(cache)
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.token_ids)
         return result
 
     @staticmethod
-    def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, random) -> int:
+    def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float, random) -> int:
+        """Greedy, or sampled from the temperature-scaled distribution cut to the ``top_k`` most
+        likely tokens and then to the smallest set whose probability reaches ``top_p`` (nucleus)."""
         if not do_sample:
             return int(np.argmax(logits))
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         scores = logits.astype(np.float64) / temperature
         if top_k and top_k < len(scores):
             cutoff = np.partition(scores, -top_k)[-top_k]
             scores = np.where(scores < cutoff, -np.inf, scores)
         probs = np.exp(scores - scores.max())
         probs /= probs.sum()
+        if top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            keep = np.cumsum(probs[order]) - probs[order] < top_p  # the most likely always stays
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0.0)
+            probs /= probs.sum()
         return int(random.choice(len(probs), p=probs))

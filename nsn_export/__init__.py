@@ -4,23 +4,34 @@ The torch side: the NSN layer, model surgery, the multi-rank objective and train
 FLOP accounting, and (in ``nsn_export.export``) the ONNX export.
 """
 
-from .checkpoint import CheckpointError, load_nsn, save_nsn
-from .config import NSNConfig
-from .evaluate import evaluate_ranks
-from .flops import flops_fraction, model_flops, rank_for_budget
-from .layers import NSNLinear
-from .objective import MultiRankObjective, default_rank_grid
-from .surgery import adapt, get_rank, max_rank, rank, set_rank
+import importlib
 
 __version__ = "0.1.0"
 
+# Names load on first use (PEP 562), so ``nsn_export.cli`` imports without torch and can answer
+# "install the export extra" in one line instead of a traceback.
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load_nsn": "checkpoint", "save_nsn": "checkpoint", "NSNConfig": "config",
+    "evaluate_ranks": "evaluate", "flops_fraction": "flops", "model_flops": "flops", "rank_for_budget": "flops",
+    "NSNLinear": "layers", "MultiRankObjective": "objective", "default_rank_grid": "objective",
+    "adapt": "surgery", "get_rank": "surgery", "max_rank": "surgery", "rank": "surgery", "set_rank": "surgery",
+    "NSNTrainer": "trainer",  # imports transformers.Trainer (and accelerate)
+}
+
 
 def __getattr__(name):
-    # The trainer imports transformers.Trainer (and accelerate); load it only when asked for.
-    if name == "NSNTrainer":
-        from .trainer import NSNTrainer
-        return NSNTrainer
-    raise AttributeError(name)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nsn_export' has no attribute {name!r}")
+    from deploy.extras import require_extra
+
+    require_extra("export", f"nsn_export.{name}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = [

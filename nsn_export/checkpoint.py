@@ -28,6 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+    "chat_template.jinja",  # transformers >= 4.43 saves the chat template here (older: in tokenizer_config.json)
 )
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import click
 
 from deploy.atomic import check_output
-from deploy.cli import checked_ranks, parse_ranks, user_errors
+from deploy.cli import checked_ranks, needs_extra, parse_ranks, user_errors
 from deploy.external_data import model_file
 
 
@@ -67,6 +67,7 @@ def format_table(rows: list[dict]) -> str:
               help="tokens of --calibration-data to collect statistics on")
 @overwrite_option()
 @user_errors
+@needs_extra("export")
 def adapt_command(source, output_path, targets, max_rank, calibration_data, calibration_tokens, overwrite):
     """Factorise a local Hugging Face model directory SOURCE into an NSN checkpoint."""
     from tqdm import tqdm
@@ -111,6 +112,7 @@ def adapt_command(source, output_path, targets, max_rank, calibration_data, cali
               help="original dense model directory to distil every rank towards")
 @overwrite_option()
 @user_errors
+@needs_extra("export")
 def train_command(model_path, data_path, output_path, steps, batch_size, learning_rate, max_length, ranks,
                   ranks_per_step, schedule, distill, teacher_path, overwrite):
     """Train all ranks of an NSN checkpoint jointly (the paper's multi-rank objective)."""
@@ -153,6 +155,7 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
 @click.option("--max-length", default=128, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
+@needs_extra("export")
 def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length, as_json):
     """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, embedding cosine,
     retrieval top-1, FLOPs fraction."""
@@ -230,6 +233,7 @@ def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_leng
 @click.option("--calibration-tokens", default=16384, type=click.IntRange(min=1), help="tokens for --init data-aware")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
+@needs_extra("export")
 def quickstart_command(output_path, model_path, sentences, ranks, repeats, init, calibration_tokens, as_json):
     """The whole path on the built-in MiniLM encoder: adapt (data-aware) -> export (opset 17) -> verify -> run.
 
@@ -371,6 +375,7 @@ def checks_table(checks) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print the result (path, metadata, checks) as JSON")
 @overwrite_option()
 @user_errors
+@needs_extra("export")
 def export_command(model_path, opset, output_path, task, rank_mode, no_verify, as_json, overwrite):
     """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input."""
     from deploy.tensorrt.compat import check_graph
@@ -407,6 +412,7 @@ def export_command(model_path, opset, output_path, task, rank_mode, no_verify, a
 @click.option("--ranks", default=None, help="comma-separated ranks [default: min, max, trained, untrained, between]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
+@needs_extra("export")
 def verify_command(onnx_path, model_path, ranks, as_json):
     """Compare an exported graph with the PyTorch checkpoint at several ranks (prefill and decode)."""
     from .checkpoint import load_nsn

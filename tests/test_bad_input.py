@@ -611,6 +611,31 @@ def test_bad_input(case: Case, sources, tmp_path):
     assert not [p for p in tmp_path.rglob("*") if SCRATCH in p.name], "a scratch directory was left behind"
 
 
+# ---- a missing extra, two ONNX Runtimes: one line that says what to install ------------------------------------
+@pytest.mark.parametrize("command, args", [
+    (adapt_command, ["{ws}/hf", "--output", "{ws}/o"]), (export_command, ["--model", "{ws}/ckpt"]),
+    (quickstart_command, []), (eval_command, ["--model", "{ws}/ckpt", "--retrieval"]),
+    (bench_command, ["--shape", "tiny"]),
+])
+def test_a_missing_export_extra_is_one_line_naming_the_install(command, args, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a device install: torch cannot be imported
+    result = CliRunner().invoke(command, [a.replace("{ws}", str(tmp_path)) for a in args])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "needs the export extra (torch not installed): pip install 'nsn-export[export]'" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_onnx_runtimes_in_one_environment_are_refused(sources, tmp_path, monkeypatch):
+    fake = tmp_path / "site" / "onnxruntime_gpu-1.20.0.dist-info"  # what pip leaves for onnxruntime-gpu
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = CliRunner().invoke(run_command, [str(sources["encoder"]), *RUN_TEXT])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "onnxruntime and onnxruntime-gpu are both installed" in result.output
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in result.output
+
+
 # ---- the library: bad input to NSNSession ------------------------------------------------------------
 def test_embed_of_nothing_is_an_empty_matrix(sources):
     from deploy import NSNSession

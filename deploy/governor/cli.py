@@ -167,7 +167,7 @@ def write_orin_tree(root: Path) -> Path:
     return root
 
 
-def open_runtime(model_dir: Path):
+def open_runtime(model_dir: Path, intra_op_threads: int | None = None):
     """An ``NSNEngine`` for an engine directory, else an ``NSNSession``."""
     if (model_dir / "engine.json").is_file():
         from ..tensorrt.engine import NSNEngine
@@ -175,7 +175,7 @@ def open_runtime(model_dir: Path):
         return NSNEngine(model_dir)
     from ..ort.session import NSNSession
 
-    return NSNSession(model_dir)
+    return NSNSession(model_dir, intra_op_threads=intra_op_threads)
 
 
 @governor_command.command("simulate")

@@ -182,10 +182,10 @@ class Governor:
     def ceilings(self, readings: Readings) -> list[Ceiling]:
         applied = self.levels.work[self.index]
         step_up = self.levels.work[min(self.index + 1, len(self.levels.work) - 1)] * (1 + self.config.up_margin)
-        found = [policy.ceiling(readings, applied, step_up) for policy in self.policies]
+        found = [replace(policy.ceiling(readings, applied, step_up), policy=policy.name) for policy in self.policies]
         found = [replace(c, work=self.levels.work[self.safe_index]) if c.safe else c for c in found]
         manual = self._manual_ceiling()
-        return found + ([manual] if manual else []) or [Ceiling(1.0, "no policy")]
+        return found + ([replace(manual, policy="manual")] if manual else []) or [Ceiling(1.0, "no policy", policy="none")]
 
     def choose(self, ceilings: list[Ceiling], now: float) -> int:
         """Down at once to the level the lowest ceiling allows; up one level at a time, only past the
@@ -230,7 +230,7 @@ class Governor:
             self.failures += 1
             log.exception("governor tick failed; applying the safe rank")
             ceilings = [Ceiling(self.levels.work[self.safe_index], f"governor error: {type(error).__name__}: {error}",
-                                hard=True)]
+                                hard=True, policy="error")]
             index = self.safe_index
         switched = index != self.index
         cross = False

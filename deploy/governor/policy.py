@@ -22,6 +22,7 @@ class Ceiling:
     hard: bool = False  # a safety limit or a manual rank: applies at once, without hysteresis
     average: bool = False  # a limit on the average work (an energy budget), not on every instant
     safe: bool = False  # no trustworthy reading: the governor puts the policy's safe rank in ``work``
+    policy: str = ""  # which policy set it (thermal, battery, power_w, latency_ms, manual, ...): set by the governor
 
 
 class Levels:
@@ -102,6 +103,8 @@ class ThermalPolicy:
     last_error_c: float | None = None
     last_time_s: float | None = None
 
+    name = "thermal"
+
     def ceiling(self, readings: Readings, applied_work: float, step_up_work: float) -> Ceiling:
         temp = readings.hottest_c(self.zones)
         if temp is None:
@@ -137,6 +140,8 @@ class BatteryLadder:
     def __post_init__(self):
         self.steps = sorted(((float(t), float(w)) for t, w in self.steps), reverse=True)
 
+    name = "battery"
+
     def ceiling(self, readings: Readings, applied_work: float = 1.0, step_up_work: float = 1.0) -> Ceiling:
         if not readings.discharging:
             self.band = None
@@ -167,6 +172,8 @@ class BatteryRuntime:
     start_s: float | None = None
     power: LinearByWork = field(default_factory=LinearByWork)
 
+    name = "battery_runtime"
+
     def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
         if self.start_s is None:
             self.start_s = readings.time_s
@@ -193,6 +200,10 @@ class BudgetPolicy:
     quantity: str
     budget: float
     model: LinearByWork = field(default_factory=LinearByWork)
+
+    @property
+    def name(self) -> str:
+        return self.quantity  # power_w or latency_ms
 
     def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
         value = readings.power_w if self.quantity == "power_w" else readings.latency_ms

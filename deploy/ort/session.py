@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from ..extras import check_single_onnxruntime, import_extra
 from ..external_data import load_graph, model_file
 from ..metadata import NSNModelInfo
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
 from .views import RankView, to_view_graph, views_at
+
+ort = import_extra("onnxruntime", "cpu", "ONNX Runtime (NSNSession, nsn-run, nsn-calibrate)")
 
 def open_session(model_path: Path, options, providers: list[str], weight_views: bool | None = False):
     """An ONNX Runtime session for the export, with weight views when asked (or by default on the
@@ -69,6 +71,7 @@ class NSNSession(NSNRuntime):
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
                  rank: int | None = None, weight_views: bool | None = None):
+        check_single_onnxruntime()
         self.model_path = model_file(path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path}: no exported model here; run nsn-export first")
