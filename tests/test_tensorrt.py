@@ -296,6 +296,27 @@ def test_greedy_generation_with_rank_switches_inside_and_across_ranges_matches_o
         assert cudart.allocations == {}, "device memory leaked"
 
 
+def test_a_steady_state_decode_step_allocates_no_device_memory(built):
+    engine, session, cudart = built("llama", "1-5,6-16")
+    if cudart is None:
+        pytest.skip("counts the double's allocations")
+    steps = engine.generate_steps(PROMPT, max_new_tokens=20, stop_ids=set())
+    engine.rank = 3
+    next(steps)  # prefill: the cache pairs (2 per layer), staging and logits buffers are allocated here
+    next(steps)  # the first decode step: the decode profile's first use
+    before = cudart.malloc_calls
+    tokens = []
+    for index, step in enumerate(steps):
+        engine.rank = (3, 12)[index % 2]  # switching ranks, and profiles, costs no allocation either
+        tokens.append(step.token)
+    assert len(tokens) == 18 and cudart.malloc_calls == before, "a steady-state decode step allocated"
+    engine.rank = session.rank = 12
+    assert engine.generate(PROMPT, max_new_tokens=8, stop_ids=set()).token_ids == session.generate(
+        PROMPT, max_new_tokens=8, stop_ids=set()).token_ids
+    engine.close()
+    assert cudart.allocations == {}, "device memory leaked"
+
+
 def test_engine_embeddings_match_onnx_runtime(built):
     engine, session, _ = built("bert", "1-8,9-16", ShapeBounds(max_batch=4, max_seq=64, opt_seq=16))
     texts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10"]

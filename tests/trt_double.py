@@ -57,6 +57,7 @@ def make_cudart() -> types.ModuleType:
     rt = types.ModuleType("cudart_double")
     rt.cudaError_t, rt.cudaMemcpyKind = cudaError_t, cudaMemcpyKind
     rt.allocations = {}  # ptr -> numpy uint8 array
+    rt.malloc_calls = 0  # every cudaMalloc: a steady-state decode step must make none
     rt.streams = set()
 
     def find(address: int, count: int):
@@ -66,6 +67,7 @@ def make_cudart() -> types.ModuleType:
         return None
 
     def cudaMalloc(size):
+        rt.malloc_calls += 1
         memory = np.zeros(int(size), np.uint8)
         rt.allocations[memory.ctypes.data] = memory
         return cudaError_t.cudaSuccess, memory.ctypes.data
@@ -491,6 +493,7 @@ class IExecutionContext:
         self.engine = engine
         self.active_optimization_profile = 0
         self._shapes, self._addresses, self._outputs = {}, {}, {}
+        self._input_ranges: dict[str, tuple[int, int]] = {}
 
     def set_optimization_profile_async(self, profile_index, stream_handle):
         if not 0 <= profile_index < self.engine.num_optimization_profiles:
@@ -539,6 +542,7 @@ class IExecutionContext:
             if self._cudart.find(self._addresses[name], max(nbytes, 1)) is None:
                 raise RuntimeError(f"input {name!r} is not bound to enough device memory")
             feeds[name] = np.frombuffer(ctypes.string_at(self._addresses[name], nbytes), NUMPY[dtype]).reshape(shape)
+            self._input_ranges[name] = (self._addresses[name], self._addresses[name] + nbytes)
         feeds["rank"] = np.array(self._rank_value(), np.int64)
         session = self.engine._ort()
         names = [o.name for o in session.get_outputs()]
@@ -554,11 +558,16 @@ class IExecutionContext:
         return self._shapes.get(name, self.engine.get_tensor_shape(name))
 
     def execute_async_v3(self, stream_handle):
+        self._input_ranges = {}
         outputs = self._run()
         for name, value in outputs.items():
             address = self._addresses.get(name)
             if address is None or self._cudart.find(address, max(value.nbytes, 1)) is None:
                 raise RuntimeError(f"output {name!r} is not bound to enough device memory")
+            for source, (start, end) in self._input_ranges.items():  # TensorRT does not run in place
+                if start < address + value.nbytes and address < end:
+                    raise RuntimeError(f"output {name!r} aliases input {source!r}: inputs and outputs may not "
+                                       f"share memory")
             ctypes.memmove(address, np.ascontiguousarray(value).ctypes.data, value.nbytes)
         return True
 

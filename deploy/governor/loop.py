@@ -103,10 +103,6 @@ class Governor:
         policies = []
         if config.thermal is not None:
             zones = config.thermal["zones"]
-            present = [z.type for z in getattr(self.sensors, "zones", [])]
-            if hasattr(self.sensors, "zones") and not any(not zones or z in zones for z in present):
-                log.warning("none of the thermal zones %s exists here (found %s): the thermal policy will hold "
-                            "the safe rank", zones, present)
             passive = trip_c if trip_c is not None else getattr(self.sensors, "trip_c", lambda z: None)(zones)
             target = config.thermal["target_c"] or (passive - 3.0 if passive is not None else None)
             emergency = config.thermal["emergency_c"] or (passive + 5.0 if passive is not None else None)

@@ -269,7 +269,7 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
                     "top_p": body.top_p, "seed": body.seed}
         events: asyncio.Queue = asyncio.Queue()
         job = job_for(body.nsn, "generate", events, prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-                      stop=body.stop)
+                      stop=body.stop or [])
         submit(job)
         ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -116,6 +116,7 @@ class NSNEngine(NSNRuntime):
         self.input_shapes = {n: list(self.engine.get_tensor_shape(n)) for n in self.input_names}
         self._rank_value = np.zeros(1, np.int64)  # TensorRT reads it at every enqueue: kept for our lifetime
         self._staging: dict[str, DeviceBuffer] = {}
+        self._outputs: dict[str, DeviceBuffer] = {}
         self.active_profile: int | None = None
         self.profile_switches = 0
         self.load_text_files(self.model_dir, max_length=self.plan.bounds.max_seq)  # within the profiles
@@ -151,18 +152,37 @@ class NSNEngine(NSNRuntime):
         return profile
 
     def _staged(self, name: str, array: np.ndarray) -> DeviceBuffer:
-        """A grow-only device buffer per input, filled from ``array`` on the stream."""
+        """A device buffer per input, filled from ``array`` on the stream: sized at once for the
+        largest shape any profile accepts (ids, masks, positions are small), so decoding with a
+        growing attention mask never reallocates; grow-only for the cache inputs, which come from
+        the host only empty (at prefill)."""
         buffer = self._staging.get(name)
         if buffer is None or buffer.nbytes < array.nbytes:
             if buffer is not None:
                 buffer.free()
-            buffer = self._staging[name] = DeviceBuffer(self.cuda, max(array.nbytes, 2 * (buffer.nbytes if buffer else 0)))
+            largest = 0 if name.startswith("past_key_values.") else max(
+                int(np.prod(profile.shapes[name][2], dtype=np.int64)) for profile in self.plan.profiles
+                if name in profile.shapes) * self.dtypes[name].itemsize
+            buffer = self._staging[name] = DeviceBuffer(self.cuda, max(array.nbytes, largest,
+                                                                       2 * (buffer.nbytes if buffer else 0)))
         self.cuda.to_device(array, buffer)
         return buffer
 
-    def run_device(self, feeds: dict, phase: str) -> dict[str, DeviceTensor]:
-        """Run at the current rank; ``feeds`` are numpy arrays or ``DeviceTensor``s. Outputs stay on
-        the device (the caller owns and frees them)."""
+    def _output_buffer(self, name: str, nbytes: int) -> DeviceBuffer:
+        """A grow-only device buffer per output that the caller reads at once (the logits)."""
+        buffer = self._outputs.get(name)
+        if buffer is None or buffer.nbytes < nbytes:
+            if buffer is not None:
+                buffer.free()
+            buffer = self._outputs[name] = DeviceBuffer(self.cuda, max(nbytes, 2 * (buffer.nbytes if buffer else 0)))
+        return buffer
+
+    def run_device(self, feeds: dict, phase: str, destinations: dict[str, DeviceBuffer] | None = None,
+                   ) -> dict[str, DeviceTensor]:
+        """Run at the current rank; ``feeds`` are numpy arrays or ``DeviceTensor``s. Outputs named in
+        ``destinations`` are written there (buffers the caller owns, checked to be large enough);
+        every other output gets a new device buffer, returned, that the caller frees."""
+        destinations = destinations or {}
         rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
         profile = self._select_profile(rank, phase)
         context = self.context
@@ -191,8 +211,13 @@ class NSNEngine(NSNRuntime):
         for name in self.output_names:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize
-            outputs[name] = DeviceTensor(DeviceBuffer(self.cuda, nbytes), shape, self.dtypes[name])
-            context.set_tensor_address(name, outputs[name].buffer.ptr)
+            buffer = destinations.get(name)
+            if buffer is None:
+                buffer = DeviceBuffer(self.cuda, nbytes)
+                outputs[name] = DeviceTensor(buffer, shape, self.dtypes[name])
+            elif buffer.nbytes < nbytes:
+                raise ValueError(f"output {name!r} needs {nbytes} bytes, its buffer holds {buffer.nbytes}")
+            context.set_tensor_address(name, buffer.ptr)
         if not context.execute_async_v3(self.cuda.stream_handle):
             for tensor in outputs.values():
                 tensor.buffer.free()
@@ -212,27 +237,69 @@ class NSNEngine(NSNRuntime):
             for tensor in device.values():
                 tensor.buffer.free()
 
-    def decode_step(self, token_ids: np.ndarray, cache: list[DeviceTensor] | None, past_length: int):
-        """One decoder call; the cache stays on the device and the one passed in is freed."""
-        feeds = decoder_feeds(self.input_shapes, token_ids, cache, past_length)
+    def decode_step(self, token_ids: np.ndarray, cache: "DeviceKVCache | None", past_length: int):
+        """One decoder call. The generation's cache is allocated once, at prefill, for the engine's
+        maximum context; every later step writes into it and allocates nothing."""
+        if cache is None:
+            cache = DeviceKVCache(self.cuda, {name: self.input_shapes[name] for name in self.input_names
+                                              if name.startswith("past_key_values.")},
+                                  self.output_names[1:], token_ids.shape[0], self.plan.bounds.max_context,
+                                  self.dtypes)
+        feeds = decoder_feeds(self.input_shapes, token_ids, cache.past() if past_length else None, past_length)
+        logits_name = self.output_names[0]
+        vocab = list(self.engine.get_tensor_shape(logits_name))[-1]
+        logits_bytes = token_ids.size * max(int(vocab), 1) * self.dtypes[logits_name].itemsize
+        destinations = {logits_name: self._output_buffer(logits_name, logits_bytes), **cache.destinations()}
         try:
-            outputs = self.run_device(feeds, "prefill" if cache is None else "decode")
-        finally:
-            for tensor in cache or []:
-                tensor.buffer.free()
-        logits_tensor = outputs.pop(self.output_names[0])
-        logits = logits_tensor.numpy()[:, -1]
-        logits_tensor.buffer.free()
+            self.run_device(feeds, "prefill" if past_length == 0 else "decode", destinations)
+        except BaseException:
+            cache.free()
+            raise
+        cache.advance(past_length + token_ids.shape[1])
+        shape = tuple(int(d) for d in self.context.get_tensor_shape(logits_name))
+        logits = DeviceTensor(destinations[logits_name], shape, self.dtypes[logits_name]).numpy()[:, -1]
         warn_if_not_finite(logits, "logits")
-        return logits, [outputs[name] for name in self.output_names[1:]]
+        return logits, cache
 
     def release_cache(self, cache) -> None:
-        for tensor in cache or []:
-            tensor.buffer.free()
+        if cache is not None:
+            cache.free()
 
     def close(self) -> None:
         """Free the device memory this engine owns (also done when it is garbage collected)."""
-        for buffer in self._staging.values():
+        for buffer in [*self._staging.values(), *self._outputs.values()]:
             buffer.free()
         self._staging.clear()
+        self._outputs.clear()
         self.cuda.close()
+
+
+class DeviceKVCache:
+    """One generation's KV cache on the device: two buffers per cache tensor, each sized for the
+    engine's maximum context, used in turn (TensorRT's inputs and outputs may not alias). Allocated
+    once; a decode step reads one buffer of each pair and writes the other."""
+
+    def __init__(self, cuda, past_shapes: dict[str, list], present_names: list[str], batch: int, max_context: int,
+                 dtypes: dict):
+        self.past_names, self.present_names = list(past_shapes), present_names
+        self.layouts = [(batch, int(shape[1]), int(shape[3]), dtypes[name]) for name, shape in past_shapes.items()]
+        self.pairs = [tuple(DeviceBuffer(cuda, b * heads * max_context * dim * dtype.itemsize) for _ in range(2))
+                      for b, heads, dim, dtype in self.layouts]
+        self.current, self.length = 0, 0
+
+    def past(self) -> list[DeviceTensor]:
+        """The cache so far, as the next call's ``past_key_values.*`` inputs."""
+        return [DeviceTensor(pair[self.current], (b, heads, self.length, dim), dtype)
+                for pair, (b, heads, dim, dtype) in zip(self.pairs, self.layouts)]
+
+    def destinations(self) -> dict[str, DeviceBuffer]:
+        """Where the next call writes ``present.*``: the other buffer of each pair."""
+        return {name: pair[1 - self.current] for name, pair in zip(self.present_names, self.pairs)}
+
+    def advance(self, length: int) -> None:
+        self.current, self.length = 1 - self.current, length
+
+    def free(self) -> None:
+        for pair in self.pairs:
+            for buffer in pair:
+                buffer.free()
