@@ -106,13 +106,14 @@ class ThermalPolicy:
     name = "thermal"
 
     def ceiling(self, readings: Readings, applied_work: float, step_up_work: float) -> Ceiling:
-        temp = readings.hottest_c(self.zones)
-        if temp is None:
+        hottest = readings.hottest(self.zones)
+        if hottest is None:
             self.last_error_c = None
             return Ceiling(0.0, f"no valid temperature from {self.zones or 'any zone'}: safe rank", hard=True, safe=True)
+        zone, temp = hottest
         if temp >= self.emergency_c:
             self.ceiling_work, self.last_error_c = 0.0, None
-            return Ceiling(0.0, f"{temp:.1f} degC >= emergency {self.emergency_c:.1f} degC", hard=True)
+            return Ceiling(0.0, f"{zone} {temp:.1f} degC >= emergency {self.emergency_c:.1f} degC", hard=True)
         error = self.target_c - temp
         dt = 1.0 if self.last_time_s is None else max(1e-3, readings.time_s - self.last_time_s)
         change = 0.0 if self.last_error_c is None else error - self.last_error_c
@@ -124,7 +125,7 @@ class ThermalPolicy:
         # Clearly below the target the controller is not what limits the rank: say so, so another
         # policy's ceiling is the one reported and the climb back is not held by the windup cap.
         work = 1.0 if error > 2 * self.deadband_c and self.ceiling_work >= step_up_work else self.ceiling_work
-        return Ceiling(work, f"{temp:.1f} degC, target {self.target_c:.1f} degC")
+        return Ceiling(work, f"{zone} {temp:.1f} degC, target {self.target_c:.1f} degC")
 
 
 @dataclass

@@ -45,8 +45,13 @@ class Readings:
 
     def hottest_c(self, zones: list[str]) -> float | None:
         """The highest valid temperature among ``zones`` (all zones when empty)."""
-        values = [v for k, v in self.temps_c.items() if (not zones or k in zones) and v is not None]
-        return max(values) if values else None
+        hottest = self.hottest(zones)
+        return None if hottest is None else hottest[1]
+
+    def hottest(self, zones: list[str]) -> tuple[str, float] | None:
+        """(zone, temperature) of the hottest valid zone among ``zones`` (all zones when empty)."""
+        values = [(v, k) for k, v in self.temps_c.items() if (not zones or k in zones) and v is not None]
+        return (max(values)[1], max(values)[0]) if values else None
 
 
 def parse_number(text: str | None, scale: float, low: float, high: float) -> float | None:

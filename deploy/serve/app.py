@@ -266,7 +266,7 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
                                 f"{state.context_limit} (prompts up to {state.prompt_limit}); shorten the prompt or "
                                 f"lower max_tokens", param="max_tokens", code="context_length_exceeded")
         sampling = {"do_sample": body.temperature > 0, "temperature": body.temperature or 1.0, "top_k": body.top_k,
-                    "top_p": body.top_p, "seed": body.seed}
+                    "top_p": body.top_p, "seed": body.seed, "stop_ids": set() if body.ignore_eos else None}
         events: asyncio.Queue = asyncio.Queue()
         job = job_for(body.nsn, "generate", events, prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
                       stop=body.stop or [])

@@ -135,7 +135,8 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     else:
         def on_decision(decision) -> None:
             binding = min(decision.ceilings, key=lambda c: c["work"])
-            scheduler.reason = f"{binding['policy']}: {binding['reason']}"
+            scheduler.reason = (f"{binding['policy']}: {binding['reason']}" if binding["work"] < 1 else
+                                "no limit: every policy allows the full rank")
             state.metrics.decision(decision)
             state.metrics.rails(decision.readings.get("rails_w") or {})
             state.events.publish(state, decision)

@@ -50,6 +50,7 @@ class SamplingRequest(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # metadata: accepted, not used
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
     nsn: NSNOptions | None = None
     # OpenAI fields without an implementation here: only their neutral value is accepted.
     n: int | None = None
