@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from calibration.cli import bench_command, calibrate_command
 from deploy.cli import run_command
 from deploy.governor.cli import governor_command
+from deploy.serve.cli import serve_command
 from deploy.tensorrt.cli import trt_command
 from nsn_export.cli import (adapt_command, eval_command, export_command, quickstart_command, train_command,
                             verify_command)
@@ -543,6 +544,18 @@ CASES += [
         ("window-backwards", "duration_s = 60\n[faults]\ndropouts = [[20, 10]]",
          ("faults.dropouts has a window that ends before it starts",)),
     ]],
+    # ---- nsn-serve refuses bad options before it binds a port -------------------------------------------
+    Case("serve-no-model", serve_command, ["{ws}/nothing"], 1, ("nothing", "nsn-export first"), ()),
+    Case("serve-log-over-the-graph", serve_command, ["{ws}/encoder", "--log", "{ws}/encoder/model.onnx"], 1,
+         ("--log", "is inside the input"), ("encoder",)),
+    Case("serve-port-out-of-range", serve_command, ["{ws}/encoder", "--port", "70000"], 2, ("--port", "70000"),
+         ("encoder",)),
+    Case("serve-nan-period", serve_command, ["{ws}/encoder", "--period-s", "nan"], 2,
+         ("--period-s", "not a finite number"), ("encoder",)),
+    Case("serve-bad-policy", serve_command, ["{ws}/encoder", "--policy", "{ws}/p.toml"], 1,
+         ("p.toml", "unknown key 'levels.dwell'"), ("encoder",), write("p.toml", "[levels]\ndwell = 3")),
+    Case("serve-sysfs-root-missing", serve_command, ["{ws}/encoder", "--sysfs-root", "{ws}/none"], 1,
+         ("sysfs root", "does not exist"), ("encoder",)),
     # ---- engine.json: one schema ----------------------------------------------------------------------
     Case("engine-plan-is-a-list", trt_command, ["inspect", "{ws}/engine"], 1,
          ("engine.json", "plan = [1, 2] must be a table", "rebuild the engine"), ("export",),
@@ -783,3 +796,88 @@ def test_a_read_only_destination_is_one_line_and_leaves_nothing(sources, tmp_pat
         locked.chmod(0o755)
     assert result.exit_code == 1 and "Permission denied" in result.output and "Traceback" not in result.output
     assert list(locked.iterdir()) == []
+
+
+# ---- nsn-serve: bad requests, each answered in the OpenAI error shape, the server healthy afterwards ------
+KEY = {"Authorization": "Bearer sesame"}
+
+
+@pytest.fixture(scope="module")
+def keyed_servers(serve, sources):
+    env = {"NSN_API_KEY": "sesame"}  # from the environment: never in a process listing
+    return {"decoder": serve([sources["export"], "--no-governor", "--model-name", "m", "--max-tokens", "64"], env),
+            "encoder": serve([sources["encoder"], "--no-governor", "--model-name", "e"], env)}
+
+
+BAD_REQUESTS = [
+    # (id, server, path, body (dict, or raw bytes), headers, status, words in error.message, error.param)
+    ("malformed-json", "decoder", "/v1/completions", b'{"prompt": "w1", ', KEY, 400, "not valid JSON", None),
+    ("prompt-wrong-type", "decoder", "/v1/completions", {"prompt": 5}, KEY, 400, "prompt", "prompt"),
+    ("max-tokens-wrong-type", "decoder", "/v1/completions", {"prompt": "w1", "max_tokens": "many"}, KEY, 400,
+     "max_tokens", "max_tokens"),
+    ("n-two", "decoder", "/v1/completions", {"prompt": "w1", "n": 2}, KEY, 400, "n = 2 is not supported", "n"),
+    ("unknown-field", "decoder", "/v1/completions", {"prompt": "w1", "frobnicate": 1}, KEY, 400,
+     "unknown or unsupported field 'frobnicate'", "frobnicate"),
+    ("logprobs", "decoder", "/v1/completions", {"prompt": "w1", "logprobs": 5}, KEY, 400, "logprobs = 5", "logprobs"),
+    ("negative-max-tokens", "decoder", "/v1/completions", {"prompt": "w1", "max_tokens": -3}, KEY, 400,
+     "greater than or equal to 1", "max_tokens"),
+    ("huge-max-tokens", "decoder", "/v1/completions", {"prompt": "w1", "max_tokens": 10**9}, KEY, 400,
+     "max_tokens = 1000000000 is above this server's limit 64", "max_tokens"),
+    ("nan-temperature", "decoder", "/v1/completions", b'{"prompt": "w1", "temperature": NaN}', KEY, 400,
+     "temperature", "temperature"),
+    ("unknown-model", "decoder", "/v1/completions", {"model": "gpt-9", "prompt": "w1"}, KEY, 404,
+     "model 'gpt-9' is not served here", "model"),
+    ("prompt-too-long", "decoder", "/v1/completions", {"prompt": " ".join(["w1"] * 120), "max_tokens": 20}, KEY, 400,
+     "the prompt is 120 tokens and max_tokens is 20", "max_tokens"),
+    ("prompt-ids-outside-vocabulary", "decoder", "/v1/completions", {"prompt": [5, 99999]}, KEY, 400,
+     "got 99999", "prompt"),
+    ("empty-prompt", "decoder", "/v1/completions", {"prompt": ""}, KEY, 400, "the prompt is empty", "prompt"),
+    ("several-prompts", "decoder", "/v1/completions", {"prompt": ["w1", "w2"]}, KEY, 400, "2 prompts", "prompt"),
+    ("max-rank-above-model", "decoder", "/v1/completions", {"prompt": "w1", "nsn": {"max_rank": 999}}, KEY, 400,
+     "nsn.max_rank = 999 is above the model's maximum rank 16", "nsn.max_rank"),
+    ("min-above-max-rank", "decoder", "/v1/completions", {"prompt": "w1", "nsn": {"max_rank": 4, "min_rank": 8}}, KEY,
+     400, "nsn.min_rank 8 is above nsn.max_rank 4", "nsn.min_rank"),
+    ("chat-without-template", "decoder", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]},
+     KEY, 400, "has no chat template", "messages"),
+    ("chat-no-messages", "decoder", "/v1/chat/completions", {"messages": []}, KEY, 400, "messages", "messages"),
+    ("embeddings-on-a-decoder", "decoder", "/v1/embeddings", {"input": "w1"}, KEY, 400, "needs an encoder", None),
+    ("completions-on-an-encoder", "encoder", "/v1/completions", {"prompt": "w1"}, KEY, 400, "needs a decoder", None),
+    ("empty-input", "encoder", "/v1/embeddings", {"input": []}, KEY, 400, "input is empty", "input"),
+    ("empty-string-input", "encoder", "/v1/embeddings", {"input": ""}, KEY, 400, "input is empty", "input"),
+    ("input-wrong-type", "encoder", "/v1/embeddings", {"input": {"text": "w1"}}, KEY, 400, "input", "input"),
+    ("bad-encoding-format", "encoder", "/v1/embeddings", {"input": "w1", "encoding_format": "hex"}, KEY, 400,
+     "encoding_format", "encoding_format"),
+    ("ten-megabyte-body", "encoder", "/v1/embeddings", b'{"input": "' + b"w1 " * (10 * 2**20 // 3) + b'"}', KEY,
+     413, "above the limit of 1048576", None),
+    ("missing-key", "decoder", "/v1/completions", {"prompt": "w1"}, {}, 401, "missing or wrong API key", None),
+    ("wrong-key", "decoder", "/v1/models", None, {"Authorization": "Bearer open-sesame"}, 401,
+     "missing or wrong API key", None),
+    ("key-without-bearer", "encoder", "/v1/embeddings", {"input": "w1"}, {"Authorization": "sesame"}, 401,
+     "missing or wrong API key", None),
+    ("override-not-a-rank", "decoder", "/v1/nsn/override", {"rank": "high"}, KEY, 400, "rank", "rank"),
+    ("override-without-governor", "decoder", "/v1/nsn/override", {"rank": 4}, KEY, 409, "without a governor", None),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_a_bad_request_gets_its_status_and_an_openai_error_and_the_server_stays_healthy(keyed_servers, case):
+    import httpx
+
+    _, which, path, body, headers, status, words, param = case
+    server = keyed_servers[which]
+    if body is None:
+        response = httpx.get(server.url + path, headers=headers, timeout=60)
+    elif isinstance(body, bytes):
+        response = httpx.post(server.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
+                              timeout=60)
+    else:
+        response = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and words in error["message"], error
+    assert error["param"] == param and "Traceback" not in response.text
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    ok = httpx.post(server.url + ("/v1/completions" if which == "decoder" else "/v1/embeddings"),
+                    json={"prompt": "w1", "max_tokens": 2} if which == "decoder" else {"input": "w1"}, headers=KEY,
+                    timeout=60)
+    assert ok.status_code == 200, ok.text

@@ -11,6 +11,7 @@ import base64
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -31,6 +32,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
 
 log = logging.getLogger("nsn.serve")
 RETRY_AFTER_S = 2
+TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|literal|function-|union|tagged-union|json-or-python)")
 
 
 class APIError(Exception):
@@ -110,13 +112,22 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, error: RequestValidationError):
         first = error.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        location = []
+        for part in first.get("loc", ())[1:]:  # after "body"
+            if isinstance(part, str) and TYPE_TAG.match(part):
+                union = True  # pydantic names the member of a union it tried: say what the field takes
+                break
+            location.append(str(part))
+        else:
+            union = False
         param = ".".join(location) or None
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
         elif first.get("type") == "extra_forbidden":
             message = f"unknown or unsupported field {param!r}"
+        elif union and location and location[-1] in ("prompt", "input"):
+            message = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
         return error_response(400, f"{param + ': ' if param else ''}{message}", param=param)
 
     @app.exception_handler(StarletteHTTPException)
