@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -87,6 +88,28 @@ def test_the_device_commands_work_on_a_workstation_export(device_env, exported, 
     scenario = tmp_path / "s.toml"
     scenario.write_text("duration_s = 120\n[ambient]\nschedule = [[0, 30.0]]\n")
     assert "governor" in device(device_env, "nsn-governor", "simulate", str(scenario)).stdout
+
+
+def test_nsn_serve_starts_answers_and_stops_in_the_device_install(device_env, exported):
+    import httpx
+
+    server = subprocess.Popen([str(device_env / "bin" / "nsn-serve"), str(exported("llama")[0].path.parent),
+                               "--port", "0", "--sysfs-root", str(device_env)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=device_env)
+    try:
+        url = json.loads(server.stdout.readline())["listening"]
+        for _ in range(600):  # up to a minute
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": "w1 w2", "max_tokens": 3}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["nsn"]["token_ranks"], reply.text
+    finally:
+        server.terminate()
+    assert server.wait(timeout=60) == 0
 
 
 @pytest.mark.parametrize("command", [

@@ -393,3 +393,24 @@ def test_a_policy_frontier_path_is_resolved_against_the_policy_file(tmp_path, mo
     monkeypatch.chdir(tmp_path)  # not the policy's directory
     assert load_policy(tmp_path / "conf" / "p.toml").frontier == str(tmp_path / "conf" / "frontier.json")
     assert policy_from_dict({"levels": {"frontier": "/abs/f.json"}}, base_dir=tmp_path).frontier == "/abs/f.json"
+
+
+def test_bursty_load_the_queue_policy_beats_the_best_constant_rank_within_the_latency_target():
+    report = simulate(load_scenario(scenario_dir() / "bursty-load.toml"))
+    governor, full, oracle = report["runs"][0], report["runs"][1], report["runs"][-1]
+    assert oracle["run"].startswith("oracle") and governor["quality_tokens"] >= oracle["quality_tokens"]
+    assert governor["quality_tokens"] > 1.5 * full["quality_tokens"]  # full rank falls behind in every burst
+    assert governor["max_queue_s"] <= 2.0 and report["governor"]["failures"] == 0
+
+
+def test_the_queue_policy_steps_down_just_enough_and_releases_when_the_queue_empties():
+    from deploy.governor.policy import QueuePolicy
+
+    policy = QueuePolicy(target_s=2.0, horizon_s=10.0)
+    assert policy.ceiling(Readings(0, queue_s=None), 1.0).work == 1.0
+    assert policy.ceiling(Readings(0, queue_s=0.0), 1.0).work == 1.0
+    # the wait grows 0.5 s per s: arrivals are 1.5x the throughput; (2 - 0.5) / 10 s/s of growth is allowed
+    ceiling = policy.ceiling(Readings(1, queue_s=0.5), 1.0)
+    assert ceiling.work == pytest.approx(1.15 / 1.5) and "growing 0.50 s/s" in ceiling.reason
+    assert policy.ceiling(Readings(2, queue_s=0.55), 0.8).work == 0.8  # growing slower than allowed: hold
+    assert policy.ceiling(Readings(3, queue_s=0.3), 0.8).work == 1.0  # draining: released

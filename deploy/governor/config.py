@@ -41,6 +41,7 @@ POLICY_SCHEMA = Table({
     })),
     "power": optional(Table({"budget_w": Number(0.1, 10_000, "W")})),
     "latency": optional(Table({"target_ms": Number(0.001, 1e6, "ms")})),
+    "queue": optional(Table({"target_s": Number(0.01, 3600, "s")})),
     "manual": optional(Table({"rank_file": Text(example="/run/nsn/manual-rank")})),
 })
 
@@ -56,6 +57,7 @@ class PolicyConfig:
     battery: dict | None = None
     power_budget_w: float | None = None
     latency_target_ms: float | None = None
+    queue_target_s: float | None = None
     rank_file: str | None = None
     source: str = "policy"
 
@@ -105,6 +107,8 @@ def policy_from_dict(data: dict, source: str = "policy", base_dir: str | Path | 
         config.power_budget_w = float(data["power"]["budget_w"])
     if data["latency"] is not None:
         config.latency_target_ms = float(data["latency"]["target_ms"])
+    if data["queue"] is not None:
+        config.queue_target_s = float(data["queue"]["target_s"])
     if data["manual"] is not None:
         config.rank_file = data["manual"]["rank_file"]
     return config

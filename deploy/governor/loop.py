@@ -23,7 +23,7 @@ from ..external_data import read_regular_text
 from ..frontier import primary_latency
 from ..metadata import validate_rank
 from .config import PolicyConfig
-from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, ThermalPolicy
+from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, QueuePolicy, ThermalPolicy
 from .sensors import Readings
 
 log = logging.getLogger("nsn.governor")
@@ -124,6 +124,8 @@ class Governor:
             policies.append(BudgetPolicy("power_w", config.power_budget_w))
         if config.latency_target_ms is not None:
             policies.append(BudgetPolicy("latency_ms", config.latency_target_ms))
+        if config.queue_target_s is not None:
+            policies.append(QueuePolicy(config.queue_target_s))
         return policies
 
     def _seed_from(self, frontier: dict, flops_of_rank) -> None:
@@ -219,6 +221,8 @@ class Governor:
         try:
             if hasattr(self.target, "last_latency_ms") and hasattr(self.sensors, "latency_ms"):
                 self.sensors.latency_ms = self.target.last_latency_ms
+            if hasattr(self.target, "queue_s") and hasattr(self.sensors, "queue_s"):  # a server's queue
+                self.sensors.queue_s = self.target.queue_s
             readings = self.sensors.read(now)
             ceilings = self.ceilings(readings)
             index = self.choose(ceilings, now)

@@ -215,3 +215,34 @@ class BudgetPolicy:
             return Ceiling(1.0, f"{self.quantity} budget {self.budget:g} {unit}: no measurement yet")
         shown = "n/a" if value is None else f"{value:.2f}"
         return Ceiling(work, f"{self.quantity} {shown} {unit}, budget {self.budget:g} {unit}")
+
+
+@dataclass
+class QueuePolicy:
+    """Keep a server's queue within ``target_s``. The oldest waiting request's wait ``w`` grows as
+    ``g = dw/dt = arrivals / throughput - 1``. Looking ``horizon_s`` ahead, the queue may grow by at
+    most ``g_ok = (target_s - w) / horizon_s``; when it grows faster, the work ceiling drops to
+    ``applied * (1 + g_ok) / (1 + g)`` (throughput rises about as work falls): just enough for the
+    load, using the latency the target allows, since quality is concave in rank and running lower
+    than needed costs it for nothing. A queue that is empty or shrinking releases the ceiling (the
+    governor climbs back one level per dwell)."""
+
+    target_s: float
+    horizon_s: float = 10.0
+    last: tuple[float, float] | None = None  # (time_s, wait_s) of the previous reading
+    name = "queue"
+
+    def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
+        wait, last = readings.queue_s, self.last
+        self.last = None if wait is None else (readings.time_s, wait)
+        if wait is None:
+            return Ceiling(1.0, "no queue reading")
+        growth = 0.0 if last is None else (wait - last[1]) / max(readings.time_s - last[0], 1e-3)
+        allowed = (self.target_s - wait) / self.horizon_s
+        if growth > allowed and wait > 0:
+            work = applied_work * (1 + max(allowed, -0.5)) / (1 + growth)
+            return Ceiling(min(max(work, 0.25 * applied_work), applied_work),
+                           f"requests wait {wait:.1f} s, growing {growth:.2f} s/s (target {self.target_s:g} s)")
+        if growth > 0:
+            return Ceiling(applied_work, f"requests wait {wait:.1f} s, growing {growth:.2f} s/s: holding")
+        return Ceiling(1.0, f"requests wait {wait:.1f} s")

@@ -34,6 +34,7 @@ class Readings:
     mains_online: bool | None = None
     rails_w: dict[str, float | None] = field(default_factory=dict)  # by INA3221 rail label
     latency_ms: float | None = None
+    queue_s: float | None = None  # how long the oldest waiting request has waited (a server's queue)
     invalid: int = 0
 
     @property
@@ -123,6 +124,7 @@ class SysfsSensors:
         self.supplies = self._power_supplies()
         self.rails = self._rails()
         self.latency_ms: float | None = None
+        self.queue_s: float | None = None
         self.invalid_total = 0
 
     def _thermal_zones(self) -> list[ThermalZone]:
@@ -219,4 +221,4 @@ class SysfsSensors:
             rails[rail.label] = amps * volts if amps is not None and volts is not None else None
         self.invalid_total += invalid
         return Readings(time_s=time.monotonic() if now is None else now, temps_c=temps, rails_w=rails,
-                        latency_ms=self.latency_ms, invalid=invalid, **values)
+                        latency_ms=self.latency_ms, queue_s=self.queue_s, invalid=invalid, **values)

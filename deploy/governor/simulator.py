@@ -80,6 +80,7 @@ class Scenario:
     garbage: list[list[float]] = field(default_factory=list)
     max_rank: int = 448
     model_fixed_work: float = 0.1  # FLOPs share that does not depend on the rank (embeddings, attention)
+    latency_target_s: float = 5.0  # a token counts as useful only if it waited no longer than this
     quality: dict[int, float] = field(default_factory=dict)  # rank -> quality (default: a concave curve)
     policy: str | None = None  # a policy file next to the scenario
 
@@ -126,7 +127,8 @@ SCENARIO_SCHEMA = Table({
     }), dict),
     "ambient": optional(Table({"schedule": optional(schedule(Number(-40, 80, "degC"), "ambient_c"))}), dict),
     "load": optional(Table({"demand_tokens_per_s": optional(schedule(Number(0, 1e6, "tokens/s"), "tokens_per_s")),
-                            "bursts": optional(windows(("extra_tokens_per_s", Number(0, 1e6, "tokens/s"))), list)}),
+                            "bursts": optional(windows(("extra_tokens_per_s", Number(0, 1e6, "tokens/s"))), list),
+                            "latency_target_s": optional(Number(0, 3600, "s", low_open=True), 5.0)}),
                      dict),
     "battery": optional(Table({"capacity_wh": Number(0, 10_000, "Wh", low_open=True),
                                "initial_pct": optional(Number(0, 100, "%"), 100.0)})),
@@ -172,6 +174,7 @@ def load_scenario(path: str | Path) -> Scenario:
         battery_pct=100.0 if battery is None else float(battery["initial_pct"]),
         dropouts=data["faults"]["dropouts"], garbage=data["faults"]["garbage"],
         max_rank=model["max_rank"], model_fixed_work=float(model["fixed_work"]),
+        latency_target_s=float(data["load"]["latency_target_s"]),
         quality={} if quality is None else dict(zip(quality["ranks"], map(float, quality["values"]))),
         policy=str(path.parent / data["policy"]) if data["policy"] else None)
 
@@ -190,7 +193,9 @@ class SimulatedDevice:
         self.throttled = False
         self.energy_wh = None if scenario.battery_wh is None else scenario.battery_wh * scenario.battery_pct / 100
         self.latency_ms: float | None = None
-        self.power_w = self.serve(0.0)[1]  # what the sensors read before the first tick
+        self.backlog_tokens = 0.0  # requested, not yet served (a FIFO)
+        self.queue_s = 0.0  # how long the backlog takes to serve at the current capacity
+        self.power_w = self.serve(0.0, 0.0)[1]  # what the sensors read before the first tick
 
     # the runtime interface the governor drives
     def set_rank(self, rank: int) -> None:
@@ -216,24 +221,32 @@ class SimulatedDevice:
                        "battery_power_w": parse_micro(str(int(self.power_w * 1e6))),
                        "battery_energy_wh": parse_micro(str(int(self.energy_wh * 1e6)), 10_000.0)}
         return Readings(time_s=now, temps_c={"tj-thermal": temp}, latency_ms=self.latency_ms, invalid=invalid,
-                        rails_w={"VDD_IN": self.power_w}, **battery)
+                        rails_w={"VDD_IN": self.power_w}, queue_s=self.queue_s, **battery)
 
-    def serve(self, now: float) -> tuple[float, float, float]:
-        """(tokens/s served, board power in W, capacity in tokens/s) at the current rank and clocks."""
+    def serve(self, now: float, dt: float) -> tuple[float, float, float]:
+        """(tokens served in ``dt``, board power in W, capacity in tokens/s) at the current rank and
+        clocks: the backlog first, then what arrived (a FIFO)."""
         d, s = self.d, self.s
         clock = d.throttle_clock if self.throttled else 1.0
         work = s.flops_of_rank(self.rank) / s.flops_of_rank(s.max_rank)
         capacity = d.tokens_per_s_full * clock / (d.fixed_work + (1 - d.fixed_work) * work)
         demand = schedule_value(s.demand, now) + sum(extra for start, end, extra in s.bursts if start <= now < end)
-        served = min(demand, capacity)
-        return served, d.idle_w + d.dynamic_w * served / capacity * clock ** 2, capacity
+        if dt == 0:
+            busy = min(demand / capacity, 1.0)
+            return 0.0, d.idle_w + d.dynamic_w * busy * clock ** 2, capacity
+        waiting = self.backlog_tokens + demand * dt
+        served = min(waiting, capacity * dt)
+        self.backlog_tokens = waiting - served
+        return served, d.idle_w + d.dynamic_w * served / (capacity * dt) * clock ** 2, capacity
 
     def advance(self, now: float, dt: float) -> dict:
         """One ``dt`` of serving at the current rank; returns what happened."""
         d, s = self.d, self.s
         if self.energy_wh is not None and self.energy_wh <= 0:
-            return {"tokens": 0.0, "power_w": 0.0, "empty": True}
-        served, self.power_w, capacity = self.serve(now)
+            return {"tokens": 0.0, "power_w": 0.0, "empty": True, "timely": False}
+        timely = self.queue_s <= s.latency_target_s  # what is served now waited about queue_s
+        served, self.power_w, capacity = self.serve(now, dt)
+        self.queue_s = self.backlog_tokens / capacity
         ambient = schedule_value(s.ambient, now)
         self.temp_c += dt * (self.power_w - (self.temp_c - ambient) / d.r_th_c_per_w) / d.c_j_per_c
         if self.temp_c >= d.passive_trip_c:
@@ -243,7 +256,7 @@ class SimulatedDevice:
         self.latency_ms = 1000.0 / capacity
         if self.energy_wh is not None:
             self.energy_wh -= self.power_w * dt / 3600
-        return {"tokens": served * dt, "power_w": self.power_w, "empty": False}
+        return {"tokens": served, "power_w": self.power_w, "empty": False, "timely": timely}
 
 
 @dataclass
@@ -258,6 +271,7 @@ class Run:
     switches_after_1min: int = 0
     battery_empty_s: float | None = None
     rank_seconds: float = 0.0
+    max_queue_s: float = 0.0
     duration_s: float = 0.0
     trace: list[tuple[float, float, int, float | None]] = field(default_factory=list)  # t, temp, rank, battery %
 
@@ -268,7 +282,8 @@ class Run:
                 "seconds_throttled": self.seconds_throttled, "switches": self.switches,
                 "switches_per_min": round(self.switches / minutes, 2),
                 "switches_per_min_after_1min": round(self.switches_after_1min / max(minutes - 1, 1e-9), 2),
-                "battery_empty_s": self.battery_empty_s, "mean_rank": round(self.rank_seconds / self.duration_s, 1)}
+                "battery_empty_s": self.battery_empty_s, "mean_rank": round(self.rank_seconds / self.duration_s, 1),
+                "max_queue_s": round(self.max_queue_s, 1)}
 
 
 def run_scenario(scenario: Scenario, name: str, choose_rank, initial_rank: int, dt: float = 1.0,
@@ -288,7 +303,9 @@ def run_scenario(scenario: Scenario, name: str, choose_rank, initial_rank: int, 
         if result["empty"] and run.battery_empty_s is None:
             run.battery_empty_s = now
         run.tokens += result["tokens"]
-        run.quality_tokens += result["tokens"] * scenario.quality_of(device.rank)
+        if result["timely"]:  # a token that waited past the latency target is of no use to anyone
+            run.quality_tokens += result["tokens"] * scenario.quality_of(device.rank)
+        run.max_queue_s = max(run.max_queue_s, device.queue_s)
         run.seconds_above_trip += dt * (device.temp_c >= scenario.device.passive_trip_c)
         run.seconds_throttled += dt * device.throttled
         run.max_temp_c = max(run.max_temp_c, device.temp_c)

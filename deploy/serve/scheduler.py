@@ -124,6 +124,12 @@ class Scheduler:
             self.metrics.ceiling(self.ceiling)
 
     @property
+    def queue_s(self) -> float:
+        """How long the oldest waiting request has waited (the governor's queue signal)."""
+        waiting = self.waiting
+        return time.monotonic() - waiting[0].created_s if waiting else 0.0
+
+    @property
     def model_path(self):
         return getattr(self.runtime, "model_path", None)
 
