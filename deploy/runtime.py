@@ -69,6 +69,19 @@ def decoder_feeds(shapes: dict[str, list], input_ids: np.ndarray, past: list | N
     return feeds
 
 
+def prompt_ids(prompt: str | list[int], tokenizer, vocab_size: int | None, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a prompt: text through ``tokenizer``, or ids checked against the vocabulary."""
+    if not isinstance(prompt, str):
+        return check_token_ids(prompt, vocab_size, "the prompt's token ids")
+    if tokenizer is None:
+        raise ValueError("this export has no tokenizer.json, so it cannot read text; give token ids (a list of "
+                         "integers) instead, or re-export from a checkpoint saved with its tokenizer")
+    ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    return ids
+
+
 class NSNRuntime:
     """The shared half of a runtime. Subclasses set ``info`` (``NSNModelInfo``), ``tokenizer``,
     ``vocab_size``, ``stop_ids``, ``max_length``, ``model_dir``, ``input_names``, ``hidden_size`` and ``_rank``, and
@@ -169,13 +182,9 @@ class NSNRuntime:
         """A prompt's token ids: text through the tokenizer, or ids checked against the vocabulary."""
         if self.info.task != "text-generation":
             raise ValueError(f"generate needs a decoder export (task text-generation), this one is {self.info.task}")
-        if not isinstance(prompt, str):
-            return check_token_ids(prompt, self.vocab_size, "the prompt's token ids")
-        self._require_tokenizer()
-        ids = self.tokenizer.encode(prompt).ids
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        return ids
+        if isinstance(prompt, str):
+            self._require_tokenizer()
+        return prompt_ids(prompt, self.tokenizer, self.vocab_size)
 
     def generate_steps(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

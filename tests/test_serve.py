@@ -143,6 +143,27 @@ def test_embeddings_match_the_session_as_floats_and_base64(encoder, exported):
         [[3, 5, 7]])[0], rtol=1e-5, atol=1e-6)
 
 
+def test_concurrent_embedding_requests_are_batched_and_each_gets_its_own_vectors(encoder, exported):
+    texts = {n: [f"w{(n * 7 + j) % 90} w{j}" for j in range(20)] for n in range(8)}
+    results = {}
+
+    def one(n):
+        response = httpx.post(f"{encoder.url}/v1/embeddings", json={"input": texts[n], "nsn": {"max_rank": 4 + n}},
+                              timeout=120)
+        results[n] = response.json() if response.status_code == 200 else response.status_code
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for n in range(8):
+        expected = NSNSession(exported("bert")[0].path.parent, rank=4 + n).embed(texts[n])
+        got = np.array([d["embedding"] for d in results[n]["data"]])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert results[n]["nsn"]["ranks"]["first"] == 4 + n
+
+
 @pytest.mark.slow
 def test_embeddings_on_the_real_minilm_match_the_session(serve, tmp_path_factory):
     import nsn_export as nsn
@@ -277,6 +298,7 @@ def test_generation_through_the_server_on_the_tensorrt_double_matches_nsn_engine
     from deploy.tensorrt.build import build_engine
     from deploy.tensorrt.engine import NSNEngine
     from deploy.tensorrt.plan import ShapeBounds, plan_for_export
+    from deploy.text import load_tokenizer
 
     cudart = trt_double.make_cudart()
     trt = trt_double.make_tensorrt(cudart)
@@ -291,6 +313,7 @@ def test_generation_through_the_server_on_the_tensorrt_double_matches_nsn_engine
 
     def load():
         state.scheduler = Scheduler(engine, metrics=state.metrics)
+        state.tokenizer = load_tokenizer(engine_dir)
         state.prompt_limit, state.context_limit = 32, 64
         state.scheduler.start()
         state.ready = True

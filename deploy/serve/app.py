@@ -24,6 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime import prompt_ids
+from ..text import check_token_ids
 from .chat import ChatTemplate, ChatTemplateError
 from .events import EventHub
 from .page import page_response, static_file
@@ -65,6 +67,8 @@ class ServerState:
     scheduler: Scheduler | None = None
     governor: Any = None
     chat_template: ChatTemplate | None = None
+    tokenizer: Any = None  # the routes' own: the runtime's belongs to the scheduler thread (a Rust
+    # tokenizer used from two threads at once fails with "Already borrowed")
     runtime_label: str = ""
     prompt_limit: int = 0  # the longest prompt the runtime takes
     context_limit: int = 0  # the longest prompt + completion (the model's, or a TensorRT profile's)
@@ -207,10 +211,10 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
                                param="prompt")
             prompt = prompt[0]
         try:
-            prompt_ids = state.runtime.encode_prompt(prompt)
+            ids = prompt_ids(prompt, state.tokenizer, state.runtime.vocab_size)
         except ValueError as error:
             raise APIError(400, str(error), param="prompt") from None
-        return await generate(request, body, prompt_ids, "text_completion")
+        return await generate(request, body, ids, "text_completion")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -221,7 +225,7 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
             raise APIError(400, f"model {state.model_name!r} has no chat template (no chat_template in its "
                                 f"tokenizer_config.json or chat_template.jinja); use /v1/completions",
                            param="messages", code="no_chat_template")
-        if state.runtime.tokenizer is None:
+        if state.tokenizer is None:
             raise APIError(400, "this export has no tokenizer.json, so it cannot read chat text; use "
                                 "/v1/completions with token ids", param="messages")
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
@@ -229,12 +233,13 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
             text = state.chat_template.render(messages)
         except ChatTemplateError as error:
             raise APIError(400, str(error), param="messages") from None
-        prompt_ids = state.runtime.tokenizer.encode(text, add_special_tokens=False).ids
-        if not prompt_ids:
-            raise APIError(400, "the chat template rendered an empty prompt", param="messages")
+        try:  # the template writes the special tokens itself
+            ids = prompt_ids(text, state.tokenizer, state.runtime.vocab_size, add_special_tokens=False)
+        except ValueError as error:
+            raise APIError(400, f"the chat template rendered no tokens ({error})", param="messages") from None
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
-        return await generate(request, body, prompt_ids, "chat.completion")
+        return await generate(request, body, ids, "chat.completion")
 
     def require_decoder(route: str) -> None:
         if not state.decoder:
@@ -371,20 +376,18 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
             raise APIError(400, "input is empty; give a string, a list of strings or token ids", param="input")
         if len(inputs) > 2048:
             raise APIError(400, f"input holds {len(inputs)} items, above 2048; split the request", param="input")
-        runtime = state.runtime
         texts = [item for item in inputs if isinstance(item, str)]
-        if texts and runtime.tokenizer is None:
+        if texts and state.tokenizer is None:
             raise APIError(400, "this export has no tokenizer.json; send token ids", param="input")
         try:
-            counted = [len(e.ids) for e in runtime.tokenizer.encode_batch(texts)] if texts else []
-            from ..text import check_token_ids
-
             for item in inputs:
                 if not isinstance(item, str):
-                    check_token_ids(item, runtime.vocab_size, "input token ids")
+                    check_token_ids(item, state.runtime.vocab_size, "input token ids")
         except ValueError as error:
             raise APIError(400, str(error), param="input") from None
-        tokens = sum(counted) + sum(len(item) for item in inputs if not isinstance(item, str))
+        longest = state.prompt_limit  # inputs are cut there: count what the model reads
+        tokens = sum(min(len(e.ids), longest) for e in state.tokenizer.encode_batch(texts)) if texts else 0
+        tokens += sum(min(len(item), longest) for item in inputs if not isinstance(item, str))
         events: asyncio.Queue = asyncio.Queue()
         job = job_for(body.nsn, "embed", events, inputs=inputs)
         submit(job)
@@ -423,6 +426,11 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
     @app.get("/")
     async def page():
         return page_response()
+
+    @app.get("/nsn/page")
+    async def page_config():
+        """What the page must know before it has a key: only whether one is needed."""
+        return {"key_required": bool(state.api_key)}
 
     @app.get("/static/{name}")
     async def static(name: str):

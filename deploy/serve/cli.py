@@ -115,6 +115,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     """Load the runtime, start the scheduler and the governor; ``/health`` turns 200 after this."""
     from ..governor.cli import open_runtime, thermal_control
     from ..governor.loop import Governor
+    from ..text import load_tokenizer
     from .chat import ChatTemplate
     from .scheduler import Scheduler
 
@@ -124,6 +125,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     state.runtime_label = runtime_label(runtime)
     state.prompt_limit, state.context_limit = context_limits(runtime)
     state.chat_template = ChatTemplate.from_model_dir(model_dir) if runtime.info.task == "text-generation" else None
+    state.tokenizer = load_tokenizer(model_dir)  # the routes' own copy
     state.metrics.info.labels(model_name=state.model_name, runtime=state.runtime_label,
                               max_rank=str(runtime.info.max_rank)).set(1)
     if policy is None:

@@ -1,0 +1,200 @@
+"""Load benchmark of nsn-serve: requests/s, time to first token and inter-token latency (p50 / p99)
+at 1, 4 and 16 concurrent clients, on MiniLM embeddings and on the realistic decoder of nsn-bench
+(24 layers, hidden 896, random weights); and the server's overhead against calling NSNSession
+directly at one client.
+
+    python scripts/bench_serve.py [--models minilm,decoder] [--clients 1,4,16] [--output runs/serve-bench.json]
+
+Needs the export extra (it builds the two exports once, cached in --work-dir) and the serve extra.
+The clients run in this process on the same machine as the server, so on a small machine they take
+CPU from it: the numbers are an upper bound on the server's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.atomic import atomic_file, check_output_files  # noqa: E402
+
+SENTENCES = ["Robots adapt their compute to the battery.", "The governor lowers the rank when the device is hot.",
+             "A lower rank is a smaller, faster model.", "Every rank of a nested subspace network is valid."]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def minilm_export(work: Path) -> Path:
+    out = work / "minilm-onnx"
+    if not (out / "model.onnx").is_file():
+        import nsn_export as nsn
+        from nsn_export.export import export_onnx
+        from nsn_export.models import default_model_dir, load_hf_model
+
+        source = default_model_dir()
+        model = load_hf_model(source)
+        nsn.adapt(model, "all-linear", max_rank=1.0)
+        export_onnx(model, out, tokenizer_dir=source, verify=False, overwrite=True)
+    return out
+
+
+def decoder_export(work: Path) -> Path:
+    out = work / "decoder-onnx"
+    if not (out / "model.onnx").is_file():
+        import nsn_export as nsn
+        from calibration.bench import build_dense_model
+        from nsn_export.export import export_onnx
+
+        model = build_dense_model("realistic")
+        nsn.adapt(model, "all-linear", max_rank=0.5)
+        export_onnx(model, out, verify=False, overwrite=True)
+    return out
+
+
+class Server:
+    def __init__(self, model_dir: Path, threads: int):
+        self.process = subprocess.Popen([sys.executable, "-m", "deploy.serve", str(model_dir), "--port", "0",
+                                         "--no-governor", "--threads", str(threads), "--max-queue", "1000",
+                                         "--model-name", "m"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, cwd=Path(__file__).resolve().parents[1])
+        self.url = json.loads(self.process.stdout.readline())["listening"]
+        for _ in range(3000):
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("nsn-serve never became healthy")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=120)
+
+
+def stream_once(client: httpx.Client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, list[float]]:
+    """(time to first token in s, gaps between tokens in s) of one streamed completion."""
+    start = time.perf_counter()
+    stamps = []
+    with client.stream("POST", f"{url}/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": max_tokens,
+                                                              "temperature": 0, "stream": True, "ignore_eos": True},
+                       timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"finish_reason": null' in line:
+                stamps.append(time.perf_counter())
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def embed_once(client: httpx.Client, url: str, texts: list[str]) -> float:
+    start = time.perf_counter()
+    response = client.post(f"{url}/v1/embeddings", json={"model": "m", "input": texts, "encoding_format": "base64"},
+                           timeout=600)
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
+def load(clients: int, per_client: int, one) -> dict:
+    """``clients`` threads, each doing ``per_client`` requests in turn; ``one(client)`` returns the
+    request's (latency, gaps)."""
+    results, errors = [], []
+
+    def worker():
+        with httpx.Client() as client:
+            for _ in range(per_client):
+                try:
+                    results.append(one(client))
+                except Exception as error:  # counted, reported
+                    errors.append(repr(error))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    first = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    report = {"clients": clients, "requests": len(results), "errors": len(errors),
+              "requests_per_s": round(len(results) / elapsed, 3),
+              "latency_ms": {"p50": round(1e3 * percentile(first, 0.5), 2), "p99": round(1e3 * percentile(first, 0.99), 2)}}
+    if gaps:
+        report["inter_token_ms"] = {"p50": round(1e3 * percentile(gaps, 0.5), 2),
+                                    "p99": round(1e3 * percentile(gaps, 0.99), 2)}
+        report["tokens_per_s"] = round(len(gaps + first) / elapsed, 2)
+    return report
+
+
+def direct_decode_ms(model_dir: Path, threads: int, prompt: list[int], max_tokens: int, repeats: int) -> dict:
+    """NSNSession in this process, no server: prefill and per-token decode time (medians)."""
+    from deploy import NSNSession
+
+    session = NSNSession(model_dir, intra_op_threads=threads)
+    session.generate(prompt, max_new_tokens=4, stop_ids=set())  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        result = session.generate(prompt, max_new_tokens=max_tokens, stop_ids=set())
+        prefill.append(result.prefill_ms)
+        decode.extend(result.step_latency_ms[1:])
+    return {"prefill_ms": round(statistics.median(prefill), 3), "decode_ms_per_token": round(statistics.median(decode), 3)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,decoder")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=8, help="requests per client at each concurrency")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/serve-bench"))
+    parser.add_argument("--output", type=Path, default=Path("runs/serve-bench.json"))
+    args = parser.parse_args(argv)
+    check_output_files({"--output": args.output}, [args.work_dir])
+    clients = [int(c) for c in args.clients.split(",")]
+    report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "max_tokens": args.max_tokens}
+    prompt = [(7 * i) % 31000 + 5 for i in range(32)]
+    for name in args.models.split(","):
+        print(f"[{name}] preparing the export (cached)", file=sys.stderr, flush=True)
+        model_dir = minilm_export(args.work_dir) if name == "minilm" else decoder_export(args.work_dir)
+        if name == "decoder":
+            print("[decoder] NSNSession directly", file=sys.stderr, flush=True)
+            report["decoder_direct"] = direct_decode_ms(model_dir, args.threads, prompt, args.max_tokens, 3)
+        server = Server(model_dir, args.threads)
+        try:
+            rows = []
+            for count in clients:
+                print(f"[{name}] {count} client(s)", file=sys.stderr, flush=True)
+                if name == "minilm":
+                    one = lambda client: (embed_once(client, server.url, SENTENCES * 8), [])  # noqa: E731
+                else:
+                    one = lambda client: stream_once(client, server.url, prompt, args.max_tokens)  # noqa: E731
+                one(httpx.Client())  # warm-up
+                rows.append(load(count, args.requests, one))
+            report[name] = rows
+        finally:
+            server.stop()
+    if "decoder" in report:
+        direct, served = report["decoder_direct"]["decode_ms_per_token"], report["decoder"][0]["inter_token_ms"]["p50"]
+        report["decoder_overhead_one_client"] = round(served / direct - 1, 4)
+    text = json.dumps(report, indent=1)
+    atomic_file(args.output, text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The page of nsn-serve in a real headless Chromium (Debian's chromium and chromium-driver, driven
+through Selenium): it loads without console errors, its timeline follows a fake sysfs tree as it
+heats, the shown rank drops as the governor acts, a prompt streams tokens coloured by the rank they
+ran at, the override slider moves the rank /metrics reports, the API key stays out of URLs, and
+model- or user-provided text is shown as text."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("NSN_REQUIRE_BROWSER"):  # CI installs them: a missing browser is a failure there
+            pytest.fail("Debian's chromium and chromium-driver are not installed")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition, what: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def sysfs(root: Path, temp_c: float) -> Path:
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "trip_point_0_type").write_text("passive\n")
+    (zone / "trip_point_0_temp").write_text("85000\n")
+    (zone / "temp").write_text(f"{int(temp_c * 1000)}\n")
+    return zone / "temp"
+
+
+@pytest.fixture(scope="module")
+def governed(serve, exported, tmp_path_factory):
+    """A decoder served under a governor whose sysfs tree the test heats. Its model name is markup:
+    the page must show it as text."""
+    root = tmp_path_factory.mktemp("page")
+    temp = sysfs(root / "sysfs", 50.0)
+    policy = root / "p.toml"
+    policy.write_text('[levels]\nranks = [2, 8, 16]\nmin_dwell_s = 0\n[thermal]\nzones = ["cpu-thermal"]\n')
+    server = serve([exported("llama")[0].path.parent, "--policy", policy, "--sysfs-root", root / "sysfs",
+                    "--period-s", "0.2", "--model-name", "<img src=x id=injected>"])
+    return server, temp
+
+
+def console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_the_page_loads_without_console_errors_and_shows_model_text_as_text(browser, governed):
+    server, _ = governed
+    browser.get(server.url + "/")
+    wait_for(lambda: "requests served" in text(browser, "status-line"), "the status line")
+    status = text(browser, "status-line")
+    assert "model <img src=x id=injected>" in status and "ONNX Runtime" in status and "levels 2, 8, 16" in status
+    assert not browser.find_elements("id", "injected")  # shown as text, never parsed as markup
+    wait_for(lambda: text(browser, "rank-now") not in ("", "—"), "the first tick")
+    assert console_errors(browser) == []
+    headers = httpx.get(server.url + "/", timeout=10).headers
+    assert "script-src 'self'" in headers["content-security-policy"]
+
+
+def test_the_timeline_follows_the_device_as_it_heats_and_the_shown_rank_drops(browser, governed):
+    server, temp = governed
+    browser.get(server.url + "/")
+    chart = lambda: browser.find_element("id", "chart-temp")  # noqa: E731
+    wait_for(lambda: chart().get_attribute("data-last") == "50", "the first temperature")
+    samples = int(chart().get_attribute("data-samples"))
+    temp.write_text("70000\n")
+    wait_for(lambda: chart().get_attribute("data-last") == "70", "the timeline to show 70 degC")
+    assert int(chart().get_attribute("data-samples")) > samples
+    assert text(browser, "rank-now") == "16"
+    temp.write_text("95000\n")  # past the trip + 5 degC: the emergency level
+    wait_for(lambda: text(browser, "rank-now") == "2", "the shown rank to drop to 2")
+    assert text(browser, "policy-now") == "thermal" and "emergency" in text(browser, "reason-now")
+    assert browser.find_element("id", "chart-rank").get_attribute("data-last") == "2"
+    temp.write_text("50000\n")
+    wait_for(lambda: text(browser, "rank-now") == "16", "the rank to climb back")
+    assert console_errors(browser) == []
+
+
+def test_a_prompt_streams_tokens_coloured_by_the_rank_they_ran_at(browser, governed):
+    server, _ = governed
+    browser.get(server.url + "/")
+    wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
+    browser.find_element("id", "prompt").send_keys("w1 w2 w3 <script>alert(1)</script>")
+    browser.find_element("id", "max-rank").send_keys("8")
+    browser.find_element("id", "max-tokens").clear()
+    browser.find_element("id", "max-tokens").send_keys("12")
+    browser.find_element("id", "send").click()
+    nsn = json.loads(wait_for(lambda: browser.find_element("id", "result-nsn").get_attribute("textContent"),
+                              "the response's nsn object"))
+    spans = browser.find_elements("css selector", "#output .token")
+    assert [int(s.get_attribute("data-rank")) for s in spans] == nsn["token_ranks"] and set(nsn["token_ranks"]) == {8}
+    legend = {int(s.get_attribute("data-rank")): s.value_of_css_property("background-color")
+              for s in browser.find_elements("css selector", "#legend .swatch")}
+    assert legend.keys() == {8}
+    assert all(s.value_of_css_property("background-color") == legend[8] for s in spans)
+    assert "ranks first 8" in text(browser, "result") and console_errors(browser) == []
+
+
+def test_the_override_slider_moves_the_rank_metrics_report(browser, governed):
+    server, _ = governed
+    browser.get(server.url + "/")
+    wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
+    browser.execute_script("const s = document.getElementById('override-rank'); s.value = '8';"
+                           "s.dispatchEvent(new Event('input'));")
+    browser.find_element("id", "override-apply").click()
+    wait_for(lambda: server.metric("nsn:rank_ceiling") == 8.0, "/metrics to report rank 8")
+    wait_for(lambda: text(browser, "rank-now") == "8", "the page to show rank 8")
+    assert "Ceiling set to rank 8" in text(browser, "override-message")
+    browser.find_element("id", "override-release").click()
+    wait_for(lambda: server.metric("nsn:rank_ceiling") == 16.0, "the release")
+
+
+def test_a_phone_sized_screen_needs_no_sideways_scrolling(browser, governed):
+    server, _ = governed
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(server.url + "/")
+        wait_for(lambda: text(browser, "rank-now") not in ("", "—"), "the first tick")
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        browser.set_window_size(1280, 1000)
+
+
+def test_with_a_key_the_page_asks_once_keeps_it_out_of_urls_and_says_when_refused(browser, serve, exported):
+    server = serve([exported("bert")[0].path.parent, "--no-governor", "--model-name", "enc"],
+                   env={"NSN_API_KEY": "sesame"})
+    browser.get(server.url + "/")
+    wait_for(lambda: browser.find_element("id", "key-box").is_displayed(), "the key box")
+    browser.find_element("id", "override-apply").click()
+    wait_for(lambda: "needs its API key" in text(browser, "override-message"), "the override refused")
+    browser.find_element("id", "key-input").send_keys("sesame")
+    browser.find_element("id", "key-form").submit()
+    wait_for(lambda: "model enc" in text(browser, "status-line"), "the status with the key")
+    assert "sesame" not in browser.current_url
+    assert browser.execute_script("return sessionStorage.getItem('nsn-api-key')") == "sesame"
+    browser.find_element("id", "prompt").send_keys("w1 w2 <script>alert(1)</script>")
+    browser.find_element("id", "send").click()
+    wait_for(lambda: "<script>alert(1)</script>" in text(browser, "output"), "the embedding of the typed text")
+    assert not browser.find_elements("css selector", "#output script")
+    browser.execute_script("sessionStorage.clear()")
