@@ -22,9 +22,9 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,14 @@ def step(title: str, command: list[str]) -> subprocess.CompletedProcess:
     if result.returncode != 0:
         raise SystemExit(f"failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return result
+
+
+def http_json(url: str, body: dict | None = None, timeout_s: float = 120) -> dict:
+    """GET (or POST ``body``) and parse the JSON answer; the standard library is all a device needs."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
 
 
 def have_tensorrt() -> bool:
@@ -68,18 +76,17 @@ def serve_once(model: Path, policy: Path) -> dict:
         url = json.loads(server.stdout.readline())["listening"]
         for _ in range(1200):
             try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                if http_json(f"{url}/health", timeout_s=5)["status"] == "ok":
                     break
-            except httpx.TransportError:
+            except (urllib.error.URLError, OSError):  # 503 while loading, or not yet listening
                 pass
             time.sleep(0.1)
-        task = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["nsn"]["task"]
+        task = http_json(f"{url}/v1/models")["data"][0]["nsn"]["task"]
         if task == "feature-extraction":
-            reply = httpx.post(f"{url}/v1/embeddings", json={"input": ["Robots adapt their compute."]}, timeout=120)
+            reply = http_json(f"{url}/v1/embeddings", {"input": ["Robots adapt their compute."]})
         else:
-            reply = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 17, 3], "max_tokens": 8}, timeout=120)
-        reply.raise_for_status()
-        nsn = reply.json()["nsn"]
+            reply = http_json(f"{url}/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 8})
+        nsn = reply["nsn"]
         print(f"{task}: ranks {nsn.get('ranks')}, governor: {nsn['governor']}")
     finally:
         server.terminate()

@@ -128,3 +128,12 @@ def test_the_export_commands_say_which_extra_to_install(device_env, tmp_path, co
     assert "needs the export extra" in message and "pip install 'nsn-export[export]'" in message
     assert len(message.strip().splitlines()) == 1, message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_device_example_runs_with_nothing_but_the_device_install(device_env, exported, tmp_path):
+    """scripts/device_example.py: a workstation's export -> frontier -> engine (on the TensorRT
+    double here) -> served under the governor, one request, SIGTERM."""
+    result = run([str(device_env / "bin" / "python"), str(ROOT / "scripts" / "device_example.py"),
+                  str(exported("llama")[0].path.parent), "--work", str(tmp_path / "work")], device_env, timeout=900)
+    assert "on the TensorRT test double" in result.stdout and "nsn-serve exited 0 after SIGTERM" in result.stdout
+    assert json.loads((tmp_path / "work" / "frontier.json").read_text())["levels"]

@@ -54,13 +54,21 @@ def text(driver, element_id: str) -> str:
     return driver.find_element("id", element_id).text
 
 
+def set_temp(path: Path, temp_c: float) -> None:
+    """As the kernel updates a sysfs value: a reader never sees the file half written (an empty read
+    is a missing sensor, which rightly gives the safe rank)."""
+    scratch = path.with_name(".temp")
+    scratch.write_text(f"{int(temp_c * 1000)}\n")
+    os.replace(scratch, path)
+
+
 def sysfs(root: Path, temp_c: float) -> Path:
     zone = root / "sys/class/thermal/thermal_zone0"
     zone.mkdir(parents=True, exist_ok=True)
     (zone / "type").write_text("cpu-thermal\n")
     (zone / "trip_point_0_type").write_text("passive\n")
     (zone / "trip_point_0_temp").write_text("85000\n")
-    (zone / "temp").write_text(f"{int(temp_c * 1000)}\n")
+    set_temp(zone / "temp", temp_c)
     return zone / "temp"
 
 
@@ -100,15 +108,15 @@ def test_the_timeline_follows_the_device_as_it_heats_and_the_shown_rank_drops(br
     chart = lambda: browser.find_element("id", "chart-temp")  # noqa: E731
     wait_for(lambda: chart().get_attribute("data-last") == "50", "the first temperature")
     samples = int(chart().get_attribute("data-samples"))
-    temp.write_text("70000\n")
+    set_temp(temp, 70.0)
     wait_for(lambda: chart().get_attribute("data-last") == "70", "the timeline to show 70 degC")
     assert int(chart().get_attribute("data-samples")) > samples
-    assert text(browser, "rank-now") == "16"
-    temp.write_text("95000\n")  # past the trip + 5 degC: the emergency level
+    wait_for(lambda: text(browser, "rank-now") == "16", "the full rank at 70 degC")
+    set_temp(temp, 95.0)  # past the trip + 5 degC: the emergency level
     wait_for(lambda: text(browser, "rank-now") == "2", "the shown rank to drop to 2")
     assert text(browser, "policy-now") == "thermal" and "emergency" in text(browser, "reason-now")
     assert browser.find_element("id", "chart-rank").get_attribute("data-last") == "2"
-    temp.write_text("50000\n")
+    set_temp(temp, 50.0)
     wait_for(lambda: text(browser, "rank-now") == "16", "the rank to climb back")
     assert console_errors(browser) == []
 

@@ -5,6 +5,7 @@ limits; load, disconnects, SIGTERM, a heating device; TensorRT (the double) thro
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -275,7 +276,9 @@ def test_a_heating_device_lowers_the_rank_in_responses_and_metrics(serve, decode
     server = serve([decoder_dir, "--policy", policy, "--sysfs-root", tmp_path / "sysfs", "--period-s", "0.1"])
     cool = server.client().completions.create(model="llama", prompt=PROMPT, max_tokens=3, temperature=0)
     assert set(cool.model_extra["nsn"]["token_ranks"]) == {16}
-    temp.write_text("95000\n")  # above the trip + 5 degC: the emergency level
+    scratch = temp.with_name(".temp")  # replaced whole, as the kernel updates it: never read half written
+    scratch.write_text("95000\n")
+    os.replace(scratch, temp)  # above the trip + 5 degC: the emergency level
     deadline = time.monotonic() + 30
     while server.metric("nsn:rank_ceiling") != 2.0:
         assert time.monotonic() < deadline, "the governor never lowered the rank"

@@ -136,9 +136,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
         state.ticker = tick_without_governor(state, period_s)
     else:
         def on_decision(decision) -> None:
-            binding = min(decision.ceilings, key=lambda c: c["work"])
-            scheduler.reason = (f"{binding['policy']}: {binding['reason']}" if binding["work"] < 1 else
-                                "no limit: every policy allows the full rank")
+            scheduler.reason = governor_reason(decision, governor)
             state.metrics.decision(decision)
             state.metrics.rails(decision.readings.get("rails_w") or {})
             state.events.publish(state, decision)
@@ -155,6 +153,17 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
         governor.start(period_s)
     scheduler.start()
     state.ready = True
+
+
+def governor_reason(decision, governor) -> str:
+    """The binding policy and its reason, in words; when no policy limits the rank, why it is where
+    it is (climbing back after a limit, one level per dwell)."""
+    binding = min(decision.ceilings, key=lambda c: c["work"])
+    if binding["work"] < 1:
+        return f"{binding['policy']}: {binding['reason']}"
+    if decision.rank < governor.levels.ranks[-1]:
+        return f"no policy limits the rank: climbing back one level every {governor.config.min_dwell_s:g} s"
+    return "no policy limits the rank"
 
 
 def tick_without_governor(state, period_s: float) -> threading.Event:

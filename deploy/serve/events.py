@@ -46,7 +46,7 @@ class EventHub:
                         battery_pct=decision.readings.get("battery_pct"),
                         ceilings=[{"policy": c["policy"], "work": round(c["work"], 4), "reason": c["reason"]}
                                   for c in decision.ceilings],
-                        policy=binding["policy"] if binding else None)
+                        policy=binding["policy"] if binding and binding["work"] < 1 else None)
         with self.lock:
             self.sequence += 1
             tick["seq"] = self.sequence

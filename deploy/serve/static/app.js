@@ -76,7 +76,7 @@ function renderStatus(status) {
     status.runtime || "loading",
     "levels " + (page.levels.join(", ") || "—"),
     "up " + Math.floor(uptime / 60) + " min " + (uptime % 60) + " s",
-    (status.requests_served || 0) + " requests served",
+    "requests served: " + (status.requests_served || 0),
     status.governor ? "governor on" : "no governor",
   ];
   $("status-line").textContent = parts.join(" · ");
@@ -253,6 +253,10 @@ function drawChart(canvas, times, series, options) {
     context.fillStyle = COLORS[index % COLORS.length];
     context.fillText(s.name, left + 4 + index * 70, top + 8);
   });
+  if (!series.some((s) => s.values.some((v) => v != null))) {
+    context.fillStyle = "#8a93a3";
+    context.fillText("no reading on this device", (left + right) / 2 - 60, (top + bottom) / 2);
+  }
   canvas.dataset.samples = String(times.length);
   const last = series[0] && series[0].values.length ? series[0].values[series[0].values.length - 1] : null;
   canvas.dataset.last = last == null ? "" : String(last);
