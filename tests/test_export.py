@@ -185,3 +185,21 @@ def test_verify_command_fails_with_the_worst_rank_when_the_checkpoint_differs(ex
     nsn.save_nsn(other, tmp_path / "other")
     verified = CliRunner().invoke(verify_command, [str(result.path), "--model", str(tmp_path / "other")])
     assert verified.exit_code == 1 and "exceed the fp32 tolerance" in verified.output and "worst: rank" in verified.output
+
+
+def test_the_export_carries_the_checkpoints_chat_template(tmp_path):
+    """nsn-serve's chat route renders it: it must travel from the checkpoint into the export."""
+    import nsn_export as nsn
+    from deploy.serve.chat import ChatTemplate
+    from nsn_export.export import export_onnx
+    from tiny import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    model = tiny_model("llama")
+    nsn.adapt(model, "all-linear", max_rank=8)
+    checkpoint = nsn.save_nsn(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    result = export_onnx(nsn.load_nsn(checkpoint), tmp_path / "onnx", tokenizer_dir=checkpoint, verify=False)
+    template = ChatTemplate.from_model_dir(result.path.parent)
+    assert template is not None and template.render([{"role": "user", "content": "w1"}]) == "<user>w1"
+    assert (result.path.parent / "tokenizer_config.json").is_file()

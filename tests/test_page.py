@@ -85,13 +85,19 @@ def governed(serve, exported, tmp_path_factory):
     return server, temp
 
 
+def open_page(driver, url: str) -> None:
+    """Load the page with a clean console (the log keeps what earlier tests left)."""
+    driver.get_log("browser")
+    driver.get(url)
+
+
 def console_errors(driver) -> list[str]:
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 def test_the_page_loads_without_console_errors_and_shows_model_text_as_text(browser, governed):
     server, _ = governed
-    browser.get(server.url + "/")
+    open_page(browser, server.url + "/")
     wait_for(lambda: "requests served" in text(browser, "status-line"), "the status line")
     status = text(browser, "status-line")
     assert "model <img src=x id=injected>" in status and "ONNX Runtime" in status and "levels 2, 8, 16" in status
@@ -104,7 +110,7 @@ def test_the_page_loads_without_console_errors_and_shows_model_text_as_text(brow
 
 def test_the_timeline_follows_the_device_as_it_heats_and_the_shown_rank_drops(browser, governed):
     server, temp = governed
-    browser.get(server.url + "/")
+    open_page(browser, server.url + "/")
     chart = lambda: browser.find_element("id", "chart-temp")  # noqa: E731
     wait_for(lambda: chart().get_attribute("data-last") == "50", "the first temperature")
     samples = int(chart().get_attribute("data-samples"))
@@ -123,7 +129,7 @@ def test_the_timeline_follows_the_device_as_it_heats_and_the_shown_rank_drops(br
 
 def test_a_prompt_streams_tokens_coloured_by_the_rank_they_ran_at(browser, governed):
     server, _ = governed
-    browser.get(server.url + "/")
+    open_page(browser, server.url + "/")
     wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
     browser.find_element("id", "prompt").send_keys("w1 w2 w3 <script>alert(1)</script>")
     browser.find_element("id", "max-rank").send_keys("8")
@@ -143,7 +149,7 @@ def test_a_prompt_streams_tokens_coloured_by_the_rank_they_ran_at(browser, gover
 
 def test_the_override_slider_moves_the_rank_metrics_report(browser, governed):
     server, _ = governed
-    browser.get(server.url + "/")
+    open_page(browser, server.url + "/")
     wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
     browser.execute_script("const s = document.getElementById('override-rank'); s.value = '8';"
                            "s.dispatchEvent(new Event('input'));")
@@ -159,7 +165,7 @@ def test_a_phone_sized_screen_needs_no_sideways_scrolling(browser, governed):
     server, _ = governed
     browser.set_window_size(390, 844)
     try:
-        browser.get(server.url + "/")
+        open_page(browser, server.url + "/")
         wait_for(lambda: text(browser, "rank-now") not in ("", "—"), "the first tick")
         assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     finally:
@@ -169,7 +175,7 @@ def test_a_phone_sized_screen_needs_no_sideways_scrolling(browser, governed):
 def test_with_a_key_the_page_asks_once_keeps_it_out_of_urls_and_says_when_refused(browser, serve, exported):
     server = serve([exported("bert")[0].path.parent, "--no-governor", "--model-name", "enc"],
                    env={"NSN_API_KEY": "sesame"})
-    browser.get(server.url + "/")
+    open_page(browser, server.url + "/")
     wait_for(lambda: browser.find_element("id", "key-box").is_displayed(), "the key box")
     browser.find_element("id", "override-apply").click()
     wait_for(lambda: "needs its API key" in text(browser, "override-message"), "the override refused")
@@ -183,3 +189,89 @@ def test_with_a_key_the_page_asks_once_keeps_it_out_of_urls_and_says_when_refuse
     wait_for(lambda: "<script>alert(1)</script>" in text(browser, "output"), "the embedding of the typed text")
     assert not browser.find_elements("css selector", "#output script")
     browser.execute_script("sessionStorage.clear()")
+
+
+@pytest.fixture(scope="module")
+def tensorrt_served(exported, tmp_path_factory):
+    """nsn-serve's app over an NSNEngine on the TensorRT double, two rank ranges, in this process (the
+    double lives here) behind a real uvicorn on a loopback port."""
+    import threading
+
+    import uvicorn
+
+    import trt_double
+    from deploy.serve.app import ServerState, create_app
+    from deploy.serve.cli import start_model
+    from deploy.serve.metrics import Metrics
+    from deploy.tensorrt.build import build_engine
+    from deploy.tensorrt.engine import NSNEngine
+    from deploy.tensorrt.plan import ShapeBounds, plan_for_export
+
+    cudart = trt_double.make_cudart()
+    trt = trt_double.make_tensorrt(cudart)
+    export = exported("llama")[0].path.parent
+    plan = plan_for_export(export, "1-5,6-16", ShapeBounds(max_seq=32, max_context=64, opt_seq=8, opt_context=16))
+    engine_dir = build_engine(export, tmp_path_factory.mktemp("trt") / "engine", plan, trt=trt, cudart=cudart)
+    engine = NSNEngine(engine_dir, trt=trt, cudart=cudart)
+    state = ServerState(model_name="trt-llama", metrics=Metrics("trt-llama"))
+    app = create_app(state, load=lambda: start_model(state, engine_dir, None, None, None, 64, 0.2, None, None,
+                                                     runtime=engine))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "uvicorn to start")
+    url = "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
+    wait_for(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, "the engine to load")
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+    state.scheduler.stop()
+    state.ticker.set()
+    engine.close()
+
+
+def test_the_page_works_on_the_tensorrt_double_and_shows_profile_switches(browser, tensorrt_served):
+    open_page(browser, tensorrt_served + "/")
+    wait_for(lambda: "TensorRT 10.3.0" in text(browser, "status-line"), "the status line")
+    wait_for(lambda: browser.find_element("id", "profiles").is_displayed(), "the profile switch count")
+    before = int(text(browser, "profile-switches"))
+    for max_rank in ("3", "12"):  # one rank in each range: the engine switches profiles
+        browser.find_element("id", "prompt").clear()
+        browser.find_element("id", "prompt").send_keys("w1 w2 w3")
+        browser.find_element("id", "max-rank").clear()
+        browser.find_element("id", "max-rank").send_keys(max_rank)
+        browser.find_element("id", "send").click()
+        wait_for(lambda: f"ranks first {max_rank}" in text(browser, "result"), f"a reply at rank {max_rank}")
+    wait_for(lambda: int(text(browser, "profile-switches")) >= before + 2, "more profile switches shown")
+    assert console_errors(browser) == []
+
+
+def test_a_simulated_heat_soak_on_the_page_and_its_screenshot(browser, serve, exported, tmp_path):
+    """The device heats towards its trip point and soaks there; the governor holds it below the
+    emergency level with a lower rank. The screenshot is the one in the README and docs/SERVING.md
+    (NSN_UPDATE_SCREENSHOTS=1 writes it to docs/img/)."""
+    temp = sysfs(tmp_path / "sysfs", 45.0)
+    policy = tmp_path / "p.toml"
+    policy.write_text('[levels]\nranks = [2, 4, 8, 12, 16]\nmin_dwell_s = 2\n[thermal]\nzones = ["cpu-thermal"]\n')
+    server = serve([exported("llama")[0].path.parent, "--policy", policy, "--sysfs-root", tmp_path / "sysfs",
+                    "--period-s", "0.25", "--model-name", "tiny-llama-nsn"])
+    open_page(browser, server.url + "/")
+    wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
+    ranks = []
+    for temp_c in (45, 52, 58, 64, 69, 73, 77, 80, 82, 84, 85, 86, 85, 84, 83, 83, 82, 82, 82, 81, 82, 82):
+        set_temp(temp, temp_c)
+        time.sleep(1.0)
+        ranks.append(int(text(browser, "rank-now")))
+    assert ranks[0] == 16 and min(ranks) < 16  # the governor lowered the rank as the device soaked
+    browser.find_element("id", "prompt").send_keys("w5 w17 w3")
+    browser.find_element("id", "send").click()
+    wait_for(lambda: "ranks first" in text(browser, "result"), "the playground's reply")
+    browser.find_element("id", "sensors").click()  # open the sensors list
+    time.sleep(1.0)
+    shot = tmp_path / "nsn-serve-page.png"
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:4] == b"\x89PNG"
+    assert console_errors(browser) == []
+    if os.environ.get("NSN_UPDATE_SCREENSHOTS"):
+        target = Path(__file__).resolve().parents[1] / "docs" / "img" / "nsn-serve-page.png"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(shot, target)

@@ -46,7 +46,8 @@ def readings_summary(readings: Readings | None) -> dict:
     if readings is None:
         return {}
     return {"temps_c": readings.temps_c, "battery_pct": readings.battery_pct, "power_w": readings.power_w,
-            "latency_ms": readings.latency_ms, "invalid": readings.invalid}
+            "rails_w": readings.rails_w, "latency_ms": readings.latency_ms, "queue_s": readings.queue_s,
+            "invalid": readings.invalid}
 
 
 def levels_for(config: PolicyConfig, max_rank: int, flops_of_rank: Callable[[int], float]) -> Levels:

@@ -111,15 +111,17 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
         raise click.ClickException(f"the model failed to load: {state.load_error}")
 
 
-def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads) -> None:
-    """Load the runtime, start the scheduler and the governor; ``/health`` turns 200 after this."""
+def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads,
+                runtime=None) -> None:
+    """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
+    200 after this."""
     from ..governor.cli import open_runtime, thermal_control
     from ..governor.loop import Governor
     from ..text import load_tokenizer
     from .chat import ChatTemplate
     from .scheduler import Scheduler
 
-    runtime = open_runtime(model_dir, intra_op_threads=threads)
+    runtime = runtime or open_runtime(model_dir, intra_op_threads=threads)
     scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics)
     state.scheduler = scheduler
     state.runtime_label = runtime_label(runtime)

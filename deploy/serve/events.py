@@ -39,7 +39,8 @@ class EventHub:
                 "rank": scheduler.last_rank if scheduler else None, "tokens_per_s": round(rate, 2),
                 "waiting": len(scheduler.waiting) if scheduler else 0,
                 "running": len(scheduler.active) if scheduler else 0,
-                "reason": scheduler.reason if scheduler else "loading"}
+                "reason": scheduler.reason if scheduler else "loading",
+                "profile_switches": scheduler.profile_switches if scheduler else None}
         if decision is not None:
             binding = min(decision.ceilings, key=lambda c: c["work"]) if decision.ceilings else None
             tick.update(temps_c=decision.readings.get("temps_c") or {}, power_w=decision.readings.get("power_w"),
@@ -47,6 +48,8 @@ class EventHub:
                         ceilings=[{"policy": c["policy"], "work": round(c["work"], 4), "reason": c["reason"]}
                                   for c in decision.ceilings],
                         policy=binding["policy"] if binding and binding["work"] < 1 else None)
+            if tick["policy"] is not None:
+                tick["reason"] = binding["reason"]  # the policy is named beside it
         with self.lock:
             self.sequence += 1
             tick["seq"] = self.sequence

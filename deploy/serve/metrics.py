@@ -51,10 +51,12 @@ class Metrics:
         self._last_ceiling: int | None = None
 
     # ---- the scheduler's reports ---------------------------------------------------------------------
-    def queue(self, running: int, waiting: int, cache_tokens: int) -> None:
+    def queue(self, running: int, waiting: int, cache_tokens: int, profile_switches: int | None = None) -> None:
         self.running.labels(**self.labels).set(running)
         self.waiting.labels(**self.labels).set(waiting)
         self.cache_tokens.labels(**self.labels).set(cache_tokens)
+        if profile_switches is not None:
+            self.profile_switches.labels(**self.labels).set(profile_switches)
 
     def queued(self, seconds: float) -> None:
         self.queue_time.labels(**self.labels).observe(seconds)

@@ -184,11 +184,16 @@ class Scheduler:
             self._thread.join(timeout=30)
 
     # ---- the scheduler thread ------------------------------------------------------------------------------
+    @property
+    def profile_switches(self) -> int | None:
+        """TensorRT optimization profile switches so far (None on ONNX Runtime)."""
+        return getattr(self.runtime, "profile_switches", None)
+
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue(running=len(self.active), waiting=len(self.waiting),
                                cache_tokens=sum(len(j.prompt_ids) + len(j.tokens) for j in self.active
-                                                if j.steps is not None))
+                                                if j.steps is not None), profile_switches=self.profile_switches)
 
     def _run(self) -> None:
         while True:

@@ -130,6 +130,8 @@ function renderTick(tick) {
   $("tps-now").textContent = String(tick.tokens_per_s);
   $("queue-now").textContent = String(tick.waiting);
   $("policy-now").textContent = tick.policy || "—";
+  $("profiles").hidden = tick.profile_switches == null;
+  $("profile-switches").textContent = String(tick.profile_switches ?? 0);
   $("reason-now").textContent = tick.reason || "—";
   if (!$("override-rank").dataset.touched) {
     $("override-rank").value = String(tick.ceiling);
@@ -217,14 +219,16 @@ function drawChart(canvas, times, series, options) {
   if (!values.length) { low = 0; high = 1; }
   if (high <= low) high = low + 1;
   const now = times.length ? times[times.length - 1] : 0;
+  // The span grows with the history, from half a minute to HISTORY_S, so a young page is readable.
+  const span = Math.min(HISTORY_S, Math.max(30, times.length ? now - times[0] : 0));
   const left = 34, right = width - 6, top = 6, bottom = height - 16;
-  const x = (t) => right - ((now - t) / HISTORY_S) * (right - left);
+  const x = (t) => right - ((now - t) / span) * (right - left);
   const y = (v) => bottom - ((v - low) / (high - low)) * (bottom - top);
   context.font = "10px system-ui, sans-serif";
   context.fillStyle = "#5b6474";
   context.fillText(String(Math.round(high * 10) / 10), 2, top + 8);
   context.fillText(String(Math.round(low * 10) / 10), 2, bottom);
-  context.fillText("−" + HISTORY_S / 60 + " min", left, height - 3);
+  context.fillText(span >= 120 ? "−" + Math.round(span / 60) + " min" : "−" + Math.round(span) + " s", left, height - 3);
   context.fillText("now", right - 18, height - 3);
   for (const mark of options.marks || []) {
     context.strokeStyle = options.markColor || "#b8bfca";
