@@ -149,7 +149,8 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="text file or JSONL (with label for classifiers)")
 @click.option("--retrieval", is_flag=True,
-              help="also score the built-in retrieval benchmark (docstring sentence -> qualified name, top-1)")
+              help="also score the retrieval benchmarks, top-1: docstring sentence -> qualified name (in domain) and, "
+                   "where Debian's manual pages are installed, NAME line -> command (out of domain)")
 @click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1))
 @click.option("--max-length", default=128, type=click.IntRange(min=1))
@@ -185,14 +186,22 @@ def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length
             batches = make_batches(records, tokenizer, is_causal_lm(model), batch_size, max_length)
             rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
         if retrieval:
+            from calibration.corpus import manpage_pairs
             from calibration.retrieval import docstring_pairs, top1_accuracy
 
-            pairs = docstring_pairs()
+            pairs, man_pairs = docstring_pairs(), manpage_pairs()
             for row in rows:
                 embed = embedder(model, tokenizer, row["rank"], batch_size, max_length)
                 row["retrieval_top1"] = round(top1_accuracy(embed, pairs), 4)
+                if man_pairs:  # out of domain: no manual page is training text
+                    row["manpage_top1"] = round(top1_accuracy(embed, man_pairs), 4)
                 bar.update()
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    if retrieval and not as_json:
+        click.echo(f"\nretrieval_top1: {len(pairs)} standard-library docstring sentences -> the name they document "
+                   f"(in domain); " + (f"manpage_top1: {len(man_pairs)} manual pages' NAME lines -> their command "
+                                       f"(out of domain)." if man_pairs else "manpage_top1: omitted, no manual pages "
+                                                                             "under /usr/share/man here."), err=True)
 
 
 def phase(bar, description: str, unit: str) -> Callable[[int, int], None]:

@@ -97,17 +97,25 @@ class NSNTrainer(transformers.Trainer):
 def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankObjective, steps: int = 100,
               batch_size: int = 8, learning_rate: float = 5e-5, teacher=None, collator=None,
               log_every: int = 10, show_progress: bool = True, forward_fn: Callable = hf_forward,
-              lr_schedule: str = "constant_with_warmup") -> NSNTrainer:
-    """Train ``model`` with ``objective`` for ``steps`` optimiser steps on CPU or the visible GPUs
-    (``lr_schedule``: a ``transformers`` scheduler name, after a warm-up of ``min(10, steps/10)``)."""
+              lr_schedule: str = "constant_with_warmup", device: str | None = None, bf16: bool = False) -> NSNTrainer:
+    """Train ``model`` with ``objective`` for ``steps`` optimiser steps on ``device`` ("cpu", "cuda";
+    default: the visible GPUs, else the CPU), under bf16 autocast when ``bf16`` (``lr_schedule``: a
+    ``transformers`` scheduler name, after a warm-up of ``min(10, steps/10)``)."""
     from .data import collate
+
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; install a CUDA build of torch or "
+                         "train on the CPU")
+    on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
 
     args = transformers.TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, logging_steps=log_every, save_strategy="no", report_to=[],
         disable_tqdm=not show_progress, lr_scheduler_type=lr_schedule,
         warmup_steps=min(10, steps // 10), remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=on_gpu, use_cpu=not on_gpu, bf16=bf16,
     )
     trainer = NSNTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=collator or collate(tokenizer), objective=objective,
