@@ -849,6 +849,7 @@ BAD_REQUESTS = [
      "encoding_format", "encoding_format"),
     ("ten-megabyte-body", "encoder", "/v1/embeddings", b'{"input": "' + b"w1 " * (10 * 2**20 // 3) + b'"}', KEY,
      413, "above the limit of 1048576", None),
+    ("chunked-body", "decoder", "/v1/completions", iter([b'{"prompt": "w1"}']), KEY, 411, "Content-Length", None),
     ("missing-key", "decoder", "/v1/completions", {"prompt": "w1"}, {}, 401, "missing or wrong API key", None),
     ("wrong-key", "decoder", "/v1/models", None, {"Authorization": "Bearer open-sesame"}, 401,
      "missing or wrong API key", None),
@@ -867,7 +868,7 @@ def test_a_bad_request_gets_its_status_and_an_openai_error_and_the_server_stays_
     server = keyed_servers[which]
     if body is None:
         response = httpx.get(server.url + path, headers=headers, timeout=60)
-    elif isinstance(body, bytes):
+    elif isinstance(body, bytes) or hasattr(body, "__next__"):  # bytes, or an iterator: sent chunked
         response = httpx.post(server.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
                               timeout=60)
     else:

@@ -20,7 +20,8 @@ TEMP_C = Number(-40, 150, "degC")
 # The policy file: every section optional (a missing section turns its policy off).
 POLICY_SCHEMA = Table({
     "levels": optional(Table({
-        "ranks": optional(ListOf(Number(1, 1_000_000, integer=True), max_len=1024), list),  # empty: an equal-work ladder up to the max rank
+        # empty: an equal-work ladder up to the model's max rank
+        "ranks": optional(ListOf(Number(1, 1_000_000, integer=True), max_len=1024), list),
         "min_dwell_s": optional(Number(0, 3600, "s"), 20.0),
         "up_margin": optional(Number(0, 1), 0.05),
         "safe_rank": optional(Number(0, 1_000_000, integer=True), 0),  # 0: the lowest level

@@ -114,7 +114,11 @@ class Governor:
                                   f"set target_c and emergency_c in [thermal] of the policy to turn it on")
                 log.warning(self.notes[-1])
             else:
-                    policies.append(ThermalPolicy(target, emergency, zones, config.thermal["kp_per_c"],
+                present = [z.type for z in getattr(self.sensors, "zones", [])]
+                if hasattr(self.sensors, "zones") and not any(not zones or z in zones for z in present):
+                    log.warning("none of the thermal zones %s exists here (found %s): the thermal policy will hold "
+                                "the safe rank", zones, present)
+                policies.append(ThermalPolicy(target, emergency, zones, config.thermal["kp_per_c"],
                                               config.thermal["ki_per_c_s"]))
         if config.battery is not None:
             if config.battery["ladder"]:
@@ -184,7 +188,8 @@ class Governor:
         found = [replace(policy.ceiling(readings, applied, step_up), policy=policy.name) for policy in self.policies]
         found = [replace(c, work=self.levels.work[self.safe_index]) if c.safe else c for c in found]
         manual = self._manual_ceiling()
-        return found + ([replace(manual, policy="manual")] if manual else []) or [Ceiling(1.0, "no policy", policy="none")]
+        found += [replace(manual, policy="manual")] if manual else []
+        return found or [Ceiling(1.0, "no policy", policy="none")]
 
     def choose(self, ceilings: list[Ceiling], now: float) -> int:
         """Down at once to the level the lowest ceiling allows; up one level at a time, only past the

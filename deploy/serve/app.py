@@ -143,10 +143,12 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, "internal server error; see the server log", "server_error")
 
-    # ---- the body size limit, before any parsing ----------------------------------------------------------
+    # ---- before any parsing: the body size limit, and no new work while shutting down ----------------------
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
+        if request.method == "POST" and length is None:  # a chunked body could be of any size
+            return error_response(411, "send the body with a Content-Length header", code="length_required")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             return error_response(413, f"the request body is {length} bytes, above the limit of {max_body_bytes}; "
                                        f"send less", code="request_too_large")

@@ -17,8 +17,25 @@ TokenIds = list[int]
 PromptInput = Union[str, list[str], TokenIds, list[TokenIds]]
 
 
+# OpenAI fields without an implementation here: accepted only at their neutral value.
+NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+ABSENT = ("logprobs", "logit_bias", "suffix", "dimensions")
+
+
 class Strict(BaseModel):
+    """Unknown fields are refused, and unimplemented ones at anything but their neutral value."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def implemented(cls, value, info):
+        name = info.field_name
+        if name in NEUTRAL and value is not None and value != NEUTRAL[name]:
+            raise ValueError(f"{name} = {value!r} is not supported by this server (only {NEUTRAL[name]!r})")
+        if name in ABSENT and value not in (None, False, 0, {}, ""):
+            raise ValueError(f"{name} = {value!r} is not supported by this server")
+        return value
 
 
 class NSNOptions(Strict):
@@ -30,11 +47,6 @@ class NSNOptions(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
-
-
-def only_neutral(name: str, value, neutral) -> None:
-    if value is not None and value != neutral:
-        raise ValueError(f"{name} = {value!r} is not supported by this server (only {neutral!r})")
 
 
 class SamplingRequest(Strict):
@@ -52,38 +64,11 @@ class SamplingRequest(Strict):
     user: str | None = None  # metadata: accepted, not used
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
     nsn: NSNOptions | None = None
-    # OpenAI fields without an implementation here: only their neutral value is accepted.
     n: int | None = None
     logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
-
-    @field_validator("n")
-    @classmethod
-    def one_choice(cls, value):
-        only_neutral("n", value, 1)
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError(f"logprobs = {value!r} is not supported by this server")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def no_penalty(cls, value, info):
-        only_neutral(info.field_name, value, 0.0)
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def no_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -107,25 +92,6 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("echo")
-    @classmethod
-    def no_echo(cls, value):
-        only_neutral("echo", value, False)
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def one_best(cls, value):
-        only_neutral("best_of", value, 1)
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix is not supported by this server")
-        return value
-
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id ...: passed to the template
@@ -143,16 +109,9 @@ class EmbeddingRequest(Strict):
     model: str | None = None
     input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = None  # embeddings have the model's size
     user: str | None = None
     nsn: NSNOptions | None = None
-
-    @field_validator("dimensions")
-    @classmethod
-    def full_dimensions(cls, value):
-        if value is not None:
-            raise ValueError("dimensions is not supported by this server: embeddings have the model's size")
-        return value
 
 
 class OverrideRequest(Strict):

@@ -24,7 +24,8 @@ def profile_options(command):
         click.option("--profiles", default="2", help="rank ranges: 1-64,65-192,193-448, or a count of ranges with "
                                                      "equal FLOPs span"),
         click.option("--max-batch", default=1, type=click.IntRange(1, 4096)),
-        click.option("--max-seq", default=512, type=click.IntRange(1, MAX_TOKENS), help="longest prompt (prefill) or input"),
+        click.option("--max-seq", default=512, type=click.IntRange(1, MAX_TOKENS),
+                     help="longest prompt (prefill) or input"),
         click.option("--max-context", default=1024, type=click.IntRange(1, MAX_TOKENS),
                      help="longest KV cache plus new token (decoders)"),
         click.option("--opt-seq", default=64, type=click.IntRange(1, MAX_TOKENS), help="typical prompt / input length"),

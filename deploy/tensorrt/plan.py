@@ -58,7 +58,8 @@ class ShapeBounds:
         if not self.opt_batch <= self.max_batch:
             raise OptionValueError(f"opt batch {self.opt_batch} is above --max-batch {self.max_batch}; lower it")
         if not self.opt_seq <= self.max_seq:
-            raise OptionValueError(f"--opt-seq {self.opt_seq} is above --max-seq {self.max_seq}; lower it or raise --max-seq")
+            raise OptionValueError(f"--opt-seq {self.opt_seq} is above --max-seq {self.max_seq}; lower it or raise "
+                                   f"--max-seq")
         if task == "text-generation" and not (self.max_seq <= self.max_context and self.opt_context < self.max_context):
             raise OptionValueError(f"decoders need --max-seq ({self.max_seq}) <= --max-context ({self.max_context}) and "
                              f"--opt-context ({self.opt_context}) < --max-context: the cache holds the prompt")

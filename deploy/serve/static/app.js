@@ -43,6 +43,23 @@ async function errorText(response) {
   }
 }
 
+// Server-sent events from a fetch response: one block ("event: ...\ndata: ...") at a time.
+async function* sseBlocks(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      yield buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+    }
+  }
+}
+
 // ---- the API key ----------------------------------------------------------------------------
 function showKeyBox(message) {
   $("key-box").hidden = false;
@@ -146,19 +163,7 @@ async function followEvents() {
   try {
     const response = await api("/v1/nsn/events");
     if (!response.ok || !response.body) throw new Error("the event stream answered " + response.status);
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        handleEvent(buffer.slice(0, end));
-        buffer = buffer.slice(end + 2);
-      }
-    }
+    for await (const block of sseBlocks(response)) handleEvent(block);
   } catch (error) {
     say($("reason-now"), "event stream interrupted: " + error.message, true);
   } finally {
@@ -348,29 +353,19 @@ async function complete(text) {
     say($("result"), "refused (" + response.status + "): " + await errorText(response), true);
     return;
   }
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
   const seen = new Set();
-  let buffer = "", final = null, usage = null;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const line = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-      const chunk = JSON.parse(line.slice(6));
-      if (chunk.error) { say($("result"), "failed: " + chunk.error.message, true); return; }
-      if (chunk.usage) usage = chunk.usage;
-      const choice = chunk.choices && chunk.choices[0];
-      if (!choice) continue;
-      const piece = chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
-      if (choice.finish_reason == null && chunk.nsn) addToken(piece, chunk.nsn.rank, seen);
-      else if (piece) addToken(piece, chunk.nsn && chunk.nsn.ranks ? chunk.nsn.ranks.last : page.maxRank, seen);
-      if (choice.finish_reason != null) final = chunk.nsn;
-    }
+  let final = null, usage = null;
+  for await (const line of sseBlocks(response)) {
+    if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+    const chunk = JSON.parse(line.slice(6));
+    if (chunk.error) { say($("result"), "failed: " + chunk.error.message, true); return; }
+    if (chunk.usage) usage = chunk.usage;
+    const choice = chunk.choices && chunk.choices[0];
+    if (!choice) continue;
+    const piece = chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
+    if (choice.finish_reason == null && chunk.nsn) addToken(piece, chunk.nsn.rank, seen);
+    else if (piece) addToken(piece, chunk.nsn && chunk.nsn.ranks ? chunk.nsn.ranks.last : page.maxRank, seen);
+    if (choice.finish_reason != null) final = chunk.nsn;
   }
   if (final) showResult(final, usage);
 }
