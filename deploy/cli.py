@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .extras import MissingExtraError, RuntimeConflictError, require_extra
+from .extras import MissingExtraError, require_extra
 from .metadata import OptionValueError, validate_rank
 from .tensorrt.cuda import CudaError, TensorRTUnavailable
 
@@ -72,7 +72,7 @@ def user_errors(command):
             return command(*args, **kwargs)
         except OptionValueError as error:
             raise click.UsageError(str(error)) from None
-        except (MissingExtraError, RuntimeConflictError) as error:
+        except MissingExtraError as error:
             raise click.ClickException(str(error)) from None
         except (ValueError, TensorRTUnavailable, CudaError) as error:
             raise click.ClickException(str(error)) from None
@@ -107,11 +107,11 @@ def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, tempera
     if (prompt is None) == (not texts):
         raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")
     rank_list = parse_ranks(ranks)
-    session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads)
     reports = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", NonFiniteOutputWarning)  # a NaN answer is a failure, not a result
+        session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads)
         try:
             for rank in checked_ranks(rank_list, session.info.max_rank):
                 session.rank = rank

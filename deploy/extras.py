@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import warnings
 from types import ModuleType
 
 # The modules each extra provides, in the order they are checked.
@@ -33,13 +34,17 @@ class MissingExtraError(ImportError):
     """A part of nsn-export needs an extra that is not installed; the message says which to install."""
 
 
-class RuntimeConflictError(ImportError):
+class RuntimeConflictWarning(RuntimeWarning):
     """Two ONNX Runtime distributions are installed in one environment."""
+
+
+JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io/jp6/cu126"
 
 
 def install_hint(extra: str) -> str:
     if extra == "cpu":
-        return "pip install 'nsn-export[cpu]' (or 'nsn-export[gpu]' on an NVIDIA GPU)"
+        return (f"pip install 'nsn-export[cpu]' (or 'nsn-export[gpu]' on an NVIDIA GPU; on a Jetson: pip install "
+                f"'numpy<2' onnxruntime-gpu --extra-index-url {JETSON_ORT_INDEX})")
     return f"pip install 'nsn-export[{extra}]'"
 
 
@@ -78,11 +83,12 @@ def installed_onnxruntimes() -> list[str]:
 
 
 def check_single_onnxruntime() -> None:
-    """Refuse an environment with two ONNX Runtime distributions (microsoft/onnxruntime#7748)."""
+    """Warn about an environment with two ONNX Runtime distributions (microsoft/onnxruntime#7748),
+    naming the conflict and the fix."""
     found = installed_onnxruntimes()
     if len(found) > 1:
         keep = "onnxruntime-gpu" if "onnxruntime-gpu" in found else found[-1]
-        raise RuntimeConflictError(
-            f"{' and '.join(found)} are both installed; they overwrite the same onnxruntime/ folder, so the "
-            f"execution providers depend on which was installed last (CUDA may silently be missing): "
-            f"pip uninstall -y {' '.join(found)} && pip install {keep}")
+        warnings.warn(f"{' and '.join(found)} are both installed; they overwrite the same onnxruntime/ folder, so "
+                      f"the execution providers depend on which was installed last (CUDA may silently be missing): "
+                      f"pip uninstall -y {' '.join(found)} && pip install {keep}", RuntimeConflictWarning,
+                      stacklevel=3)

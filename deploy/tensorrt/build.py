@@ -58,12 +58,19 @@ class BuildOptions:
 
 
 def import_tensorrt():
+    """TensorRT 10 or later, or a ``TensorRTUnavailable`` that says how to get it."""
     try:
         import tensorrt
     except ImportError as error:
         raise TensorRTUnavailable(f"TensorRT's Python package cannot be imported ({error}); on a Jetson it comes "
-                                  f"with JetPack 6 (python3-libnvinfer), elsewhere pip install "
+                                  f"with JetPack 6.1 or later (python3-libnvinfer; create the virtual environment "
+                                  f"with --system-site-packages), on x86: pip install tensorrt-cu12 "
                                   f"'nsn-export[trt]'") from None
+    version = str(getattr(tensorrt, "__version__", "0"))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 10:
+        raise TensorRTUnavailable(f"TensorRT {version} is too old: nsn-export's engines need TensorRT 10 (int64 shape "
+                                  f"inputs). On a Jetson that is JetPack 6.1 or 6.2 (TensorRT 10.3); JetPack 6.0 ships "
+                                  f"TensorRT 8.6 and JetPack 5 TensorRT 8.5: upgrade JetPack")
     return tensorrt
 
 
