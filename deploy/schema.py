@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 MISSING = object()
@@ -110,8 +110,6 @@ class MapOf:
 
 def optional(spec, default=None):
     """``spec`` with a default (None: may be left out, and may be null)."""
-    from dataclasses import replace
-
     return replace(spec, default=default, nullable=spec.nullable or default is None)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import sys
 import tempfile
 import time
@@ -31,8 +32,6 @@ import time
 import torch
 
 import nsn_export as nsn
-import random
-
 from calibration.corpus import CORPUS_PACKAGES, is_held_out, manpage_pairs, package_sentences
 from calibration.retrieval import docstring_pairs, top1_accuracy, unseen_sentences
 from deploy.atomic import atomic_file
@@ -48,14 +47,17 @@ TRAIN_RANKS = "16,24,48,72,96,128,160,192,256"
 TARGETS = {"hidden-states": hidden_states_forward, "embedding": hf_forward}
 QUICK = {"steps": 2, "batch_size": 4, "held_out": 8, "train_sentences": 32, "calibration_tokens": 1024,
          "retrieval_items": 24, "ranks": "48,384", "corpus_packages": "click", "bf16": True}
-GPU = {"steps": 20000, "batch_size": 64, "bf16": True}  # --device cuda: not run here (no GPU)
+CPU = {"steps": 3000, "batch_size": 8}
+GPU = {"steps": 20000, "batch_size": 64}  # --device cuda (with bf16): not run here (no GPU)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="sentences per step (8 beats 32 at the same compute: more, noisier steps)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimiser steps [default: {CPU['steps']}; --device cuda: {GPU['steps']}]")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"sentences per step [default: {CPU['batch_size']} (8 beats 32 at the same compute: more, "
+                             f"noisier steps); --device cuda: {GPU['batch_size']}]")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (linear decay to 0)")
     parser.add_argument("--target", choices=sorted(TARGETS), default="embedding",
                         help="what the ranks are distilled towards: every layer's token states, or the sentence embedding")
@@ -71,17 +73,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus-packages", default=",".join(CORPUS_PACKAGES),
                         help="installed packages whose docstrings are training text (empty: the standard library only)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: " + ", ".join(f"{k}={v}" for k, v in GPU.items()) + " unless given")
+                        help="cuda: bf16 autocast and larger steps (see --steps, --batch-size)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on with --device cuda)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--output", default=None, help="save the trained NSN checkpoint here")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results here")
-    given = {a.dest for a in parser._actions if any(o in sys.argv for o in a.option_strings)}
     args = parser.parse_args()
-    if args.device == "cuda":
-        for key, value in GPU.items():
-            if key not in given:
-                setattr(args, key, value)
+    for key, value in (GPU if args.device == "cuda" else CPU).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.bf16 = args.bf16 or args.device == "cuda"
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)

@@ -71,7 +71,7 @@ class EventHub:
             "ceiling": scheduler.ceiling if scheduler else None, "reason": scheduler.reason if scheduler else None,
             "governor": state.governor is not None, "chat": state.chat_template is not None,
             "key_required": bool(state.api_key), "sensors": self.sensors, "notes": self.notes,
-            "trip_c": self.sensors.get("trip_c"), "context_length": state.context_limit,
+            "context_length": state.context_limit,
         }
 
     async def stream(self, request, state, poll_s: float = 0.25):

@@ -196,7 +196,7 @@ function drawCharts() {
     for (const [zone, value] of Object.entries(tick.temps_c || {})) (temps[zone] = temps[zone] || []);
   }
   for (const zone of Object.keys(temps)) temps[zone] = ticks.map((t) => (t.temps_c || {})[zone] ?? null);
-  const trip = page.status && page.status.trip_c;
+  const trip = page.status && (page.status.sensors || {}).trip_c;
   drawChart($("chart-rank"), times, [{ name: "ceiling", values: ticks.map((t) => t.ceiling), step: true },
     { name: "latest token", values: ticks.map((t) => t.rank), step: true, dashed: true }],
   { min: 1, max: page.maxRank, marks: page.levels });
