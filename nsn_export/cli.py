@@ -65,10 +65,13 @@ def format_table(rows: list[dict]) -> str:
               help="text or JSONL: factorise each layer data-aware, best on these activations at every rank")
 @click.option("--calibration-tokens", default=16384, type=click.IntRange(min=1),
               help="tokens of --calibration-data to collect statistics on")
+@click.option("--fisher", is_flag=True,
+              help="also weigh each layer's outputs by the loss's gradients (a backward pass per calibration batch; "
+                   "needs --calibration-data)")
 @overwrite_option()
 @user_errors
 @needs_extra("export")
-def adapt_command(source, output_path, targets, max_rank, calibration_data, calibration_tokens, overwrite):
+def adapt_command(source, output_path, targets, max_rank, calibration_data, calibration_tokens, fisher, overwrite):
     """Factorise a local Hugging Face model directory SOURCE into an NSN checkpoint."""
     from tqdm import tqdm
 
@@ -77,6 +80,9 @@ def adapt_command(source, output_path, targets, max_rank, calibration_data, cali
     from .models import is_causal_lm, load_hf_model, load_tokenizer
     from .surgery import adapt
 
+    if fisher and calibration_data is None:
+        raise click.UsageError("--fisher weighs the layers by gradients on calibration text; add --calibration-data "
+                               "FILE (text or JSONL)")
     check_output(output_path, [source], overwrite)
     max_rank_value = parse_max_rank(max_rank)
     records = load_records(calibration_data) if calibration_data else None
@@ -87,8 +93,9 @@ def adapt_command(source, output_path, targets, max_rank, calibration_data, cali
     target_spec = targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
     with tqdm(file=sys.stderr) as bar:
         report = adapt(model, target_spec, max_rank_value, progress=phase(bar, "factorising (SVD)", "layer"),
-                       calibration=calibration, calibration_tokens=calibration_tokens,
-                       calibration_progress=phase(bar, "collecting input statistics", "batch"))
+                       calibration=calibration, calibration_tokens=calibration_tokens, fisher=fisher,
+                       calibration_progress=phase(bar, "collecting input statistics", "batch"),
+                       fisher_progress=phase(bar, "collecting output gradients", "batch"))
     save_nsn(model, output_path, tokenizer_dir=source)
     click.echo(report.table())
     click.echo(f"wrote {output_path} (global rank range [1, {model.nsn_config.max_rank}])")
@@ -207,9 +214,10 @@ def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length
 def phase(bar, description: str, unit: str) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback that shows one phase of work on a shared tqdm bar."""
     def advance(done: int, total: int) -> None:
-        if bar.unit != unit or bar.total != total:
+        if getattr(bar, "phase", None) != description or bar.unit != unit or bar.total != total:
             bar.reset(total)
             bar.unit = unit
+            bar.phase = description
             bar.set_description(description)
         bar.update(done - bar.n)
     return advance

@@ -22,7 +22,7 @@ class NSNConfig:
     trained_ranks: list[int] = field(default_factory=list)
     log_variances: dict[int, float] = field(default_factory=dict)
     base_model: str | None = None
-    init: str = "svd"  # "svd", or "whitened" (data-aware, on calibration activations)
+    init: str = "svd"  # "svd", "whitened" (data-aware, on calibration activations) or "fisher" (and gradients)
     calibration_tokens: int = 0  # tokens the data-aware initialisation saw
     format_version: int = FORMAT_VERSION
 

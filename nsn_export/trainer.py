@@ -64,7 +64,8 @@ class NSNTrainer(transformers.Trainer):
         progress = self.state.global_step / max_steps
         teacher_output = None
         if self.teacher is not None:
-            with torch.no_grad():
+            # full precision even under bf16 autocast: the targets are exact, only the student is rounded
+            with torch.no_grad(), torch.autocast(self.args.device.type, enabled=False):
                 teacher_output = self.forward_fn(self.teacher, inputs)[1]
         loss, per_rank = self.objective(model, self.forward_fn, inputs, progress, teacher_output)
         for rank_value, value in per_rank.items():
@@ -97,10 +98,12 @@ class NSNTrainer(transformers.Trainer):
 def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankObjective, steps: int = 100,
               batch_size: int = 8, learning_rate: float = 5e-5, teacher=None, collator=None,
               log_every: int = 10, show_progress: bool = True, forward_fn: Callable = hf_forward,
-              lr_schedule: str = "constant_with_warmup", device: str | None = None, bf16: bool = False) -> NSNTrainer:
+              lr_schedule: str = "constant_with_warmup", device: str | None = None, bf16: bool = False,
+              group_by_length: bool = False) -> NSNTrainer:
     """Train ``model`` with ``objective`` for ``steps`` optimiser steps on ``device`` ("cpu", "cuda";
     default: the visible GPUs, else the CPU), under bf16 autocast when ``bf16`` (``lr_schedule``: a
-    ``transformers`` scheduler name, after a warm-up of ``min(10, steps/10)``)."""
+    ``transformers`` scheduler name, after a warm-up of ``min(10, steps/10)``). ``group_by_length``:
+    batches of examples of similar length (less padding; still a random order of batches)."""
     from .data import collate
 
     if device not in (None, "cpu", "cuda"):
@@ -115,7 +118,7 @@ def train_nsn(model, dataset, tokenizer, output_dir: str, objective: MultiRankOb
         learning_rate=learning_rate, logging_steps=log_every, save_strategy="no", report_to=[],
         disable_tqdm=not show_progress, lr_scheduler_type=lr_schedule,
         warmup_steps=min(10, steps // 10), remove_unused_columns=False,
-        dataloader_pin_memory=on_gpu, use_cpu=not on_gpu, bf16=bf16,
+        dataloader_pin_memory=on_gpu, use_cpu=not on_gpu, bf16=bf16, group_by_length=group_by_length,
     )
     trainer = NSNTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=collator or collate(tokenizer), objective=objective,

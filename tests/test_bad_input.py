@@ -331,6 +331,8 @@ CASES = [
     Case("adapt-empty-calibration-data", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-data",
                                                          "{ws}/c.txt"], 1, ("c.txt", "no examples"), ("hf",),
          write("c.txt", "\n\n"), output="o"),
+    Case("adapt-fisher-without-calibration-data", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--fisher"], 2,
+         ("--fisher", "--calibration-data FILE"), ("hf",), output="o"),
     Case("adapt-zero-calibration-tokens", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-tokens",
                                                           "0"], 2, ("--calibration-tokens",), ("hf",), output="o"),
     Case("eval-nothing-to-evaluate", eval_command, ["--model", "{ws}/ckpt"], 2, ("--data FILE, --retrieval",),

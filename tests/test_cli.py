@@ -92,3 +92,10 @@ def test_adapt_with_calibration_data_is_data_aware(hf_dir, text_file, tmp_path):
                                     "--calibration-data", text_file, "--calibration-tokens", "200"])
     assert "whitened" in result.output or "fallback" in result.output
     assert nsn.load_nsn(tmp_path / "ckpt").nsn_config.init == "whitened"
+
+
+def test_adapt_with_fisher_weighs_the_outputs_too(hf_dir, text_file, tmp_path):
+    result = invoke(adapt_command, [hf_dir, "--output", tmp_path / "ckpt", "--calibration-data", text_file,
+                                    "--calibration-tokens", "200", "--fisher"])
+    assert "fisher" in result.output
+    assert nsn.load_nsn(tmp_path / "ckpt").nsn_config.init == "fisher"
