@@ -185,7 +185,7 @@ def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """``(D a, b D^-1)`` with the diagonal ``D`` that gives each rank component's row of ``a`` and
     column of ``b`` the same norm, as plain SVD's ``sqrt(S)`` split does. Every prefix product is
     unchanged; what changes is the optimiser's view: the whitening and output weighting leave one
-    factor up to 10^4 times larger than the other (the gradients' scale is arbitrary), and Adam,
+    factor over a thousand times larger than the other (the gradients' scale is arbitrary), and Adam,
     which moves every weight by about the learning rate, then wrecks the smaller factor."""
     scale = (b.norm(dim=0) / a.norm(dim=1).clamp(min=1e-300)).clamp(min=1e-300).sqrt()
     return a * scale[:, None], b / scale

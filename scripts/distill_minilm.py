@@ -21,9 +21,10 @@ the export extra (``calibration.corpus``: numpy, torch, transformers, ...; 5 % o
 hash), without any evaluated sentence. Two retrieval benchmarks: the docstring one (in-domain) and
 Debian's manual pages, NAME description -> command (out of domain: no manual page is trained on).
 
-    python scripts/distill_minilm.py [--steps 4000] [--output runs/minilm-nsn] [--json results.json]
+    python scripts/distill_minilm.py [--steps 3800] [--output runs/minilm-nsn] [--json results.json]
     python scripts/distill_minilm.py --quick      # a smoke run of the whole path, about 30 s
-    python scripts/distill_minilm.py --device cuda   # a GPU: bf16 autocast, batch 64, 20,000 steps
+    python scripts/distill_minilm.py --device cuda   # a GPU: bf16 autocast, batch 64, 20,000 steps (not run
+                                                     # here; expected 10-20 min, see the README)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ TRAIN_RANKS = "16,24,48,72,96,128,160,192,256"
 TARGETS = {"hidden-states": hidden_states_forward, "embedding": hf_forward}
 QUICK = {"steps": 2, "batch_size": 4, "held_out": 8, "train_sentences": 32, "calibration_tokens": 1024,
          "retrieval_items": 24, "ranks": "48,384", "corpus_packages": "click", "bf16": "on"}
-CPU = {"steps": 4000, "batch_size": 8}
+CPU = {"steps": 3800, "batch_size": 8}
 GPU = {"steps": 20000, "batch_size": 64}  # --device cuda (with bf16): not run here (no GPU)
 
 
@@ -102,7 +103,6 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     args.bf16 = args.bf16 == "on" or (args.bf16 == "auto" and args.device == "cuda")
     return args
-
 
 
 def measure(model, ranks, eval_batches, dense, tokenizer, pairs, man_pairs) -> list[dict]:
