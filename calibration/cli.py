@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from deploy.cli import FiniteFloat, user_errors
+from deploy.cli import MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, check_context, user_errors
 
 
 def bench_markdown(report: dict) -> str:
@@ -67,11 +67,12 @@ def read_report(path: Path) -> dict:
               help="tiny: CI smoke test; realistic: 0.5B-class Llama-style decoder")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/bench"),
               help="exported graphs are cached here")
-@click.option("--threads", default=2, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
-@click.option("--prefill-tokens", default=128, type=click.IntRange(min=1))
-@click.option("--cache-tokens", default=128, type=click.IntRange(min=1), help="KV cache length before the decode step")
-@click.option("--decode-runs", default=60, type=click.IntRange(min=1))
-@click.option("--prefill-runs", default=12, type=click.IntRange(min=1))
+@click.option("--threads", default=2, type=Threads(), help="ONNX Runtime intra-op threads")
+@click.option("--prefill-tokens", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS))
+@click.option("--cache-tokens", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS),
+              help="KV cache length before the decode step")
+@click.option("--decode-runs", default=60, type=click.IntRange(1, 100 * MAX_REPEATS))
+@click.option("--prefill-runs", default=12, type=click.IntRange(1, MAX_REPEATS))
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None, help="write JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--markdown", is_flag=True, help="print markdown tables (as in docs/PERFORMANCE.md)")
@@ -114,12 +115,14 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
 @click.option("--ranks", default="auto", help="auto (a geometric ladder refined where quality changes fastest) "
                                               "or comma-separated ranks")
 @click.option("--budget-s", default=240.0, type=FiniteFloat(1, 86_400), help="time budget of --ranks auto")
-@click.option("--texts", default=256, type=click.IntRange(min=1), help="texts to measure quality on")
-@click.option("--batch", default=32, type=click.IntRange(min=1), help="sentences per timed batch (encoders)")
-@click.option("--prompt-tokens", default=128, type=click.IntRange(min=1), help="prefill length (decoders)")
-@click.option("--context-tokens", default=128, type=click.IntRange(min=1), help="KV cache before decode (decoders)")
-@click.option("--repeats", default=7, type=click.IntRange(min=1), help="timed repetitions per rank, interleaved")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
+@click.option("--texts", default=256, type=click.IntRange(1, 100_000), help="texts to measure quality on")
+@click.option("--batch", default=32, type=click.IntRange(1, 4096), help="sentences per timed batch (encoders)")
+@click.option("--prompt-tokens", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS),
+              help="prefill length (decoders; within the model's context)")
+@click.option("--context-tokens", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS),
+              help="KV cache before decode (decoders; within the model's context)")
+@click.option("--repeats", default=7, type=click.IntRange(1, MAX_REPEATS), help="timed repetitions per rank, interleaved")
+@click.option("--threads", default=None, type=Threads(), help="ONNX Runtime intra-op threads")
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("frontier.json"))
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="quality against latency and FLOPs, levels and profile ranges marked (needs matplotlib)")
@@ -134,6 +137,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
 
     from deploy.atomic import atomic_file, check_output_files
     from deploy.cli import checked_ranks, parse_ranks
+    from deploy.extras import require_extra
     from deploy.external_data import model_file
     from deploy.governor.sensors import SysfsSensors
     from deploy.text import english_sentences, load_records
@@ -143,6 +147,8 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     model_path = model_file(export_dir)
     rank_list = None if ranks == "auto" else parse_ranks(ranks)
     check_output_files({"--output": output_path, "--plot": plot_path}, [export_dir, engine_dir, data_path])
+    if plot_path is not None:  # before minutes of measuring
+        require_extra("plot", "nsn-calibrate --plot")
     refuse_clobbering(output_path)
     sample = [r["text"] for r in load_records(data_path)] if data_path else english_sentences(texts)
     if engine_dir is not None:
@@ -159,6 +165,8 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     backend["device"] = device_description()
     if rank_list:
         rank_list = sorted(set(checked_ranks(rank_list, runtime.info.max_rank)))
+    if runtime.info.task == "text-generation":
+        check_context(runtime.max_length, prompt=prompt_tokens, context=context_tokens)
     sensors = SysfsSensors("/")
     if sensors.read().power_w is None:
         sensors = None

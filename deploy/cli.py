@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ import click
 
 from .extras import MissingExtraError, require_extra
 from .metadata import OptionValueError, validate_rank
+from .runtime import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .tensorrt.cuda import CudaError, TensorRTUnavailable
 
 
@@ -42,6 +44,71 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(result):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return result
+
+
+class Threads(click.IntRange):
+    """``--threads``: at least 1 and at most this machine's cores (more only contend for them)."""
+
+    name = "threads"
+
+    def __init__(self):
+        super().__init__(min=1)
+
+    def convert(self, value, param, ctx):
+        result = super().convert(value, param, ctx)
+        cores = os.cpu_count() or 1
+        if result > cores:
+            self.fail(f"{result} is above this machine's {cores} CPU cores; give at most {cores}", param, ctx)
+        return result
+
+
+# Upper bounds of counts: a typo (an extra zero, 10**9) is an error, never a run that does not end.
+MAX_NEW_TOKENS = 100_000
+MAX_REPEATS = 1_000
+MAX_CONTEXT_TOKENS = 1_000_000
+SEED_RANGE = click.IntRange(0, 2**63 - 1)
+
+
+def check_run_inputs(runtime, prompt: str | None, texts: list[str], max_new_tokens: int) -> None:
+    """``nsn-run`` and ``nsn-trt run``: no empty text, and a prompt that fits the model's context
+    with ``max_new_tokens`` (checked before any work)."""
+    if any(not text.strip() for text in texts):
+        raise click.UsageError("--text '' is empty; give a sentence to embed")
+    if prompt is not None:
+        if not prompt.strip():
+            raise click.UsageError("--prompt '' is empty; give text to continue")
+        try:
+            length = len(runtime.encode_prompt(prompt))
+        except ValueError as error:
+            raise click.UsageError(f"--prompt: {error}") from None
+        if length + max_new_tokens > runtime.max_length:
+            raise click.UsageError(f"the prompt is {length} tokens and --max-new-tokens is {max_new_tokens}: "
+                                   f"{length + max_new_tokens}, above the model's context of {runtime.max_length} "
+                                   f"tokens; shorten the prompt or lower --max-new-tokens")
+
+
+def check_context(model_tokens: int, **options: int) -> None:
+    """Token-count options (``prompt=128`` for ``--prompt-tokens``) within the model's context."""
+    for name, tokens in options.items():
+        if tokens > model_tokens:
+            raise OptionValueError(f"--{name}-tokens {tokens} is above the model's context of {model_tokens} tokens; "
+                                   f"give at most {model_tokens}")
+
+
+def check_providers(providers: list[str], fallback: bool) -> None:
+    """``--provider`` names ONNX Runtime execution providers this installation has (ONNX Runtime
+    itself would warn and run on the CPU), unless ``--provider-fallback`` allows that."""
+    if not providers or fallback:
+        return
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    missing = [name for name in providers if name not in available]
+    if missing:
+        raise click.BadParameter(f"{', '.join(missing)} is not available in this ONNX Runtime "
+                                 f"{onnxruntime.__version__} (available: {', '.join(available)}); install the build "
+                                 f"that has it (onnxruntime-gpu for CUDAExecutionProvider), or pass "
+                                 f"--provider-fallback to run on what is here", param_hint="--provider")
 
 
 def checked_ranks(ranks: list[int] | None, max_rank: int) -> list[int]:
@@ -89,29 +156,35 @@ def user_errors(command):
 @click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the maximum]")
 @click.option("--prompt", default=None, help="text to continue (decoder exports)")
 @click.option("--text", "texts", multiple=True, help="sentence to embed (encoder exports); repeatable")
-@click.option("--max-new-tokens", default=32, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=32, type=click.IntRange(1, MAX_NEW_TOKENS),
+              help="new tokens at most (with the prompt, within the model's context)")
 @click.option("--sample", is_flag=True, help="sample instead of greedy decoding")
-@click.option("--temperature", default=1.0, type=FiniteFloat(min=0, min_open=True))
-@click.option("--top-k", default=0, type=click.IntRange(min=0), help="sample among the k most likely (0: all)")
-@click.option("--seed", default=None, type=int)
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
+@click.option("--temperature", default=1.0, type=FiniteFloat(MIN_TEMPERATURE, MAX_TEMPERATURE),
+              help="sampling temperature (with --sample)")
+@click.option("--top-k", default=0, type=click.IntRange(0, 1_000_000), help="sample among the k most likely (0: all)")
+@click.option("--seed", default=None, type=SEED_RANGE, help="sampling seed (with --sample)")
+@click.option("--threads", default=None, type=Threads(), help="ONNX Runtime intra-op threads")
 @click.option("--provider", "providers", multiple=True, help="execution provider(s) [default: CUDA if present, else CPU]")
+@click.option("--provider-fallback", is_flag=True,
+              help="run on what ONNX Runtime has when a --provider is missing (it warns) instead of refusing")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, temperature, top_k, seed, threads,
-                providers, as_json):
+                providers, provider_fallback, as_json):
     """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt or --text."""
     from .runtime import NonFiniteOutputWarning
     from .ort.session import NSNSession
 
     if (prompt is None) == (not texts):
         raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")
+    check_providers(list(providers), provider_fallback)
     rank_list = parse_ranks(ranks)
     reports = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", NonFiniteOutputWarning)  # a NaN answer is a failure, not a result
         session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads)
+        check_run_inputs(session, prompt, list(texts), max_new_tokens)
         try:
             for rank in checked_ranks(rank_list, session.info.max_rank):
                 session.rank = rank

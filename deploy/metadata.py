@@ -94,3 +94,27 @@ def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
     if not 1 <= int(value) <= max_rank:
         raise error(f"{what} must be in [1, {max_rank}], got {int(value)}; choose a rank within that range")
     return int(value)
+
+
+def read_model_info(model_dir) -> NSNModelInfo:
+    """The NSN facts of an export directory (``model.onnx``'s metadata, the weights not read) or of
+    an nsn-trt engine directory (``engine.json``): what a command checks its options against before
+    it loads the model."""
+    from pathlib import Path
+
+    import onnx
+
+    from .external_data import read_regular_bytes
+
+    model_dir = Path(model_dir)
+    if (model_dir / "engine.json").is_file():
+        from .tensorrt.engine import read_manifest
+
+        return NSNModelInfo.from_props(read_manifest(model_dir).get("nsn", {}), source=str(model_dir / "engine.json"))
+    path = model_dir / "model.onnx"
+    data = read_regular_bytes(path, max_bytes=2 << 30)
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as error:  # protobuf's DecodeError: not a graph
+        raise ValueError(f"{path}: not an ONNX graph ({type(error).__name__}); re-export it with nsn-export") from None
+    return NSNModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))

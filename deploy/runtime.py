@@ -17,6 +17,11 @@ from .text import (check_token_ids, encode_texts, encode_token_ids, length_sorte
                    model_max_length, model_vocab_size, pad_encodings, stop_token_ids)
 
 
+# Sampling temperatures: 0 is greedy; otherwise within this range. Below the floor the distribution is
+# argmax in all but name, and a subnormal temperature turns the scaled logits into inf and NaN.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token: its id, the rank it ran at, the decode call's latency, and whether it
@@ -199,8 +204,12 @@ class NSNRuntime:
             raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-        if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if do_sample and not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                              and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] when "
+                             f"sampling (0 is greedy: do_sample=False), got {temperature!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         return self._steps(prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
                            self.stop_ids if stop_ids is None else set(stop_ids))
 

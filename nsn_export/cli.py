@@ -11,7 +11,7 @@ from typing import Callable
 import click
 
 from deploy.atomic import check_output
-from deploy.cli import checked_ranks, needs_extra, parse_ranks, user_errors
+from deploy.cli import MAX_CONTEXT_TOKENS, MAX_REPEATS, checked_ranks, needs_extra, parse_ranks, user_errors
 from deploy.external_data import model_file
 
 
@@ -63,7 +63,7 @@ def format_table(rows: list[dict]) -> str:
               help="int: absolute rank per layer; float in (0, 1]: fraction of min(d_in, d_out)")
 @click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
               help="text or JSONL: factorise each layer data-aware, best on these activations at every rank")
-@click.option("--calibration-tokens", default=16384, type=click.IntRange(min=1),
+@click.option("--calibration-tokens", default=16384, type=click.IntRange(1, 100_000_000),
               help="tokens of --calibration-data to collect statistics on")
 @click.option("--fisher", is_flag=True,
               help="also weigh each layer's outputs by the loss's gradients (a backward pass per calibration batch; "
@@ -106,12 +106,12 @@ def adapt_command(source, output_path, targets, max_rank, calibration_data, cali
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
               help="text file (one example per line) or JSONL with text (and label)")
 @output_option("NSN checkpoint directory to write")
-@click.option("--steps", default=100, type=click.IntRange(min=1), help="optimiser steps")
-@click.option("--batch-size", default=8, type=click.IntRange(min=1))
+@click.option("--steps", default=100, type=click.IntRange(1, 10_000_000), help="optimiser steps")
+@click.option("--batch-size", default=8, type=click.IntRange(1, 65_536))
 @click.option("--lr", "learning_rate", default=5e-5)
-@click.option("--max-length", default=128, type=click.IntRange(min=1), help="tokens per example")
+@click.option("--max-length", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS), help="tokens per example")
 @click.option("--ranks", "ranks", default=None, help="lower ranks to sample (default: a grid of R/16 .. 7R/8)")
-@click.option("--ranks-per-step", default=1, type=click.IntRange(min=1), help="lower ranks sampled per step, besides the anchor")
+@click.option("--ranks-per-step", default=1, type=click.IntRange(1, 64), help="lower ranks sampled per step, besides the anchor")
 @click.option("--schedule", type=click.Choice(["curriculum", "uniform"]), default="curriculum")
 @click.option("--distill", type=click.Choice(["kl", "cosine", "mse"]), default=None,
               help="distil lower ranks to the full-rank output (for data without labels)")
@@ -159,8 +159,8 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
               help="also score the retrieval benchmarks, top-1: docstring sentence -> qualified name (in domain) and, "
                    "where Debian's manual pages are installed, NAME line -> command (out of domain)")
 @click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
-@click.option("--batch-size", default=16, type=click.IntRange(min=1))
-@click.option("--max-length", default=128, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, type=click.IntRange(1, 65_536))
+@click.option("--max-length", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 @needs_extra("export")
@@ -241,13 +241,13 @@ def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_leng
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("runs/quickstart"),
               help="work directory (checkpoint and export are written here)")
 @model_option(required=False, help="use this NSN checkpoint of MiniLM instead of adapting the built-in one")
-@click.option("--sentences", default=64, type=click.IntRange(min=1), help="English sentences (from Python's own docs) to embed")
+@click.option("--sentences", default=64, type=click.IntRange(1, 100_000), help="English sentences (from Python's own docs) to embed")
 @click.option("--ranks", default="24,48,96,128,192,288,384", help="comma-separated ranks to compare")
-@click.option("--repeats", default=5, type=click.IntRange(min=1), help="timed ONNX Runtime runs per rank (median reported)")
+@click.option("--repeats", default=5, type=click.IntRange(1, MAX_REPEATS), help="timed ONNX Runtime runs per rank (median reported)")
 @click.option("--init", "init", type=click.Choice(["data-aware", "svd"]), default=None,
               help="how the built-in model is factorised (not with --model): data-aware (the default), whitened by "
                    "the input statistics of standard-library docstring sentences (about 15 s), or plain SVD truncation")
-@click.option("--calibration-tokens", default=16384, type=click.IntRange(min=1), help="tokens for --init data-aware")
+@click.option("--calibration-tokens", default=16384, type=click.IntRange(1, 100_000_000), help="tokens for --init data-aware")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 @needs_extra("export")

@@ -117,7 +117,7 @@ def run_command(model_dir, policy_path, sysfs_root, log_path, rank_file, period_
 @governor_command.command("bench")
 @click.option("--sysfs-root", type=click.Path(path_type=Path), default=None,
               help="read this sysfs tree [default: a generated Jetson AGX Orin tree]")
-@click.option("--ticks", default=2000, type=click.IntRange(min=1))
+@click.option("--ticks", default=2000, type=click.IntRange(1, 10_000_000))
 @user_errors
 def bench_command(sysfs_root, ticks):
     """Time one governor tick (read every sensor file, evaluate every policy, choose a rank)."""

@@ -28,12 +28,13 @@ from ..runtime import prompt_ids
 from ..text import check_token_ids
 from .chat import ChatTemplate, ChatTemplateError
 from .events import EventHub
+from .guard import RETRY_AFTER_S, Guard
 from .page import page_response, static_file
 from .scheduler import BelowMinRank, Draining, Job, QueueFull, Scheduler
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, NSNOptions, OverrideRequest
 
 log = logging.getLogger("nsn.serve")
-RETRY_AFTER_S = 2
+DISCONNECT_POLL_S = 0.5
 TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|literal|function-|union|tagged-union|json-or-python)")
 
 
@@ -45,6 +46,13 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
+
+
+def job_error(payload: dict) -> APIError:
+    """A job's error event as the route's error: 503s (the server stopping) say when to retry."""
+    if payload["status"] == 503:
+        return unavailable(payload["message"], "shutting_down")
+    return APIError(payload["status"], payload["message"], "server_error")
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -90,9 +98,10 @@ class ServerState:
         return self.runtime.info.task == "text-generation"
 
 
-def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The ASGI app. ``load()`` runs on a thread at start-up (``/health`` says 503 until it is
-    done); ``unload()`` at shutdown."""
+def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int = 1 << 20,
+               request_timeout_s: float = 30.0) -> Guard:
+    """The ASGI app, inside its ``Guard`` (body limit, drain). ``load()`` runs on a thread at start-up
+    (``/health`` says 503 until it is done); ``unload()`` at shutdown."""
 
     async def lifespan(app):
         loader = threading.Thread(target=load, name="nsn-load", daemon=True) if load else None
@@ -142,20 +151,6 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
     async def internal_error(request, error: Exception):
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, "internal server error; see the server log", "server_error")
-
-    # ---- before any parsing: the body size limit, and no new work while shutting down ----------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length is None:  # a chunked body could be of any size
-            return error_response(411, "send the body with a Content-Length header", code="length_required")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error_response(413, f"the request body is {length} bytes, above the limit of {max_body_bytes}; "
-                                       f"send less", code="request_too_large")
-        if state.draining and request.url.path.startswith("/v1/") and request.method == "POST":
-            return error_response(503, "the server is shutting down", "service_unavailable",
-                                  code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
-        return await call_next(request)
 
     def authorized(request: Request) -> None:
         """``Authorization: Bearer KEY`` on every /v1 route when a key is set (constant-time compare)."""
@@ -296,14 +291,11 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
             return StreamingResponse(stream(job, events, ident, created, kind, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         pieces: list[str] = []
-        while True:
-            event, payload = await next_event(request, job, events)
+        async for event, payload in job_events(request, job, events):
             if event == "token":
                 pieces.append(payload["text"])
             elif event == "error":
-                raise APIError(payload["status"], payload["message"], "server_error")
-            else:
-                break
+                raise job_error(payload)
         text = "".join(pieces) + payload["text_rest"]
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if kind == "chat.completion"
                   else {"index": 0, "text": text, "logprobs": None})
@@ -311,15 +303,25 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
                 "choices": [{**choice, "finish_reason": payload["finish_reason"]}], "usage": usage(payload),
                 "nsn": payload["nsn"]}
 
-    async def next_event(request: Request, job: Job, events: asyncio.Queue):
-        """The job's next event; a client that went away cancels the job (it stops at its next token)."""
+    async def job_events(request: Request, job: Job, events: asyncio.Queue):
+        """The job's events, up to its last (``done`` or ``error``). The client is checked every
+        ``DISCONNECT_POLL_S``, even while tokens flow: one that went away cancels the job (it stops at
+        its next token and is counted as an abort)."""
+        next_check_s = time.monotonic() + DISCONNECT_POLL_S
         while True:
             try:
-                return await asyncio.wait_for(events.get(), timeout=0.5)
+                event = await asyncio.wait_for(events.get(), timeout=max(next_check_s - time.monotonic(), 0.01))
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() >= next_check_s:
+                next_check_s = time.monotonic() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     job.cancelled = True
-                    raise asyncio.CancelledError from None
+                    raise APIError(499, "the client closed the connection", code="client_closed")
+            if event is not None:
+                yield event
+                if event[0] != "token":
+                    return
 
     async def stream(job: Job, events: asyncio.Queue, ident: str, created: int, kind: str, include_usage: bool):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
@@ -393,9 +395,10 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
         events: asyncio.Queue = asyncio.Queue()
         job = job_for(body.nsn, "embed", events, inputs=inputs)
         submit(job)
-        event, payload = await next_event(request, job, events)
+        async for event, payload in job_events(request, job, events):
+            pass
         if event == "error":
-            raise APIError(payload["status"], payload["message"], "server_error")
+            raise job_error(payload)
         vectors = payload["embeddings"].astype(np.float32)
         data = [{"object": "embedding", "index": index,
                  "embedding": base64.b64encode(vector.tobytes()).decode() if body.encoding_format == "base64"
@@ -438,4 +441,4 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
     async def static(name: str):
         return static_file(name)
 
-    return app
+    return Guard(app, max_body_bytes, lambda: state.draining, request_timeout_s)

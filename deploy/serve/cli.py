@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 import click
 
-from ..cli import FiniteFloat, needs_extra, user_errors
+from ..cli import FiniteFloat, Threads, needs_extra, user_errors
 
 log = logging.getLogger("nsn.serve")
 
@@ -58,11 +59,13 @@ def context_limits(runtime) -> tuple[int, int]:
               help="on SIGTERM/SIGINT: seconds to finish the requests in flight")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
               help="the governor's decisions, one JSON line per tick")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads")
+@click.option("--threads", default=None, type=Threads(), help="ONNX Runtime intra-op threads")
+@click.option("--request-timeout-s", default=30.0, type=FiniteFloat(1, 3600),
+              help="a request's headers, and then its body, must arrive within this (slow clients are cut off)")
 @user_errors
 @needs_extra("serve")
 def serve_command(model_dir, host, port, model_name, policy_path, no_governor, sysfs_root, period_s, rank, api_key,
-                  max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads):
+                  max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s):
     """Serve MODEL_DIR over the OpenAI API, its rank governed by the device's temperature and battery."""
     import uvicorn
 
@@ -72,11 +75,25 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
     from .app import ServerState, create_app
     from .metrics import Metrics
 
+    from ..metadata import read_model_info, validate_rank
+    from .guard import request_deadline_protocol
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if no_governor:
+        for option, value in (("--policy", policy_path), ("--log", log_path)):
+            if value is not None:
+                raise click.UsageError(f"{option} is the governor's, and --no-governor turns the governor off; "
+                                       f"drop one of them")
+    check_host(host, api_key)
     check_output_files({"--log": log_path}, [model_dir, policy_path])
+    if log_path is not None and not os.access(log_path.parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{log_path}: its directory {log_path.parent} does not exist or is not writable; "
+                                 f"create it or choose another path", param_hint="--log")
     if not (model_dir / "engine.json").is_file() and not (model_dir / "model.onnx").is_file():
         raise FileNotFoundError(f"{model_dir}: neither an nsn-export directory (model.onnx) nor an nsn-trt engine "
                                 f"directory (engine.json); run nsn-export first")
+    if rank is not None:
+        validate_rank(rank, read_model_info(model_dir).max_rank, "--rank")
     policy = None if no_governor else load_policy(policy_path)
     sensors = None if no_governor else SysfsSensors(sysfs_root)
     state = ServerState(model_name=model_name or model_dir.resolve().name, api_key=api_key or None,
@@ -90,25 +107,52 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
             log.error("loading %s failed: %s", model_dir, error)
             state.load_error = str(error)
 
-    def unload() -> None:
-        scheduler, governor = state.scheduler, state.governor
+    def drain(cut: threading.Event | None = None) -> None:
+        state.draining = True
+        scheduler = state.scheduler
         if scheduler is not None:
-            scheduler.drain(shutdown_timeout)
+            if not scheduler.drain(shutdown_timeout, cut):
+                log.warning("shutting down: ending %d request(s) still running", scheduler.busy())
             scheduler.stop()
+
+    def unload() -> None:
+        drain()
+        governor = state.governor
         if governor is not None:
             governor.stop()
         if state.ticker is not None:
             state.ticker.set()
 
-    app = create_app(state, load=load, unload=unload, max_body_bytes=int(max_body_mib * 2**20))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
-                            access_log=False)
-    server = make_server(config, state)
+    app = create_app(state, load=load, unload=unload, max_body_bytes=int(max_body_mib * 2**20),
+                     request_timeout_s=request_timeout_s)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=FLUSH_S,
+                            access_log=False, http=request_deadline_protocol(request_timeout_s))
+    server = make_server(config, drain)
     started = threading.Thread(target=announce, args=(server, state), daemon=True)
     started.start()
     server.run()
     if state.load_error:
         raise click.ClickException(f"the model failed to load: {state.load_error}")
+
+
+def check_host(host: str, api_key: str | None) -> None:
+    """``--host`` must name an address this machine can bind; one that other machines can reach gets
+    a warning when no API key guards it."""
+    import ipaddress
+    import socket
+
+    if not host.strip():
+        raise click.BadParameter("'' is empty (an empty $HOST?), which would listen on every network; give "
+                                 "127.0.0.1, or 0.0.0.0 to expose the server on purpose", param_hint="--host")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError) as error:
+        raise click.BadParameter(f"{host!r} is not an address of this machine ({error}); give 127.0.0.1, a local "
+                                 f"interface's address or 0.0.0.0", param_hint="--host") from None
+    loopback = all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+    if not loopback and not api_key:
+        click.echo(f"warning: --host {host} is reachable from other machines and no API key is set: anyone who "
+                   f"reaches it can use the model; set NSN_API_KEY (or --api-key)", err=True)
 
 
 def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads,
@@ -132,7 +176,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
                               max_rank=str(runtime.info.max_rank)).set(1)
     if policy is None:
         if rank is not None:
-            scheduler.set_rank(min(rank, runtime.info.max_rank))
+            scheduler.set_rank(rank)
         state.levels = [scheduler.ceiling]
         state.events.notes = ["no governor (--no-governor): a fixed rank"]
         state.ticker = tick_without_governor(state, period_s)
@@ -146,7 +190,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
         governor = Governor(sensors, policy, scheduler, runtime.info.max_rank, runtime.info.flops, log_path=log_path,
                             on_decision=on_decision)
         if rank is not None:
-            governor.override(min(rank, runtime.info.max_rank))
+            governor.override(rank)
         state.governor, state.levels = governor, governor.levels.ranks
         zones = (policy.thermal or {}).get("zones", [])
         state.events.sensors = {**sensors.describe(), "thermal_control": thermal_control(sensors, zones),
@@ -190,21 +234,39 @@ def announce(server, state) -> None:
         print(json.dumps({"listening": f"http://{host}:{port}", "model": state.model_name}), flush=True)
 
 
-def make_server(config, state):
+FLUSH_S = 5.0  # after the drain: time for the final events to reach the clients before connections close
+
+
+def make_server(config, drain):
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, but SIGTERM/SIGINT first turn new requests into 503s, then uvicorn finishes
-        those in flight (up to the graceful timeout), and the process exits 0 (uvicorn would re-raise
-        the signal and exit with its status)."""
+        """uvicorn's server with the drain SERVING.md describes. The first SIGTERM/SIGINT runs
+        ``drain(cut)`` on a thread while the port stays open (new work gets 503 with Retry-After):
+        the requests in flight finish, or at the shutdown timeout end with an error event, and then
+        uvicorn closes the connections. A second signal sets ``cut`` (the drain ends at once), a
+        third exits without waiting. The process exits 0 (uvicorn would re-raise the signal)."""
 
-        def __init__(self, config, state):
+        def __init__(self, config):
             super().__init__(config)
-            self.nsn_state = state
+            self.cut = threading.Event()
+            self.draining: threading.Thread | None = None
 
         def handle_exit(self, sig, frame):
-            self.nsn_state.draining = True
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
+            if self.draining is None:
+                self.draining = threading.Thread(target=self.drain, name="nsn-drain", daemon=True)
+                self.draining.start()
+            elif not self.cut.is_set():
+                log.warning("second signal: ending the drain now")
+                self.cut.set()
+            else:
+                self.force_exit = self.should_exit = True
 
-    return Server(config, state)
+        def drain(self):
+            try:
+                drain(self.cut)
+            except Exception:  # the process must still exit
+                log.exception("draining failed")
+            self.should_exit = True
+
+    return Server(config)

@@ -64,6 +64,7 @@ class Job:
     created_s: float = field(default_factory=time.monotonic)
     started_s: float | None = None
     cancelled: bool = False  # set by the route when its client goes away
+    finished: bool = False  # its last event was sent
     steps: object = None
     text: object = None
     tokens: list[int] = field(default_factory=list)
@@ -165,20 +166,20 @@ class Scheduler:
     def busy(self) -> int:
         return len(self.waiting) + len(self.active)
 
-    def drain(self, timeout_s: float) -> bool:
-        """Take no new work; wait up to ``timeout_s`` for the jobs in hand. True when all finished."""
+    def drain(self, timeout_s: float, cut: threading.Event | None = None) -> bool:
+        """Take no new work; wait up to ``timeout_s`` (or until ``cut`` is set) for the jobs in hand.
+        True when all finished."""
         deadline = time.monotonic() + timeout_s
         with self.condition:
             self.draining = True
-            while self.busy() and time.monotonic() < deadline:
+            while self.busy() and time.monotonic() < deadline and not (cut and cut.is_set()):
                 self.condition.wait(timeout=min(0.1, max(deadline - time.monotonic(), 0.001)))
             return not self.busy()
 
     def stop(self) -> None:
+        """End the thread; jobs still in hand end with a 503 error event saying the server is stopping."""
         with self.condition:
             self.stopped = True
-            for job in list(self.waiting) + self.active:
-                job.cancelled = True
             self.condition.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
@@ -206,20 +207,31 @@ class Scheduler:
                 while self.waiting and self.waiting[0].kind == "generate" and len(self.active) < self.max_active:
                     self.active.append(self.waiting.popleft())
                 self._gauges()
-            try:
-                if embeds:
-                    self._embed(embeds)
-                for job in list(self.active):
-                    self._step(job)
-            except Exception:  # never let the thread die: fail the jobs in hand, keep serving
-                log.exception("scheduler step failed")
-                for job in list(self.active) + embeds:
-                    self._finish(job, error=(500, "internal error while running the model; see the server log"))
+            if embeds:
+                self._isolated(embeds, lambda: self._embed(embeds))
+            for job in list(self.active):
+                self._isolated([job], lambda: self._step(job))
             with self.condition:
                 self._gauges()
                 self.condition.notify_all()
         for job in list(self.waiting) + list(self.active):
-            self._finish(job, error=(503, "the server stopped"))
+            self._finish(job, error=(503, "the server is shutting down; retry on another instance"))
+
+    def _isolated(self, jobs: list[Job], work: Callable[[], None]) -> None:
+        """Run ``work`` for ``jobs``; an exception ends those jobs alone (their clients get a 500) and
+        every other job keeps running: one request can never end another's generation. Embedding jobs
+        that failed together are retried one by one, so only the one at fault fails."""
+        try:
+            work()
+        except Exception:
+            pending = [job for job in jobs if not job.finished]
+            if len(pending) > 1 and all(job.kind == "embed" for job in pending):
+                for job in pending:
+                    self._isolated([job], lambda job=job: self._embed([job]))
+                return
+            log.exception("a request failed while running the model; the others keep running")
+            for job in pending:
+                self._finish(job, error=(500, "internal error while running the model; see the server log"))
 
     def _take_embeddings(self) -> list[Job]:
         taken, inputs = [], 0
@@ -297,6 +309,9 @@ class Scheduler:
 
     def _finish(self, job: Job, reason: str | None = None, result: dict | None = None, note: str | None = None,
                 error: tuple[int, str] | None = None) -> None:
+        if job.finished:
+            return
+        job.finished = True
         if job.steps is not None:
             with contextlib.suppress(Exception):
                 job.steps.close()  # releases the KV cache (device memory, for TensorRT)

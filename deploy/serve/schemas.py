@@ -8,13 +8,38 @@ field, is a 400 that names the field — never silently ignored.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import re
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
-# A prompt or an input: text, a list of texts, token ids, or a list of token-id lists.
-TokenIds = list[int]
+from ..runtime import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+# Counts and token ids are strict integers (JSON true is never the token 1 or a max_tokens of 1);
+# numbers are finite.
+TokenIds = list[StrictInt]
 PromptInput = Union[str, list[str], TokenIds, list[TokenIds]]
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(value, name: str):
+    """Refuse lone UTF-16 surrogates anywhere in ``value`` (JSON allows "\\ud800"; no tokenizer reads it)."""
+    if isinstance(value, str):
+        found = SURROGATE.search(value)
+        if found:
+            raise ValueError(f"{name} holds a lone surrogate (\\u{ord(found.group()):04x} at character "
+                             f"{found.start()}), which is not text; send valid UTF-8")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            valid_text(item, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            valid_text(key, name)
+            valid_text(item, name)
+    elif isinstance(value, BaseModel):
+        valid_text(value.model_dump(), name)
+    return value
 
 
 # OpenAI fields without an implementation here: accepted only at their neutral value.
@@ -31,6 +56,7 @@ class Strict(BaseModel):
     @classmethod
     def implemented(cls, value, info):
         name = info.field_name
+        valid_text(value, name)
         if name in NEUTRAL and value is not None and value != NEUTRAL[name]:
             raise ValueError(f"{name} = {value!r} is not supported by this server (only {NEUTRAL[name]!r})")
         if name in ABSENT and value not in (None, False, 0, {}, ""):
@@ -41,33 +67,33 @@ class Strict(BaseModel):
 class NSNOptions(Strict):
     """``nsn`` in a request body (the OpenAI client sends it through ``extra_body``)."""
 
-    max_rank: int | None = Field(None, ge=1, description="never run this request above this rank")
-    min_rank: int | None = Field(None, ge=1, description="refuse (503) rather than run below this rank")
+    max_rank: StrictInt | None = Field(None, ge=1, description="never run this request above this rank")
+    min_rank: StrictInt | None = Field(None, ge=1, description="refuse (503) rather than run below this rank")
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingRequest(Strict):
     """What completions and chat completions share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Finite = Field(1.0, ge=0, le=MAX_TEMPERATURE)
+    top_p: Finite = Field(1.0, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=0)
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # metadata: accepted, not used
-    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
+    ignore_eos: StrictBool = False  # vLLM's extension: run to max_tokens (benchmarks)
     nsn: NSNOptions | None = None
-    n: int | None = None
-    logprobs: bool | int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: StrictInt | None = None
+    logprobs: StrictBool | StrictInt | None = None
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
     logit_bias: dict | None = None
 
     @field_validator("stop")
@@ -78,18 +104,19 @@ class SamplingRequest(Strict):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature")
     @classmethod
-    def finite(cls, value, info):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{info.field_name} must be a finite number")
+    def greedy_or_above_the_floor(cls, value):
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature = {value!r} is below {MIN_TEMPERATURE:g}; give 0 for greedy decoding or a "
+                             f"value in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
         return value
 
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptInput
-    echo: bool | None = None
-    best_of: int | None = None
+    echo: StrictBool | None = None
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
 
@@ -99,17 +126,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def text(cls, value):
+        return valid_text(value, "content")
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 class EmbeddingRequest(Strict):
     model: str | None = None
     input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None  # embeddings have the model's size
+    dimensions: StrictInt | None = None  # embeddings have the model's size
     user: str | None = None
     nsn: NSNOptions | None = None
 
@@ -117,4 +149,4 @@ class EmbeddingRequest(Strict):
 class OverrideRequest(Strict):
     """``POST /v1/nsn/override``: cap the device's rank ceiling by hand (None releases it)."""
 
-    rank: int | None = Field(None, ge=1)
+    rank: StrictInt | None = Field(None, ge=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import checked_ranks, parse_ranks, user_errors
+from ..cli import MAX_NEW_TOKENS, checked_ranks, parse_ranks, user_errors
 from ..external_data import model_file
 from .plan import ShapeBounds
 
@@ -102,7 +102,7 @@ def check_command(export_dir, trt_version, as_json):
 @click.option("--output", "output_path", type=click.Path(path_type=Path), required=True, help="engine directory")
 @profile_options
 @click.option("--fp16", is_flag=True, help="allow FP16 kernels (trtexec --fp16); TensorRT 10 only")
-@click.option("--workspace-mib", default=1024, type=click.IntRange(min=1), help="trtexec --memPoolSize=workspace:N")
+@click.option("--workspace-mib", default=1024, type=click.IntRange(1, 1 << 20), help="trtexec --memPoolSize=workspace:N")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="read and update this timing cache (trtexec --timingCacheFile); device-specific")
 @click.option("--opt-level", default=3, type=click.IntRange(0, 5), help="trtexec --builderOptimizationLevel")
@@ -160,18 +160,20 @@ def inspect_command(engine_dir, as_json):
 @click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the maximum]")
 @click.option("--prompt", default=None, help="text to continue (decoder engines)")
 @click.option("--text", "texts", multiple=True, help="sentence to embed (encoder engines); repeatable")
-@click.option("--max-new-tokens", default=32, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=32, type=click.IntRange(1, MAX_NEW_TOKENS),
+              help="new tokens at most (with the prompt, within the model's context)")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def run_command(engine_dir, ranks, prompt, texts, max_new_tokens, as_json):
     """Run ENGINE_DIR at each of --ranks on --prompt or --text (mirrors nsn-run)."""
-    from ..cli import run_once
+    from ..cli import check_run_inputs, run_once
     from .engine import NSNEngine
 
     if (prompt is None) == (not texts):
         raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")
     rank_list = parse_ranks(ranks)
     engine = NSNEngine(engine_dir)
+    check_run_inputs(engine, prompt, list(texts), max_new_tokens)
     reports = []
     for rank in checked_ranks(rank_list, engine.info.max_rank):
         engine.rank = rank
