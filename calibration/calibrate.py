@@ -208,7 +208,8 @@ class Calibration:
         info = self.runtime.info
         return {
             "format_version": FRONTIER_VERSION,
-            "model": {"graph_sha256": graph_sha256(model_path), "nsn": {
+            "model": {"graph_sha256": graph_sha256(model_path), **({"weights_sha256": info.weights_sha256}
+                                                                   if info.weights_sha256 else {}), "nsn": {
                 "max_rank": info.max_rank, "task": info.task, "rank_mode": info.rank_mode,
                 "source_model": info.source_model, "trained_ranks": info.trained_ranks}},
             "backend": backend,

@@ -138,6 +138,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
     from deploy.atomic import atomic_file, check_output_files
     from deploy.cli import checked_ranks, parse_ranks
     from deploy.extras import require_extra
+    from deploy.frontier import check_same_weights
     from deploy.external_data import model_file
     from deploy.governor.sensors import SysfsSensors
     from deploy.text import english_sentences, load_records
@@ -155,6 +156,7 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
         from deploy.tensorrt.engine import NSNEngine
 
         runtime = NSNEngine(engine_dir)
+        check_same_weights(runtime.info.weights_sha256, str(engine_dir / "engine.json"), model_path)
         backend = {"runtime": f"TensorRT {runtime.providers[0]}", "engine": str(engine_dir)}
     else:
         from deploy.ort.session import NSNSession, ort

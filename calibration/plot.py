@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 from deploy.atomic import atomic_file
+from deploy.extras import install_command
 from deploy.frontier import primary_latency
 
 
@@ -17,7 +18,7 @@ def plot_frontier(frontier: dict, path: str | Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'nsn-export[plot]'") from None
+        raise ValueError(f"--plot needs matplotlib: {install_command('plot')}") from None
     rows, levels = frontier["rows"], set(frontier["levels"])
     if any(r["quality"] is None for r in rows):
         raise ValueError("--plot draws quality, and this frontier has none (a decoder export without a tokenizer); "

@@ -1,5 +1,6 @@
-"""Optional parts of the distribution (``pip install 'nsn-export[EXTRA]'``) and the one-line errors
-for a missing one. The core install is the device side alone; everything else is an extra:
+"""Optional parts of the distribution (``pip install '.[EXTRA]'`` in a clone) and the one-line errors
+for a missing one. nsn-export is not on PyPI: it installs from a clone, or from a wheel built there
+with ``python -m build`` and copied to the device, so every hint names those two ways. The core install is the device side alone; everything else is an extra:
 
 - ``cpu``: onnxruntime; ``gpu``: onnxruntime-gpu (never both in one environment);
 - ``export``: torch, transformers, accelerate, safetensors, optimum-onnx, the built-in MiniLM;
@@ -41,11 +42,21 @@ class RuntimeConflictWarning(RuntimeWarning):
 JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io/jp6/cu126"
 
 
+def install_command(extras: str) -> str:
+    """How to install nsn-export with ``extras`` ("cpu,serve"): from a clone, or from a built wheel."""
+    try:
+        version = importlib.metadata.version("nsn-export")
+    except importlib.metadata.PackageNotFoundError:
+        version = "VERSION"
+    return (f"pip install '.[{extras}]' in a clone of nsn-export (or 'nsn_export-{version}-py3-none-any.whl[{extras}]', "
+            f"a wheel built there with python -m build)")
+
+
 def install_hint(extra: str) -> str:
     if extra == "cpu":
-        return (f"pip install 'nsn-export[cpu]' (or 'nsn-export[gpu]' on an NVIDIA GPU; on a Jetson: pip install "
-                f"'numpy<2' onnxruntime-gpu --extra-index-url {JETSON_ORT_INDEX})")
-    return f"pip install 'nsn-export[{extra}]'"
+        return (f"{install_command('cpu')}; [gpu] instead on an NVIDIA GPU; on a Jetson: pip install 'numpy<2' "
+                f"onnxruntime-gpu --extra-index-url {JETSON_ORT_INDEX}")
+    return install_command(extra)
 
 
 def missing_modules(extra: str) -> list[str]:

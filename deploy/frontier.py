@@ -5,7 +5,8 @@
 Schema (``format_version`` 1)::
 
     {"format_version": 1,
-     "model": {"graph_sha256": "...", "nsn": {metadata_props of the graph}},
+     "model": {"graph_sha256": "...", "weights_sha256": "..." (of model.onnx_data, from the graph's
+               metadata), "nsn": {metadata_props of the graph}},
      "backend": {"runtime": "onnxruntime 1.32 (CPUExecutionProvider)", "device": {...}},
      "shapes": {"task": ..., "batch": ..., "prompt_tokens": ..., "context_tokens": ...},
      "quality_metric": "cosine to the full rank's embeddings" | "1 / perplexity" | null,
@@ -30,12 +31,27 @@ from .schema import Flag, ListOf, MapOf, Number, Table, Text, check, optional
 FRONTIER_VERSION = 1
 
 
-def graph_sha256(model_path: str | Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(model_path, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+graph_sha256 = file_sha256  # of model.onnx: the graph, and (in its metadata) the weights' hash
+
+
+def check_same_weights(recorded: str | None, source: str, model_path: Path) -> None:
+    """``recorded`` (a weights hash a frontier or an engine carries) must be the weights hash in
+    ``model_path``'s metadata; a mismatch names both files."""
+    from .metadata import read_model_info
+
+    actual = read_model_info(model_path).weights_sha256
+    if recorded and actual and recorded != actual:
+        raise ValueError(f"{source} was made from weights {recorded[:12]}..., but {model_path.parent / 'model.onnx_data'} "
+                         f"holds weights {actual[:12]}... (nsn.weights_sha256 in {model_path}): another model's; "
+                         f"run nsn-calibrate (or nsn-trt build) on this one")
 
 
 def primary_latency(row: dict) -> float:
@@ -86,6 +102,7 @@ PROFILES_SYNTAX = r"\d+-\d+(,\d+-\d+)*"
 FRONTIER_SCHEMA = Table({
     "format_version": Number(FRONTIER_VERSION, FRONTIER_VERSION, integer=True),
     "model": Table({"graph_sha256": Text(pattern="[0-9a-f]{64}", example="64 hex digits"),
+                    "weights_sha256": optional(Text(pattern="[0-9a-f]{64}", example="64 hex digits")),
                     "nsn": optional(Table({"max_rank": optional(Number(1, 1_000_000, integer=True))}, open=True),
                                     dict)}, open=True),
     "backend": optional(Table(open=True), dict),
@@ -124,6 +141,7 @@ def read_frontier(path: str | Path, model_path: str | Path | None = None) -> dic
                          f"[1, {max_rank or 'the model maximum'}]; recalibrate with nsn-calibrate")
     if model_path is not None:
         model_path = model_file(model_path)
+        check_same_weights(data["model"].get("weights_sha256"), str(path), model_path)
         expected = data["model"]["graph_sha256"]
         actual = graph_sha256(model_path)
         if expected != actual:

@@ -27,6 +27,7 @@ class NSNModelInfo:
     dense_flops: int
     attention_flops_per_context_token: int
     source_model: str
+    weights_sha256: str = ""  # of model.onnx_data, written by nsn-export (empty in older exports)
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> "NSNModelInfo":
@@ -45,6 +46,7 @@ class NSNModelInfo:
                 dense_flops=int(props["nsn.dense_flops"]),
                 attention_flops_per_context_token=int(props["nsn.attention_flops_per_context_token"]),
                 source_model=props.get("nsn.source_model", ""),
+                weights_sha256=props.get("nsn.weights_sha256", ""),
             )
         except KeyError as error:
             raise ValueError(f"{source}: the NSN metadata lacks {error.args[0]}; re-export it with nsn-export") from None
@@ -96,22 +98,22 @@ def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
     return int(value)
 
 
-def read_model_info(model_dir) -> NSNModelInfo:
-    """The NSN facts of an export directory (``model.onnx``'s metadata, the weights not read) or of
-    an nsn-trt engine directory (``engine.json``): what a command checks its options against before
-    it loads the model."""
+def read_model_info(path) -> NSNModelInfo:
+    """The NSN facts of an export (its directory or its graph file: ``model.onnx``'s metadata, the
+    weights not read) or of an nsn-trt engine directory (``engine.json``): what a command checks its
+    options against before it loads the model."""
     from pathlib import Path
 
     import onnx
 
-    from .external_data import read_regular_bytes
+    from .external_data import model_file, read_regular_bytes
 
-    model_dir = Path(model_dir)
-    if (model_dir / "engine.json").is_file():
+    path = Path(path)
+    if (path / "engine.json").is_file():
         from .tensorrt.engine import read_manifest
 
-        return NSNModelInfo.from_props(read_manifest(model_dir).get("nsn", {}), source=str(model_dir / "engine.json"))
-    path = model_dir / "model.onnx"
+        return NSNModelInfo.from_props(read_manifest(path).get("nsn", {}), source=str(path / "engine.json"))
+    path = model_file(path)
     data = read_regular_bytes(path, max_bytes=2 << 30)
     try:
         model = onnx.load_from_string(data)

@@ -1,5 +1,5 @@
 """From a workstation's export to a served model, on a device that has only the device install
-(``pip install 'nsn-export[cpu,serve]'``, plus ``[trt]`` and JetPack's TensorRT on a Jetson):
+(``pip install '.[cpu,serve]'`` from a clone or the built wheel, plus ``[trt]`` and JetPack's TensorRT on a Jetson):
 
     python scripts/device_example.py EXPORT_DIR [--work runs/device-example]
 

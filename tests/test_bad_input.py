@@ -689,7 +689,8 @@ def test_a_missing_export_extra_is_one_line_naming_the_install(command, args, tm
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a device install: torch cannot be imported
     result = CliRunner().invoke(command, [a.replace("{ws}", str(tmp_path)) for a in args])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "needs the export extra (torch not installed): pip install 'nsn-export[export]'" in result.output
+    assert "needs the export extra (torch not installed): pip install '.[export]' in a clone of nsn-export (or " \
+           "'nsn_export-0.1.0-py3-none-any.whl[export]', a wheel built there with python -m build)" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -733,7 +734,7 @@ def test_without_onnx_runtime_the_error_names_cpu_gpu_and_the_jetson_index(monke
     with pytest.raises(MissingExtraError) as error:
         import_extra("onnxruntime", "cpu", "ONNX Runtime")
     message = str(error.value)
-    assert "'nsn-export[cpu]'" in message and "'nsn-export[gpu]'" in message and "jetson-ai-lab" in message
+    assert "pip install '.[cpu]' in a clone" in message and "[gpu] instead" in message and "jetson-ai-lab" in message
 
 
 # ---- the library: bad input to NSNSession ------------------------------------------------------------

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from calibration.cli import calibrate_command
 from deploy.frontier import choose_levels, mark_pareto, profile_ranges, read_frontier
+from deploy.metadata import read_model_info
 
 
 def row(rank, latency, quality, flops=None):
@@ -77,8 +78,13 @@ def test_a_decoder_frontier_has_prefill_decode_and_perplexity(exported, tmp_path
 
 def test_a_frontier_of_another_model_or_version_is_refused_naming_file_and_field(encoder_frontier, exported, tmp_path):
     _, out, _ = encoder_frontier
-    with pytest.raises(ValueError, match=r"frontier.json: field 'model.graph_sha256'.*another model"):
+    with pytest.raises(ValueError, match=r"frontier.json was made from weights .*model.onnx_data holds weights"):
         read_frontier(out, exported("llama")[0].path)
+    del_weights = json.loads(out.read_text())
+    del del_weights["model"]["weights_sha256"]  # a frontier from before weights were recorded: the graph hash
+    (tmp_path / "old.json").write_text(json.dumps(del_weights))
+    with pytest.raises(ValueError, match=r"old.json: field 'model.graph_sha256'.*another model"):
+        read_frontier(tmp_path / "old.json", exported("llama")[0].path)
     data = json.loads(out.read_text())
     for change, words in [({"format_version": 9}, "format_version 9"), ({"rows": []}, "rows = [] must be a list"),
                           ({"rows": [{"rank": 1}]}, "rows[0].flops_fraction is missing"),
@@ -208,3 +214,22 @@ def test_nsn_eval_scores_retrieval_per_rank(nsn_checkpoint):
     assert run.exit_code == 0, run.output
     rows = json.loads(run.stdout)
     assert [r["rank"] for r in rows] == [4, 16] and all(0 <= r["retrieval_top1"] <= 1 for r in rows)
+
+
+def test_a_frontier_of_a_same_shaped_model_with_other_weights_is_refused(encoder_frontier, tmp_path):
+    """Two BERTs of one architecture differ only in model.onnx_data: the weights' hash, which
+    nsn-export writes into the graph's metadata, tells them apart."""
+    import nsn_export as nsn
+    from nsn_export.export import export_onnx
+    from tiny import tiny_model
+
+    result, out, _ = encoder_frontier
+    other = tiny_model("bert", seed=1)
+    nsn.adapt(other, "all-linear", max_rank=16)
+    other_export = export_onnx(other, tmp_path / "other", verify=False).path
+    assert (other_export.parent / "model.onnx_data").stat().st_size == (result.path.parent / "model.onnx_data").stat().st_size
+    with pytest.raises(ValueError, match=r"frontier.json was made from weights [0-9a-f]{12}\.\.\., but .*other/"
+                                         r"model.onnx_data holds weights [0-9a-f]{12}"):
+        read_frontier(out, other_export.parent)
+    assert read_frontier(out, result.path.parent)["model"]["weights_sha256"] == \
+        read_model_info(result.path.parent).weights_sha256

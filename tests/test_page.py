@@ -101,6 +101,9 @@ def test_the_page_loads_without_console_errors_and_shows_model_text_as_text(brow
     wait_for(lambda: "requests served" in text(browser, "status-line"), "the status line")
     status = text(browser, "status-line")
     assert "model <img src=x id=injected>" in status and "ONNX Runtime" in status and "levels 2, 8, 16" in status
+    assert "governor on" in status and "thermal control off" not in status  # the tree has a trip point
+    assert text(browser, "last-rank-label").lower() == "last token"
+    assert browser.find_element("id", "max-tokens").is_displayed()
     assert not browser.find_elements("id", "injected")  # shown as text, never parsed as markup
     wait_for(lambda: text(browser, "rank-now") not in ("", "—"), "the first tick")
     assert console_errors(browser) == []
@@ -182,6 +185,11 @@ def test_with_a_key_the_page_asks_once_keeps_it_out_of_urls_and_says_when_refuse
     browser.find_element("id", "key-input").send_keys("sesame")
     browser.find_element("id", "key-form").submit()
     wait_for(lambda: "model enc" in text(browser, "status-line"), "the status with the key")
+    assert "no governor (fixed rank)" in text(browser, "status-line")
+    # an encoder: the figure is the latest batch's rank, and there is no max_tokens to set
+    assert text(browser, "last-rank-label").lower() == "last batch"
+    assert not browser.find_element("id", "max-tokens").is_displayed()
+    wait_for(lambda: text(browser, "policy-now") == "none (no governor)", "the binding policy named")
     assert "sesame" not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('nsn-api-key')") == "sesame"
     browser.find_element("id", "prompt").send_keys("w1 w2 <script>alert(1)</script>")
@@ -275,3 +283,13 @@ def test_a_simulated_heat_soak_on_the_page_and_its_screenshot(browser, serve, ex
         target = Path(__file__).resolve().parents[1] / "docs" / "img" / "nsn-serve-page.png"
         target.parent.mkdir(exist_ok=True)
         shutil.copy(shot, target)
+
+
+def test_a_governor_without_a_trip_point_says_thermal_control_is_off(browser, serve, exported, tmp_path):
+    (tmp_path / "sysfs").mkdir()
+    server = serve([exported("bert")[0].path.parent, "--sysfs-root", tmp_path / "sysfs", "--model-name", "cool"])
+    open_page(browser, server.url + "/")
+    wait_for(lambda: "model cool" in text(browser, "status-line"), "the status line")
+    assert "governor on, thermal control off" in text(browser, "status-line")
+    wait_for(lambda: text(browser, "policy-now") == "none", "the first tick")
+    assert "thermal control off" in browser.find_element("id", "notes").get_attribute("textContent")

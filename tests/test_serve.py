@@ -132,6 +132,7 @@ def test_chat_renders_the_template_and_matches_the_session(decoder, decoder_dir)
 
 def test_embeddings_match_the_session_as_floats_and_base64(encoder, exported):
     client = encoder.client()
+    counted = encoder.metric("nsn:prompt_tokens_total") or 0.0
     texts = ["w1 w2 w3", "w4 w5"]
     result = client.embeddings.create(model="tiny-bert", input=texts, encoding_format="float",
                                       extra_body={"nsn": {"max_rank": 6}})
@@ -139,6 +140,7 @@ def test_embeddings_match_the_session_as_floats_and_base64(encoder, exported):
     expected = session.embed(texts)
     np.testing.assert_allclose(np.array([d.embedding for d in result.data]), expected, rtol=1e-5, atol=1e-6)
     assert result.model_extra["nsn"]["ranks"]["first"] == 6 and result.usage.prompt_tokens == 5
+    assert encoder.metric("nsn:prompt_tokens_total") == counted + 5  # the metric counts what usage reports
     as_base64 = client.embeddings.create(model="tiny-bert", input=[[3, 5, 7]])  # the client asks for base64
     np.testing.assert_allclose(as_base64.data[0].embedding, NSNSession(exported("bert")[0].path.parent).embed(
         [[3, 5, 7]])[0], rtol=1e-5, atol=1e-6)

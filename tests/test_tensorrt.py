@@ -484,7 +484,7 @@ def test_the_cudart_double_and_our_code_use_only_real_cuda_python_names():
     try:
         from cuda.bindings import runtime as real
     except ImportError:
-        pytest.skip("cuda-python is not installed (pip install 'nsn-export[dev]')")
+        pytest.skip("cuda-python is not installed (pip install -e '.[dev]')")
     double = trt_double.make_cudart()
     ours = {n for n in vars(double) if n.startswith("cuda")}
     source = (Path(__file__).parents[1] / "deploy" / "tensorrt" / "cuda.py").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..cli import FiniteFloat, user_errors
+from ..extras import install_command
 
 
 @click.group()
@@ -183,16 +184,19 @@ def open_runtime(model_dir: Path, intra_op_threads: int | None = None):
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
               help="policy TOML [default: the scenario's, else the shipped example]")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--markdown", is_flag=True, help="print the runs as a markdown table (as the docs show them)")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="draw temperature, rank and battery against time (needs matplotlib)")
 @user_errors
-def simulate_command(scenario_path, policy_path, as_json, plot_path):
-    """Run the governor and the baselines on a simulated device (SCENARIO.toml; see
-    deploy/governor/scenarios/)."""
+def simulate_command(scenario_path, policy_path, as_json, markdown, plot_path):
+    """Run the governor and the baselines on a simulated device: SCENARIO is a TOML file or the name
+    of a shipped one (battery-runtime, bursty-load, heat-soak, sensor-dropout)."""
     from ..atomic import check_output_files
     from .config import load_policy
     from .simulator import load_scenario, simulate
+    from .simulator import scenario_path as resolve
 
+    scenario_path = resolve(scenario_path)
     scenario = load_scenario(scenario_path)
     policy_path = policy_path or scenario.policy
     check_output_files({"--plot": plot_path}, [scenario_path, policy_path])
@@ -209,6 +213,9 @@ def simulate_command(scenario_path, policy_path, as_json, plot_path):
     if as_json:
         click.echo(json.dumps(report, indent=1, allow_nan=False))
         return
+    if markdown:
+        click.echo(runs_markdown(report["runs"]))
+        return
     click.echo(f"{report['scenario']} on {report['device']}, {report['duration_s']:.0f} s; levels {report['levels']}")
     columns = ["run", "tokens", "quality_tokens", "seconds_above_trip", "max_temp_c", "seconds_throttled", "switches",
                "switches_per_min", "battery_empty_s", "mean_rank"]
@@ -216,6 +223,22 @@ def simulate_command(scenario_path, policy_path, as_json, plot_path):
     click.echo("  ".join(c.rjust(widths[c]) for c in columns))
     for row in report["runs"]:
         click.echo("  ".join(str(row[c]).rjust(widths[c]) for c in columns))
+
+
+def runs_markdown(runs: list[dict]) -> str:
+    """The simulator's runs as the markdown table README.md and docs/GOVERNOR.md show (a test
+    checks that the docs hold this command's output)."""
+    def cell(value, unit=""):
+        return "—" if value is None else f"{value:g}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+    lines = ["| run | tokens | quality_tokens | s at/above trip | max °C | s throttled | switches/min | battery empty at "
+             "| max queue wait | mean rank |", "|---|" + "---:|" * 9]
+    for run in runs:
+        lines.append(f"| {run['run']} | {run['tokens']} | {run['quality_tokens']} | {cell(run['seconds_above_trip'])} "
+                     f"| {cell(run['max_temp_c'])} | {cell(run['seconds_throttled'])} | {cell(run['switches_per_min'])} "
+                     f"| {cell(run['battery_empty_s'], ' s')} | {cell(run['max_queue_s'], ' s')} "
+                     f"| {cell(run['mean_rank'])} |")
+    return "\n".join(lines)
 
 
 def plot(traces: dict, scenario, path: Path) -> None:
@@ -227,7 +250,7 @@ def plot(traces: dict, scenario, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'nsn-export[plot]'") from None
+        raise ValueError(f"--plot needs matplotlib: {install_command('plot')}") from None
     import io
 
     from ..atomic import atomic_file

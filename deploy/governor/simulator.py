@@ -140,11 +140,27 @@ SCENARIO_SCHEMA = Table({
 })
 
 
+def shipped_scenarios() -> list[str]:
+    """The names of the scenarios that ship with the package (``heat-soak``, ...)."""
+    return sorted(p.stem for p in scenario_dir().glob("*.toml") if not p.stem.endswith("-policy"))
+
+
+def scenario_path(name_or_path: str | Path) -> Path:
+    """A scenario file: a path, or the name of a shipped one (``heat-soak``) that no file here shadows."""
+    path = Path(name_or_path)
+    if not path.exists() and path.suffix != ".toml" and path.name == str(name_or_path):
+        shipped = scenario_dir() / f"{path.name}.toml"
+        if shipped.is_file():
+            return shipped
+    return path
+
+
 def load_scenario(path: str | Path) -> Scenario:
-    """A validated scenario (``SCENARIO_SCHEMA``); its ``policy`` is resolved against its directory."""
-    path = Path(path)
-    data = check(read_toml(path, f"no such scenario; the shipped ones are in {scenario_dir()}"), SCENARIO_SCHEMA,
-                 str(path))
+    """A validated scenario (``SCENARIO_SCHEMA``) from a file or a shipped scenario's name; its
+    ``policy`` is resolved against its directory."""
+    path = scenario_path(path)
+    data = check(read_toml(path, f"no such scenario file; the shipped ones, by name: {', '.join(shipped_scenarios())}"),
+                 SCENARIO_SCHEMA, str(path))
     device_data = data["device"]
     device = replace(PRESETS[device_data["preset"]],
                      **{k: float(v) for k, v in device_data.items() if k != "preset" and v is not None})

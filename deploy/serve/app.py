@@ -393,7 +393,7 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
         tokens = sum(min(len(e.ids), longest) for e in state.tokenizer.encode_batch(texts)) if texts else 0
         tokens += sum(min(len(item), longest) for item in inputs if not isinstance(item, str))
         events: asyncio.Queue = asyncio.Queue()
-        job = job_for(body.nsn, "embed", events, inputs=inputs)
+        job = job_for(body.nsn, "embed", events, inputs=inputs, input_tokens=tokens)
         submit(job)
         async for event, payload in job_events(request, job, events):
             pass

@@ -60,6 +60,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     # embedding
     inputs: list = field(default_factory=list)
+    input_tokens: int = 0  # the tokens its inputs hold (what its usage reports)
     # state, owned by the scheduler thread
     created_s: float = field(default_factory=time.monotonic)
     started_s: float | None = None
@@ -326,7 +327,8 @@ class Scheduler:
             return
         finished = time.monotonic()
         if self.metrics is not None:
-            self.metrics.finished(reason or "stop", finished - job.created_s, len(job.prompt_ids), len(job.tokens))
+            self.metrics.finished(reason or "stop", finished - job.created_s, len(job.prompt_ids) or job.input_tokens,
+                                  len(job.tokens))
         self.served += 1
         payload = dict(result or {})
         if job.kind == "generate":

@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..atomic import atomic_directory, atomic_file, check_output, check_output_files
 from ..external_data import load_graph
+from ..extras import install_command
 from ..frontier import graph_sha256
 from .compat import check_graph
 from .cuda import Cuda, TensorRTUnavailable
@@ -64,8 +65,8 @@ def import_tensorrt():
     except ImportError as error:
         raise TensorRTUnavailable(f"TensorRT's Python package cannot be imported ({error}); on a Jetson it comes "
                                   f"with JetPack 6.1 or later (python3-libnvinfer; create the virtual environment "
-                                  f"with --system-site-packages), on x86: pip install tensorrt-cu12 "
-                                  f"'nsn-export[trt]'") from None
+                                  f"with --system-site-packages), on x86: pip install tensorrt-cu12, and "
+                                  f"{install_command('trt')}") from None
     version = str(getattr(tensorrt, "__version__", "0"))
     if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 10:
         raise TensorRTUnavailable(f"TensorRT {version} is too old: nsn-export's engines need TensorRT 10 (int64 shape "

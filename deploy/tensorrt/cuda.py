@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..extras import install_command
+
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT or cuda-python is not installed, or there is no GPU."""
@@ -27,8 +29,8 @@ def load_cudart():
         try:
             from cuda import cudart
         except ImportError:
-            raise TensorRTUnavailable("cuda-python is not installed: pip install 'nsn-export[trt]' (on a Jetson, "
-                                      "pip install cuda-python matching the JetPack CUDA version)") from None
+            raise TensorRTUnavailable(f"cuda-python is not installed: {install_command('trt')}; on a Jetson, pip "
+                                      f"install cuda-python matching the JetPack CUDA version") from None
     return cudart
 
 

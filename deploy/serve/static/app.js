@@ -94,7 +94,7 @@ function renderStatus(status) {
     "levels " + (page.levels.join(", ") || "—"),
     "up " + Math.floor(uptime / 60) + " min " + (uptime % 60) + " s",
     "requests served: " + (status.requests_served || 0),
-    status.governor ? "governor on" : "no governor",
+    governorState(status),
   ];
   $("status-line").textContent = parts.join(" · ");
   const slider = $("override-rank");
@@ -104,8 +104,19 @@ function renderStatus(status) {
   $("max-rank").max = String(page.maxRank);
   $("min-rank").max = String(page.maxRank);
   renderSensors(status);
-  $("prompt").placeholder = status.task === "feature-extraction" ? "Texts to embed, one per line"
+  const encoder = status.task === "feature-extraction";
+  $("prompt").placeholder = encoder ? "Texts to embed, one per line"
     : status.chat ? "A message to the model (chat)" : "A prompt to continue (completion)";
+  // Embeddings have no tokens to count: the figure is the latest batch's rank, and there is no max_tokens.
+  $("last-rank-label").textContent = encoder ? "last batch" : "last token";
+  $("max-tokens-label").hidden = encoder;
+}
+
+// What the governor can do here: thermal control needs a trip point (or a policy's target).
+function governorState(status) {
+  if (!status.governor) return "no governor (fixed rank)";
+  const control = (status.sensors || {}).thermal_control;
+  return control && !control.on ? "governor on, thermal control off" : "governor on";
 }
 
 function renderSensors(status) {
@@ -146,7 +157,7 @@ function renderTick(tick) {
   $("last-rank").textContent = tick.rank == null ? "—" : String(tick.rank);
   $("tps-now").textContent = String(tick.tokens_per_s);
   $("queue-now").textContent = String(tick.waiting);
-  $("policy-now").textContent = tick.policy || "—";
+  $("policy-now").textContent = tick.policy || (page.status && !page.status.governor ? "none (no governor)" : "none");
   $("profiles").hidden = tick.profile_switches == null;
   $("profile-switches").textContent = String(tick.profile_switches ?? 0);
   $("reason-now").textContent = tick.reason || "—";
