@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # over a minute on 2 cores together: `python -m pytest -m "not slow"` skips it
 
 
 def run(command: list[str], env_dir: Path | None = None, timeout: float = 600, check: bool = True,

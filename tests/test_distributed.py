@@ -18,6 +18,7 @@ from tiny import tiny_text
 HERE = Path(__file__).resolve().parent
 STEPS = 6
 GLOBAL_BATCH = 8
+pytestmark = pytest.mark.slow  # over a minute on 2 cores together: `python -m pytest -m "not slow"` skips it
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun command runs
 
 

@@ -4,11 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from nsn_export.cli import quickstart_command
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # over a minute on 2 cores together: `python -m pytest -m "not slow"` skips it
 
 
 def test_quickstart_runs_the_whole_path_on_minilm(tmp_path):

@@ -254,6 +254,7 @@ def test_the_page_works_on_the_tensorrt_double_and_shows_profile_switches(browse
     assert console_errors(browser) == []
 
 
+@pytest.mark.slow
 def test_a_simulated_heat_soak_on_the_page_and_its_screenshot(browser, serve, exported, tmp_path):
     """The device heats towards its trip point and soaks there; the governor holds it below the
     emergency level with a lower rank. The screenshot is the one in the README and docs/SERVING.md
