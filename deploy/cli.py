@@ -75,7 +75,7 @@ def check_run_inputs(runtime, prompt: str | None, texts: list[str], max_new_toke
     if any(not text.strip() for text in texts):
         raise click.UsageError("--text '' is empty; give a sentence to embed")
     if prompt is not None:
-        if not prompt.strip():
+        if isinstance(prompt, str) and not prompt.strip():
             raise click.UsageError("--prompt '' is empty; give text to continue")
         try:
             length = len(runtime.encode_prompt(prompt))
@@ -155,6 +155,7 @@ def user_errors(command):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the maximum]")
 @click.option("--prompt", default=None, help="text to continue (decoder exports)")
+@click.option("--chat", default=None, help="a message to the model, through its chat template (decoder exports)")
 @click.option("--text", "texts", multiple=True, help="sentence to embed (encoder exports); repeatable")
 @click.option("--max-new-tokens", default=32, type=click.IntRange(1, MAX_NEW_TOKENS),
               help="new tokens at most (with the prompt, within the model's context)")
@@ -169,14 +170,16 @@ def user_errors(command):
               help="run on what ONNX Runtime has when a --provider is missing (it warns) instead of refusing")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, temperature, top_k, seed, threads,
+def run_command(model_dir, ranks, prompt, chat, texts, max_new_tokens, sample, temperature, top_k, seed, threads,
                 providers, provider_fallback, as_json):
-    """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt or --text."""
+    """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt, --chat or --text."""
     from .runtime import NonFiniteOutputWarning
     from .ort.session import NSNSession
 
-    if (prompt is None) == (not texts):
-        raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")
+    if [prompt is not None, chat is not None, bool(texts)].count(True) != 1:
+        raise click.UsageError("give exactly one of --prompt or --chat (decoders) or --text (encoders)")
+    if chat is not None:
+        require_extra("serve", "nsn-run --chat (chat templates)")
     check_providers(list(providers), provider_fallback)
     rank_list = parse_ranks(ranks)
     reports = []
@@ -184,12 +187,14 @@ def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, tempera
         warnings.simplefilter("always")
         warnings.simplefilter("error", NonFiniteOutputWarning)  # a NaN answer is a failure, not a result
         session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads)
+        if chat is not None:
+            prompt = chat_prompt_ids(session, chat)
         check_run_inputs(session, prompt, list(texts), max_new_tokens)
         try:
             for rank in checked_ranks(rank_list, session.info.max_rank):
                 session.rank = rank
                 reports.append(run_once(session, prompt, list(texts), max_new_tokens, sample, temperature, top_k,
-                                        seed))
+                                        seed, reply=chat is not None))
         except NonFiniteOutputWarning as error:
             raise click.ClickException(str(error)) from None
     for warning in {str(w.message) for w in caught}:
@@ -206,11 +211,32 @@ def run_command(model_dir, ranks, prompt, texts, max_new_tokens, sample, tempera
                 click.echo(f"{key}: {value}")
 
 
-def run_once(session, prompt, texts, max_new_tokens, sample, temperature, top_k, seed) -> dict:
-    """One rank's result: generated text and latencies, or embeddings and their warm latency."""
+def chat_prompt_ids(runtime, message: str) -> list[int]:
+    """The token ids of ``message`` from the user, rendered by the model's own chat template."""
+    from .serve.chat import ChatTemplate, ChatTemplateError
+
+    if not message.strip():
+        raise click.UsageError("--chat '' is empty; give a message")
+    template = ChatTemplate.from_model_dir(runtime.model_dir)
+    if template is None or runtime.tokenizer is None:
+        raise click.UsageError(f"--chat: {runtime.model_dir} has no chat template (chat_template.jinja) or no "
+                               f"tokenizer.json; use --prompt")
+    try:
+        text = template.render([{"role": "user", "content": message}])
+    except ChatTemplateError as error:
+        raise click.UsageError(f"--chat: {error}") from None
+    return runtime.tokenizer.encode(text, add_special_tokens=False).ids  # the template writes special tokens
+
+
+def run_once(session, prompt, texts, max_new_tokens, sample, temperature, top_k, seed, reply: bool = False) -> dict:
+    """One rank's result: generated text and latencies, or embeddings and their warm latency. With
+    ``reply`` the text is the model's turn: without the token that ended it."""
     if prompt is not None:
         result = session.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample,
                                   temperature=temperature, top_k=top_k, seed=seed)
+        ids = result.token_ids
+        if reply and ids and ids[-1] in session.stop_ids and session.tokenizer is not None:
+            result.text = session.tokenizer.decode(ids[:-1])
         report = {"rank": session.rank, "text": result.text, "token_ids": result.token_ids,
                   "prefill_ms": round(result.prefill_ms, 3),
                   "decode_ms_per_token": round(result.decode_ms_per_token, 3)}

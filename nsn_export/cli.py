@@ -72,11 +72,13 @@ def format_table(rows: list[dict]) -> str:
 @user_errors
 @needs_extra("export")
 def adapt_command(source, output_path, targets, max_rank, calibration_data, calibration_tokens, fisher, overwrite):
-    """Factorise a local Hugging Face model directory SOURCE into an NSN checkpoint."""
+    """Factorise SOURCE — a local Hugging Face model directory, or a GGUF file (converted once into
+    a cached directory) — into an NSN checkpoint."""
     from tqdm import tqdm
 
     from .checkpoint import save_nsn
     from .data import load_records, make_batches
+    from .importing import imported_dir
     from .models import is_causal_lm, load_hf_model, load_tokenizer
     from .surgery import adapt
 
@@ -86,6 +88,8 @@ def adapt_command(source, output_path, targets, max_rank, calibration_data, cali
     check_output(output_path, [source], overwrite)
     max_rank_value = parse_max_rank(max_rank)
     records = load_records(calibration_data) if calibration_data else None
+    if source.suffix.lower() == ".gguf":
+        source = imported_dir(source, progress=lambda message: click.echo(message, err=True))
     model = load_hf_model(source)
     calibration = None
     if records is not None:

