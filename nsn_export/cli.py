@@ -11,8 +11,9 @@ from typing import Callable
 import click
 
 from deploy.atomic import check_output
-from deploy.cli import MAX_CONTEXT_TOKENS, MAX_REPEATS, checked_ranks, needs_extra, parse_ranks, user_errors
+from deploy.cli import MAX_CONTEXT_TOKENS, needs_extra, parse_ranks, user_errors
 from deploy.external_data import model_file
+
 
 
 def model_option(required=True, help="NSN checkpoint directory"):
@@ -155,66 +156,6 @@ def train_command(model_path, data_path, output_path, steps, batch_size, learnin
         click.echo(f"wrote {output_path}; trained ranks {model.nsn_config.trained_ranks}")
 
 
-@click.command(context_settings={"show_default": True})
-@model_option()
-@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
-              help="text file or JSONL (with label for classifiers)")
-@click.option("--retrieval", is_flag=True,
-              help="also score the retrieval benchmarks, top-1: docstring sentence -> qualified name (in domain) and, "
-                   "where Debian's manual pages are installed, NAME line -> command (out of domain)")
-@click.option("--ranks", default=None, help="comma-separated ranks (default: R/8, R/4, R/2, 3R/4, R)")
-@click.option("--batch-size", default=16, type=click.IntRange(1, 65_536))
-@click.option("--max-length", default=128, type=click.IntRange(1, MAX_CONTEXT_TOKENS))
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@user_errors
-@needs_extra("export")
-def eval_command(model_path, data_path, retrieval, ranks, batch_size, max_length, as_json):
-    """Evaluate an NSN checkpoint at several ranks: loss, accuracy / perplexity, embedding cosine,
-    retrieval top-1, FLOPs fraction."""
-    from tqdm import tqdm
-
-    from .checkpoint import load_nsn
-    from .data import load_records, make_batches
-    from .evaluate import evaluate_ranks
-    from .flops import flops_fraction
-    from .models import is_causal_lm, load_tokenizer
-
-    if data_path is None and not retrieval:
-        raise click.UsageError("give --data FILE, --retrieval, or both")
-    given_ranks = parse_ranks(ranks)
-    records = load_records(data_path) if data_path else None
-    model = load_nsn(model_path)
-    if retrieval and is_causal_lm(model):
-        raise click.UsageError("--retrieval scores sentence embeddings: it needs an encoder checkpoint")
-    top = model.nsn_config.max_rank
-    default_ranks = sorted({max(1, top * k // 8) for k in (1, 2, 4, 6, 8)})
-    rank_list = checked_ranks(given_ranks, top) if given_ranks else default_ranks
-    tokenizer = load_tokenizer(model_path)
-    rows = [{"rank": r, "flops_fraction": round(flops_fraction(model, r), 4)} for r in rank_list]
-    with tqdm(total=len(rank_list) * (bool(records) + retrieval), desc="evaluating ranks", unit="rank",
-              file=sys.stderr) as bar:
-        if records:
-            batches = make_batches(records, tokenizer, is_causal_lm(model), batch_size, max_length)
-            rows = evaluate_ranks(model, batches, rank_list, progress=lambda _: bar.update())
-        if retrieval:
-            from calibration.corpus import manpage_pairs
-            from calibration.retrieval import docstring_pairs, top1_accuracy
-
-            pairs, man_pairs = docstring_pairs(), manpage_pairs()
-            for row in rows:
-                embed = embedder(model, tokenizer, row["rank"], batch_size, max_length)
-                row["retrieval_top1"] = round(top1_accuracy(embed, pairs), 4)
-                if man_pairs:  # out of domain: no manual page is training text
-                    row["manpage_top1"] = round(top1_accuracy(embed, man_pairs), 4)
-                bar.update()
-    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
-    if retrieval and not as_json:
-        click.echo(f"\nretrieval_top1: {len(pairs)} standard-library docstring sentences -> the name they document "
-                   f"(in domain); " + (f"manpage_top1: {len(man_pairs)} manual pages' NAME lines -> their command "
-                                       f"(out of domain)." if man_pairs else "manpage_top1: omitted, no manual pages "
-                                                                             "under /usr/share/man here."), err=True)
-
-
 def phase(bar, description: str, unit: str) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback that shows one phase of work on a shared tqdm bar."""
     def advance(done: int, total: int) -> None:
@@ -225,151 +166,6 @@ def phase(bar, description: str, unit: str) -> Callable[[int, int], None]:
             bar.set_description(description)
         bar.update(done - bar.n)
     return advance
-
-
-def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_length: int):
-    """``embed(texts)``: a torch model's sentence embeddings (mean-pooled) at ``rank_value``."""
-    import torch
-
-    from .data import make_batches
-    from .evaluate import outputs_at
-
-    def embed(texts):
-        batches = make_batches([{"text": t} for t in texts], tokenizer, False, batch_size, max_length)
-        return torch.cat(outputs_at(model, batches, rank_value)[1]).float().numpy()
-
-    return embed
-
-
-@click.command(context_settings={"show_default": True})
-@click.option("--output", "output_path", type=click.Path(path_type=Path), default=Path("runs/quickstart"),
-              help="work directory (checkpoint and export are written here)")
-@model_option(required=False, help="use this NSN checkpoint of MiniLM instead of adapting the built-in one")
-@click.option("--sentences", default=64, type=click.IntRange(1, 100_000), help="English sentences (from Python's own docs) to embed")
-@click.option("--ranks", default="24,48,96,128,192,288,384", help="comma-separated ranks to compare")
-@click.option("--repeats", default=5, type=click.IntRange(1, MAX_REPEATS), help="timed ONNX Runtime runs per rank (median reported)")
-@click.option("--init", "init", type=click.Choice(["data-aware", "svd"]), default=None,
-              help="how the built-in model is factorised (not with --model): data-aware (the default), whitened by "
-                   "the input statistics of standard-library docstring sentences (about 15 s), or plain SVD truncation")
-@click.option("--calibration-tokens", default=16384, type=click.IntRange(1, 100_000_000), help="tokens for --init data-aware")
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@user_errors
-@needs_extra("export")
-def quickstart_command(output_path, model_path, sentences, ranks, repeats, init, calibration_tokens, as_json):
-    """The whole path on the built-in MiniLM encoder: adapt (data-aware) -> export (opset 17) -> verify -> run.
-
-    Prints per rank the FLOPs fraction, ONNX Runtime latency, the cosine similarity of the sentence
-    embeddings to the dense PyTorch model's and top-1 on the built-in retrieval benchmark.
-    """
-    if init is not None and model_path is not None:
-        raise click.UsageError(f"--init {init} factorises the built-in model, but --model {model_path} is already "
-                               "an NSN checkpoint: drop --init, or drop --model to adapt the built-in model")
-    init = init or "data-aware"
-    import statistics
-    import time
-
-    import numpy as np
-
-    from deploy import NSNSession
-
-    from .checkpoint import load_nsn, save_nsn
-    from .data import english_sentences, make_batches
-    from .evaluate import outputs_at
-    from .export import export_dense_onnx, export_onnx
-    from .models import default_model_dir, load_hf_model, load_tokenizer
-    from .surgery import adapt
-
-    rank_list = parse_ranks(ranks)
-    progress = stage_printer()
-    source = default_model_dir()
-    progress(f"loading all-MiniLM-L6-v2 from {source}")
-    tokenizer = load_tokenizer(source)
-    texts = english_sentences(sentences)
-    batches = make_batches([{"text": t} for t in texts], tokenizer, False, len(texts), 128)
-    model = load_hf_model(source)
-    dense = outputs_at(model, batches, None)[1][0].numpy()
-    dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
-    progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
-    from calibration.retrieval import docstring_pairs, top1_accuracy, unseen_sentences
-
-    pairs = docstring_pairs()
-    trained = model_path is not None
-    if model_path is None:
-        calibration = None
-        if init == "data-aware":
-            calibration = make_batches([{"text": t} for t in unseen_sentences(texts, pairs=pairs)], tokenizer,
-                                       False, 16, 64)
-            progress(f"collecting input statistics over {calibration_tokens} tokens of standard-library docstring "
-                     "sentences (none of them evaluated below)")
-        # the dense baseline is taken: factorise in place
-        report = adapt(model, "all-linear", 1.0, calibration=calibration, calibration_tokens=calibration_tokens)
-        model_path = save_nsn(model, output_path / "minilm-nsn", tokenizer_dir=source)
-        how = (f"whitened SVD on {model.nsn_config.calibration_tokens} tokens" if calibration is not None
-               else "plain SVD")
-        progress(f"adapted {len(report.layers)} linear layers ({how}; R_l = min(d_in, d_out)) -> {model_path}")
-    else:
-        model = load_nsn(model_path)
-    export_dir = output_path / "minilm-nsn-onnx"
-    result = export_onnx(model, export_dir, opset=17, overwrite=True, tokenizer_dir=model_path, progress=progress)
-    worst = max(c.max_rel_error for c in result.checks)
-    progress(f"exported and verified {result.path} at ranks {sorted({c.rank for c in result.checks})} "
-             f"(worst relative error {worst:.1e})")
-
-    def timed(embed) -> tuple[np.ndarray, float]:
-        embeddings, timings = embed(), []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            embed()
-            timings.append((time.perf_counter() - start) * 1e3)
-        return embeddings, round(statistics.median(timings), 2)
-
-    def cosine(embeddings: np.ndarray) -> float:
-        norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(dense, axis=-1)
-        return round(float((np.sum(embeddings * dense, -1) / norms).mean()), 4)
-
-    session = NSNSession(export_dir)
-    baseline = dense_embedder(dense_path, session)
-    embeddings, latency = timed(lambda: baseline(texts))
-    rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
-             "retrieval_top1": round(top1_accuracy(lambda batch: np.concatenate(
-                 [baseline(batch[i:i + 64]) for i in range(0, len(batch), 64)]), pairs), 3)}]
-    for rank_value in rank_list:
-        session.rank = rank_value
-        # one batch of every sentence, as the dense baseline runs them
-        embeddings, latency = timed(lambda: session.embed(texts, normalize=False, batch_size=max(1, len(texts))))
-        rows.append({"rank": rank_value, "flops_fraction": round(session.info.flops_fraction(rank_value), 4),
-                     "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
-                     "retrieval_top1": round(top1_accuracy(session.embed, pairs), 3)})
-    progress(f"ran {len(texts)} sentences per call on {session.providers[0]}")
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    click.echo(format_table(rows))
-    start = "data-aware initialisation" if init == "data-aware" else "plain SVD truncation"
-    state = (f"the checkpoint {model_path}" if trained else f"UNTRAINED ({start}): low ranks get much better "
-             "with multi-rank training (nsn-train, scripts/distill_minilm.py)")
-    click.echo(f"\nretrieval_top1: share of {len(pairs)} standard-library docstring sentences whose nearest "
-               f"qualified name (e.g. json.dumps) is the one they document."
-               f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "
-               f"model: {state}.\nflops_fraction: FLOPs per token against the dense model; above 1, a factorised "
-               f"layer (2r(d_in + d_out) at rank r) costs more than the dense one.")
-
-
-def dense_embedder(model_path: Path, like):
-    """Mean-pooled embeddings from a dense encoder export, tokenised like the NSN session ``like``."""
-    import onnxruntime as ort
-
-    from deploy.ort.session import input_shapes
-    from deploy.text import encoder_feeds, mean_pool
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    names = input_shapes(session)
-
-    def embed(texts):
-        feeds = encoder_feeds(like.tokenizer, texts, names)
-        return mean_pool(session.run(["last_hidden_state"], feeds)[0], feeds["attention_mask"])
-
-    return embed
 
 
 def stage_printer():

@@ -59,3 +59,44 @@ def evaluate_ranks(model, batches: list[dict], ranks: list[int], reference: list
         if progress is not None:
             progress(rank_value)
     return rows
+
+
+def causal_scorer(model, rank_value: int | None, batch_size: int = 16):
+    """``calibration.llm``'s scorer over a causal LM at ``rank_value`` (None: the model as it is, e.g.
+    the dense teacher): per sequence, the log-probability of each token given those before it and
+    the greedy next token at each position. Sequences run in right-padded batches of similar length."""
+    import contextlib
+
+    def score(sequences: list[list[int]]):
+        results: list = [None] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            width = max(len(sequences[i]) for i in chosen)
+            ids = torch.zeros(len(chosen), width, dtype=torch.long)
+            mask = torch.zeros(len(chosen), width, dtype=torch.long)
+            for row, i in enumerate(chosen):
+                ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, :len(sequences[i])] = 1
+            with torch.no_grad(), (at_rank(model, rank_value) if rank_value else contextlib.nullcontext()):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logprobs = F.log_softmax(logits, -1)
+            for row, i in enumerate(chosen):
+                length = len(sequences[i]) - 1
+                targets = ids[row, 1:length + 1]
+                results[i] = (logprobs[row, :length].gather(-1, targets[:, None])[:, 0].double().numpy(),
+                              logits[row, :length].argmax(-1).numpy())
+        return results
+
+    return score
+
+
+def embedder(model, tokenizer, rank_value: int | None, batch_size: int, max_length: int):
+    """``embed(texts)``: a torch model's sentence embeddings (mean-pooled) at ``rank_value``."""
+    from .data import make_batches
+
+    def embed(texts):
+        batches = make_batches([{"text": t} for t in texts], tokenizer, False, batch_size, max_length)
+        return torch.cat(outputs_at(model, batches, rank_value)[1]).float().numpy()
+
+    return embed

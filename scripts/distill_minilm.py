@@ -43,9 +43,9 @@ import nsn_export as nsn
 from calibration.corpus import CORPUS_PACKAGES, is_held_out, manpage_pairs, package_sentences
 from calibration.retrieval import docstring_pairs, top1_accuracy, unseen_sentences
 from deploy.atomic import atomic_file
-from nsn_export.cli import embedder, format_table, phase
+from nsn_export.cli import format_table, phase
 from nsn_export.data import TokenizedDataset, english_sentences, make_batches
-from nsn_export.evaluate import evaluate_ranks, outputs_at
+from nsn_export.evaluate import embedder, evaluate_ranks, outputs_at
 from nsn_export.models import default_model_dir, load_hf_model, load_tokenizer
 from nsn_export.outputs import hf_forward, hidden_states_forward
 from nsn_export.trainer import train_nsn

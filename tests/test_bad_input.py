@@ -25,13 +25,12 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from calibration.cli import bench_command, calibrate_command
+from calibration.cli import bench_command, calibrate_command, eval_command, quickstart_command
 from deploy.cli import run_command
 from deploy.governor.cli import governor_command
 from deploy.serve.cli import serve_command
 from deploy.tensorrt.cli import trt_command
-from nsn_export.cli import (adapt_command, eval_command, export_command, quickstart_command, train_command,
-                            verify_command)
+from nsn_export.cli import adapt_command, export_command, train_command, verify_command
 from tiny import tiny_model, tiny_text, tiny_tokenizer
 
 SCRATCH = ".nsn-tmp-"
@@ -369,8 +368,21 @@ CASES = [
          ("--fisher", "--calibration-data FILE"), ("hf",), output="o"),
     Case("adapt-zero-calibration-tokens", adapt_command, ["{ws}/hf", "--output", "{ws}/o", "--calibration-tokens",
                                                           "0"], 2, ("--calibration-tokens",), ("hf",), output="o"),
-    Case("eval-nothing-to-evaluate", eval_command, ["--model", "{ws}/ckpt"], 2, ("--data FILE, --retrieval",),
+    Case("eval-nothing-to-evaluate", eval_command, ["--model", "{ws}/ckpt"], 2, ("--data FILE, --retrieval, --llm",),
          ("ckpt",)),
+    Case("eval-teacher-without-llm", eval_command, ["--model", "{ws}/ckpt", "--retrieval", "--teacher", "{ws}/hf"],
+         2, ("--teacher is the reference of --llm's agreement",), ("ckpt", "hf")),
+    # ---- GGUF files and chat ---------------------------------------------------------------------------
+    Case("adapt-missing-gguf", adapt_command, ["{ws}/none.gguf", "--output", "{ws}/o"], 1,
+         ("none.gguf", "no such GGUF file"), (), output="o"),
+    Case("adapt-gguf-that-is-not-one", adapt_command, ["{ws}/fake.gguf", "--output", "{ws}/o"], 1,
+         ("fake.gguf", "not a readable GGUF file"), (), write("fake.gguf", b"GGUF" + b"\x00" * 64), output="o",
+         env={"NSN_CACHE_DIR": "{ws}/cache"}),
+    Case("run-chat-without-a-template", run_command, ["{ws}/export", "--chat", "hello"], 2,
+         ("--chat", "has no chat template", "use --prompt"), ("export",)),
+    Case("run-empty-chat", run_command, ["{ws}/export", "--chat", ""], 2, ("--chat '' is empty",), ("export",)),
+    Case("run-chat-and-prompt", run_command, ["{ws}/export", "--chat", "hi", "--prompt", "w1"], 2,
+         ("exactly one of --prompt or --chat",), ("export",)),
     Case("eval-retrieval-on-a-decoder", eval_command, ["--model", "{ws}/ckpt", "--retrieval"], 2,
          ("needs an encoder",), ("ckpt",)),
     # ---- data files ------------------------------------------------------------------------------
@@ -661,7 +673,8 @@ def test_bad_input(case: Case, sources, tmp_path):
     args = [a.replace("{ws}", str(ws)) for a in case.args]
     timeout(60)
     try:
-        result = CliRunner().invoke(case.command, args)
+        env = {k: v.replace("{ws}", str(ws)) for k, v in case.env.items()}
+        result = CliRunner(env=env).invoke(case.command, args)
     finally:
         signal.alarm(0)
     assert not isinstance(result.exception, TimeoutError), result.exception

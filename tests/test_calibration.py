@@ -207,7 +207,7 @@ def test_calibration_text_never_holds_an_evaluated_sentence():
 
 
 def test_nsn_eval_scores_retrieval_per_rank(nsn_checkpoint):
-    from nsn_export.cli import eval_command
+    from calibration.cli import eval_command
 
     run = CliRunner().invoke(eval_command, ["--model", str(nsn_checkpoint("bert")), "--retrieval", "--ranks", "4,16",
                                             "--json"])

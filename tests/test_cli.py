@@ -4,7 +4,8 @@ import pytest
 from click.testing import CliRunner
 
 import nsn_export as nsn
-from nsn_export.cli import adapt_command, eval_command, train_command
+from calibration.cli import eval_command
+from nsn_export.cli import adapt_command, train_command
 from tiny import tiny_model, tiny_text, tiny_tokenizer
 
 

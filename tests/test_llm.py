@@ -15,7 +15,6 @@ import torch
 from click.testing import CliRunner
 
 import nsn_export as nsn
-from deploy import NSNSession
 from deploy.cli import run_command
 from deploy.text import load_tokenizer, stop_token_ids
 from nsn_export.cli import adapt_command
@@ -148,3 +147,77 @@ def test_the_real_smollm2_imports_with_its_own_tokenizer_and_knows_paris(cache):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "The capital of France is Paris."
     assert os.environ["NSN_CACHE_DIR"] in str(directory)
+
+
+def test_the_llm_quickstart_measures_every_rank_beside_the_dense_export(imported, tmp_path):
+    """The quickstart's LLM half on the tiny chat model: the dense Optimum export is the first row,
+    and the top rank (full rank, exact) is the dense model on every benchmark and in its answer."""
+    from calibration.quickstart import llm_quickstart
+
+    messages = []
+    rows, notes = llm_quickstart(tmp_path / "q", None, [8, 32], "data-aware", 512, messages.append, eval_sequences=2,
+                                 choices=8, source=imported)
+    dense, low, top = rows
+    assert dense["rank"] == "dense" and [low["rank"], top["rank"]] == [8, 32]
+    assert low["flops_fraction"] < 1 < top["flops_fraction"]
+    assert top["agreement"] == 1.0 and top["answer"] == dense["answer"]
+    assert abs(top["perplexity"] - dense["perplexity"]) <= 1e-3 * dense["perplexity"] + 1e-3
+    assert top["choice_accuracy"] == dense["choice_accuracy"]
+    assert all(r["decode_ms"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    assert "UNTRAINED" in notes and any("verified" in m for m in messages)
+
+
+def test_the_distillation_script_runs_its_whole_path_quickly(imported, tmp_path):
+    """``scripts/distill_llm.py --quick`` on the tiny chat model: the start, two training steps with
+    the KL to the dense logits, the benchmarks before and after, a checkpoint that loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ckpt"
+    run = subprocess.run([sys.executable, str(root / "scripts" / "distill_llm.py"), "--quick", "--model", str(imported),
+                          "--ranks", "8,32", "--output", str(out), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["rank"] for r in results["trained"]] == [8, 32] and results["steps"] == 2
+    assert results["start"][-1]["agreement"] == 1.0  # the full-rank start is the dense model
+    assert nsn.max_rank(nsn.load_nsn(out)) == 32
+
+
+def test_the_benchmarks_score_the_onnx_export_as_pytorch_scores_the_checkpoint(checkpoint, export):
+    """Perplexity, agreement and multiple choice through ONNX Runtime (``onnx_scorer``) equal the
+    PyTorch scorer's at the same rank; the choice items are well formed and their answer is where
+    the command is."""
+    from calibration.llm import (choice_accuracy, log_softmax_at, manpage_choices, onnx_scorer, pack_sentences,
+                                 perplexity_and_agreement)
+    from deploy.ort.session import NSNSession as Session
+    from nsn_export.evaluate import causal_scorer
+
+    import numpy as np
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    packed = pack_sentences(["the cat sat on the mat.", "in the hat", "the rain in spain"] * 8, encode, 12, 4)
+    assert len(packed) == 4 and all(len(p["input_ids"]) == 12 == sum(p["attention_mask"]) for p in packed)
+    sequences = [p["input_ids"] for p in packed]
+    pairs = [("list directory contents", "ls"), ("copy files and directories", "cp"), ("print working directory", "pwd"),
+             ("remove files or directories", "rm"), ("move (rename) files", "mv")]
+    items = manpage_choices(pairs)
+    assert all(len(item.options) == 4 and item.options[item.answer] == f" {command}"
+               for item, (_, command) in zip(items, pairs))
+    assert manpage_choices(pairs) == items  # deterministic
+    model = nsn.load_nsn(checkpoint)
+    session = Session(export)
+    for rank in (4, 32):
+        session.rank = rank
+        ours, theirs = onnx_scorer(session), causal_scorer(model, rank)
+        ppl_onnx, _, tokens_onnx = perplexity_and_agreement(ours, sequences)
+        ppl_torch, agreement, _ = perplexity_and_agreement(theirs, sequences, tokens_onnx)
+        assert abs(ppl_onnx - ppl_torch) <= 1e-4 * ppl_torch + 1e-6 and agreement == 1.0
+        assert choice_accuracy(ours, items, encode) == choice_accuracy(theirs, items, encode)
+    logits = np.random.default_rng(0).standard_normal((5, 7))
+    expected = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(log_softmax_at(logits, np.arange(5)), expected[np.arange(5), np.arange(5)], atol=1e-12)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nsn_export.cli import quickstart_command
+from calibration.cli import quickstart_command
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # over a minute on 2 cores together: `python -m pytest -m "not slow"` skips it
