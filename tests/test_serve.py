@@ -579,3 +579,15 @@ def test_sigterm_with_streams_running_ends_each_with_an_error_event_and_done(ser
         assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2]
         assert len(events) > 3  # tokens streamed before the drain ended them
     assert "Traceback" not in server.stderr() and "CancelledError" not in server.stderr()
+
+
+def test_a_host_other_machines_reach_warns_once_when_no_api_key_guards_it(capsys):
+    from deploy.serve.cli import check_host
+
+    for host, key, warned in (("0.0.0.0", None, True), ("0.0.0.0", "sesame", False), ("127.0.0.1", None, False),
+                              ("localhost", None, False), ("::1", None, False)):
+        check_host(host, key)
+        err = capsys.readouterr().err
+        assert (f"--host {host} is reachable from other machines" in err and "NSN_API_KEY (or --api-key)" in err) \
+            == warned, (host, err)
+        assert err.count("warning") == int(warned)

@@ -9,7 +9,9 @@ Requests never touch the runtime. A route submits a ``Job`` and reads its events
 - before every step the rank is set to ``min(ceiling, job.max_rank)``: the governor moves the
   device's ceiling (``set_rank``, the governor's one interface), a request may only ask for less,
   and a job whose ``min_rank`` the ceiling falls below stops rather than run worse than it accepts;
-- a job whose client went away stops at its next token and releases its cache.
+- a job whose client went away stops at its next token and releases its cache;
+- a failure while running one job ends that job alone (a 500 to its client); every other job
+  keeps running (``_isolated``).
 
 Waiting jobs are a FIFO bounded by ``max_queue`` (``QueueFull`` beyond: a 503 with Retry-After).
 """
