@@ -354,8 +354,9 @@ async function send(event) {
 
 async function complete(text) {
   const chat = page.status.chat;
+  // greedy: the same prompt at the same rank gives the same reply, so ranks can be compared
   const body = { model: page.status.model, max_tokens: parseInt($("max-tokens").value, 10) || 48, stream: true,
-    stream_options: { include_usage: true }, nsn: nsnOptions() };
+    temperature: 0, stream_options: { include_usage: true }, nsn: nsnOptions() };
   if (chat) body.messages = [{ role: "user", content: text }];
   else body.prompt = text;
   const response = await api(chat ? "/v1/chat/completions" : "/v1/completions",
