@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from deploy.cli import (MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, check_context, checked_ranks, needs_extra,
-                        parse_ranks, user_errors)
+from deploy.cli import (MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, check_context, checked_ranks,
+                        needs_extra, parse_ranks, user_errors)
 from nsn_export.cli import format_table, model_option, stage_printer
 
 
@@ -338,8 +338,8 @@ def llm_rows(model, tokenizer, rows: list[dict], teacher_path: Path | None, batc
               help="how the built-in model is factorised (not with --model): data-aware (the default), whitened by "
                    "the input statistics of standard-library docstring sentences (about 15 s), or plain SVD truncation")
 @click.option("--calibration-tokens", default=None, type=click.IntRange(1, 100_000_000),
-              help="tokens for --init data-aware [default: 16384; --llm: 4096, as the LLM's start also takes a backward "
-                   "pass per batch (about 30 s per 1024 tokens on 2 cores)]")
+              help="tokens for --init data-aware [default: 16384; --llm: 4096, as the LLM's start also takes a "
+                   "backward pass per batch (about 30 s per 1024 tokens on 2 cores)]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 @needs_extra("export")

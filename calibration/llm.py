@@ -152,7 +152,8 @@ class PlainDecoder:
     def run(self, feeds: dict, outputs: list[str]) -> dict:
         return dict(zip(outputs, self.session.run(outputs, feeds)))
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], float, float]:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int,
+                 stop_ids: set[int]) -> tuple[list[int], float, float]:
         """Greedy tokens, prefill ms and decode ms per token."""
         import time
 

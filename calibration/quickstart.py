@@ -77,10 +77,11 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
         # timed on a fixed number of tokens: a reply that ends at once would time nothing
         _, prefill_ms, decode_ms = generate(chat_ids, TIMED_TOKENS, set())
         ppl, agreement, greedy = perplexity_and_agreement(scorer, sequences, dense_tokens)
-        return {"rank": rank, "flops_fraction": flops, "decode_ms": round(decode_ms, 2),
-                "prefill_ms": round(prefill_ms, 1), "perplexity": round(ppl, 2),
-                "agreement": 1.0 if agreement is None else round(agreement, 4),
-                "choice_accuracy": round(choice_accuracy(scorer, items, encode), 3), "answer": answer_text(tokens)}, greedy
+        measured = {"rank": rank, "flops_fraction": flops, "decode_ms": round(decode_ms, 2),
+                    "prefill_ms": round(prefill_ms, 1), "perplexity": round(ppl, 2),
+                    "agreement": 1.0 if agreement is None else round(agreement, 4),
+                    "choice_accuracy": round(choice_accuracy(scorer, items, encode), 3), "answer": answer_text(tokens)}
+        return measured, greedy
 
     def nsn_generate(ids, count, stop_ids):
         result = session.generate(ids, max_new_tokens=count, stop_ids=stop_ids)
@@ -98,8 +99,8 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
              "UNTRAINED (two-sided data-aware start): low ranks need multi-rank distillation (scripts/distill_llm.py)")
     notes = (f"model: {state}.\n"
              f"decode_ms: ONNX Runtime ms per generated token (greedy, KV cache, the mean of {TIMED_TOKENS - 1} steps); "
-             f"prefill_ms: the {len(chat_ids)}-token chat prompt.\nperplexity: on {len(sequences)} x 128 tokens of held-out package docstrings (never "
-             f"trained or calibrated on); agreement: share of those positions where the greedy next token is the "
+             f"prefill_ms: the {len(chat_ids)}-token chat prompt.\nperplexity: on {len(sequences)} x 128 tokens of "
+             f"held-out package docstrings (never trained or calibrated on); agreement: share of those positions where the greedy next token is the "
              f"dense model's.\nchoice_accuracy: {len(items)} Debian manual pages, NAME description -> which of 4 "
              f"commands (summed log-likelihood, chance {MC_CHANCE}).\nanswer: greedy reply to {CHAT_PROMPT!r} (chat "
              f"template, up to {ANSWER_TOKENS} tokens).\nflops_fraction: FLOPs per token against the dense model; "
