@@ -591,3 +591,38 @@ def test_a_host_other_machines_reach_warns_once_when_no_api_key_guards_it(capsys
         assert (f"--host {host} is reachable from other machines" in err and "NSN_API_KEY (or --api-key)" in err) \
             == warned, (host, err)
         assert err.count("warning") == int(warned)
+
+
+def test_an_embedding_request_that_fails_in_a_shared_batch_fails_alone(exported):
+    """Embedding requests waiting together run in one call; when that call fails they are retried
+    one by one, so only the request at fault gets the error and the others their vectors."""
+    from deploy.serve.scheduler import Job, Scheduler
+
+    poison = [77, 77, 77]
+
+    class Faulty(NSNSession):
+        def embed(self, texts, **kwargs):
+            if poison in list(texts):
+                raise RuntimeError("injected fault")
+            return super().embed(texts, **kwargs)
+
+    export = exported("bert")[0].path.parent
+    inputs = {0: [[3, 5, 7]], 1: [poison], 2: [[9, 2], [4, 4, 4, 4]]}
+    events: dict = {}
+    finished = threading.Semaphore(0)
+    scheduler = Scheduler(Faulty(export))
+    jobs = [Job("embed", lambda event, payload, n=n: (events.__setitem__(n, (event, payload)), finished.release()),
+                inputs=items) for n, items in inputs.items()]
+    with scheduler.condition:  # all three wait together, so the scheduler takes them in one batch
+        for job in jobs:
+            scheduler.waiting.append(job)
+    scheduler.start()
+    try:
+        for _ in jobs:
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert events[1][0] == "error" and events[1][1]["status"] == 500
+    for n in (0, 2):
+        assert events[n][0] == "done"
+        np.testing.assert_allclose(events[n][1]["embeddings"], NSNSession(export).embed(inputs[n]), rtol=1e-5, atol=1e-6)
