@@ -302,25 +302,20 @@ def eval_command(model_path, data_path, retrieval, llm, teacher_path, ranks, bat
 
 def llm_rows(model, tokenizer, rows: list[dict], teacher_path: Path | None, batch_size: int, progress) -> None:
     """Add the LLM benchmarks to each row (``calibration.llm``): perplexity, agreement, multiple choice."""
-    from .corpus import manpage_pairs
-    from .llm import (EVAL_PACKAGES, choice_accuracy, held_out_sequences, manpage_choices,
-                                 perplexity_and_agreement)
-
     from nsn_export.evaluate import causal_scorer
     from nsn_export.models import load_hf_model
     from nsn_export.surgery import max_rank
 
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    sequences = held_out_sequences(encode, 16, 128, EVAL_PACKAGES)
-    items = manpage_choices(manpage_pairs()[:100])
+    from .llm import LLMBenchmarks, perplexity_and_agreement
+
+    bench = LLMBenchmarks.build(lambda text: tokenizer(text, add_special_tokens=False).input_ids)
     reference = (causal_scorer(load_hf_model(teacher_path), None, batch_size) if teacher_path
                  else causal_scorer(model, max_rank(model), batch_size))
-    reference_tokens = perplexity_and_agreement(reference, sequences)[2]
+    reference_tokens = perplexity_and_agreement(reference, bench.sequences)[2]
     for row in rows:
-        score = causal_scorer(model, row["rank"], batch_size)
-        perplexity, agreement, _ = perplexity_and_agreement(score, sequences, reference_tokens)
-        row.update(llm_perplexity=round(perplexity, 3), llm_agreement=round(agreement, 4),
-                   llm_choice=round(choice_accuracy(score, items, encode), 4) if items else None)
+        scores = bench.score(causal_scorer(model, row["rank"], batch_size), reference_tokens)[0]
+        row.update(llm_perplexity=scores["perplexity"], llm_agreement=scores["agreement"],
+                   llm_choice=scores["choice_accuracy"])
         progress()
 
 

@@ -109,6 +109,32 @@ def choice_accuracy(score: Scorer, items: list[ChoiceItem], encode: Callable[[st
     return correct / len(items) if items else float("nan")
 
 
+@dataclass
+class LLMBenchmarks:
+    """The three benchmarks, built once: ``score(scorer, reference)`` measures one model (a rank, or
+    the dense model) on them, agreement against the ``reference`` greedy tokens when given."""
+
+    encode: Callable[[str], list[int]]
+    sequences: list[list[int]]
+    items: list[ChoiceItem]
+
+    @classmethod
+    def build(cls, encode: Callable[[str], list[int]], sequences: int = 16, length: int = 128, choices: int = 100,
+              packages=EVAL_PACKAGES) -> "LLMBenchmarks":
+        from .corpus import manpage_pairs
+
+        return cls(encode, held_out_sequences(encode, sequences, length, packages),
+                   manpage_choices(manpage_pairs()[:choices]))
+
+    def score(self, scorer: Scorer, reference: list[np.ndarray] | None = None) -> tuple[dict, list[np.ndarray]]:
+        """``({"perplexity", "agreement", "choice_accuracy"}, this model's greedy tokens)``; agreement
+        is 1.0 without a reference (the model is its own), choice accuracy None without items."""
+        perplexity, agreement, greedy = perplexity_and_agreement(scorer, self.sequences, reference)
+        return {"perplexity": round(perplexity, 3), "agreement": 1.0 if agreement is None else round(agreement, 4),
+                "choice_accuracy": round(choice_accuracy(scorer, self.items, self.encode), 4) if self.items
+                else None}, greedy
+
+
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """``log softmax(logits)[t, targets[t]]`` for each position, in float64."""
     logits = logits.astype(np.float64)

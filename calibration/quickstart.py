@@ -18,9 +18,6 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
                    progress: Callable[[str], None], eval_sequences: int = 16, choices: int = 100,
                    source: Path | None = None) -> tuple[list[dict], str]:
     """Rows (the dense baseline first, then one per rank) and the notes that explain them."""
-    from .corpus import is_held_out, manpage_pairs, package_sentences
-    from .llm import (EVAL_PACKAGES, MC_CHANCE, PlainDecoder, choice_accuracy, held_out_sequences,
-                                 manpage_choices, onnx_scorer, pack_sentences, perplexity_and_agreement)
     from deploy import NSNSession
     from deploy.cli import checked_ranks, chat_prompt_ids
 
@@ -31,6 +28,9 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
     from nsn_export.models import load_hf_model, load_tokenizer
     from nsn_export.surgery import adapt, max_rank
 
+    from .corpus import is_held_out, package_sentences
+    from .llm import MC_CHANCE, LLMBenchmarks, PlainDecoder, onnx_scorer, pack_sentences
+
     source = source or builtin_llm_dir(progress)
     progress(f"loading SmolLM2-135M-Instruct from {source} (fp32, dequantised from its Q4_1 GGUF)")
     tokenizer = load_tokenizer(source)
@@ -38,8 +38,7 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
     model = load_hf_model(source)
     dense_path = export_dense_onnx(model, output_path / "smollm2-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
-    sequences = held_out_sequences(encode, eval_sequences, 128, EVAL_PACKAGES)
-    items = manpage_choices(manpage_pairs()[:choices])
+    bench = LLMBenchmarks.build(encode, eval_sequences, choices=choices)
     trained = model_path is not None
     if model_path is None:
         calibration = None
@@ -68,26 +67,21 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
     dense = PlainDecoder(dense_path)
     chat_ids = chat_prompt_ids(session, CHAT_PROMPT)
 
-    def answer_text(tokens: list[int]) -> str:
-        return session.tokenizer.decode([t for t in tokens if t not in session.stop_ids])
-
     def row(rank, flops, scorer, generate, dense_tokens=None):
         generate(chat_ids[:8], 2, set())  # warm-up: the first call at a rank plans and allocates
         tokens = generate(chat_ids, ANSWER_TOKENS, session.stop_ids)[0]
         # timed on a fixed number of tokens: a reply that ends at once would time nothing
         _, prefill_ms, decode_ms = generate(chat_ids, TIMED_TOKENS, set())
-        ppl, agreement, greedy = perplexity_and_agreement(scorer, sequences, dense_tokens)
-        measured = {"rank": rank, "flops_fraction": flops, "decode_ms": round(decode_ms, 2),
-                    "prefill_ms": round(prefill_ms, 1), "perplexity": round(ppl, 2),
-                    "agreement": 1.0 if agreement is None else round(agreement, 4),
-                    "choice_accuracy": round(choice_accuracy(scorer, items, encode), 3), "answer": answer_text(tokens)}
-        return measured, greedy
+        scores, greedy = bench.score(scorer, dense_tokens)
+        return {"rank": rank, "flops_fraction": flops, "decode_ms": round(decode_ms, 2),
+                "prefill_ms": round(prefill_ms, 1), **scores, "answer": session.reply_text(tokens)}, greedy
 
     def nsn_generate(ids, count, stop_ids):
         result = session.generate(ids, max_new_tokens=count, stop_ids=stop_ids)
         return result.token_ids, result.prefill_ms, result.decode_ms_per_token
 
-    progress(f"measuring the dense baseline: {len(sequences)} held-out sequences, {len(items)} multiple-choice items")
+    progress(f"measuring the dense baseline: {len(bench.sequences)} held-out sequences, {len(bench.items)} "
+             f"multiple-choice items")
     dense_row, dense_tokens = row("dense", 1.0, onnx_scorer(dense), dense.generate)
     rows = [dense_row]
     for rank_value in ranks:
@@ -99,9 +93,9 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
              "UNTRAINED (two-sided data-aware start): low ranks need multi-rank distillation (scripts/distill_llm.py)")
     notes = (f"model: {state}.\n"
              f"decode_ms: ONNX Runtime ms per generated token (greedy, KV cache, the mean of {TIMED_TOKENS - 1} steps); "
-             f"prefill_ms: the {len(chat_ids)}-token chat prompt.\nperplexity: on {len(sequences)} x 128 tokens of "
+             f"prefill_ms: the {len(chat_ids)}-token chat prompt.\nperplexity: on {len(bench.sequences)} x 128 tokens of "
              f"held-out package docstrings (never trained or calibrated on); agreement: share of those positions where the greedy next token is the "
-             f"dense model's.\nchoice_accuracy: {len(items)} Debian manual pages, NAME description -> which of 4 "
+             f"dense model's.\nchoice_accuracy: {len(bench.items)} Debian manual pages, NAME description -> which of 4 "
              f"commands (summed log-likelihood, chance {MC_CHANCE}).\nanswer: greedy reply to {CHAT_PROMPT!r} (chat "
              f"template, up to {ANSWER_TOKENS} tokens).\nflops_fraction: FLOPs per token against the dense model; "
              f"above 1 (rank 375 and up), the factors cost more than the dense weights.")

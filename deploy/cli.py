@@ -69,22 +69,27 @@ MAX_CONTEXT_TOKENS = 1_000_000
 SEED_RANGE = click.IntRange(0, 2**63 - 1)
 
 
-def check_run_inputs(runtime, prompt: str | None, texts: list[str], max_new_tokens: int) -> None:
+def check_run_inputs(runtime, prompt: str | list[int] | None, texts: list[str],
+                     max_new_tokens: int) -> list[int] | None:
     """``nsn-run`` and ``nsn-trt run``: no empty text, and a prompt that fits the model's context
-    with ``max_new_tokens`` (checked before any work)."""
+    with ``max_new_tokens`` (checked before any work). Returns the prompt's token ids (tokenised
+    once, for every rank), or None for texts."""
     if any(not text.strip() for text in texts):
         raise click.UsageError("--text '' is empty; give a sentence to embed")
     if prompt is not None:
         if isinstance(prompt, str) and not prompt.strip():
             raise click.UsageError("--prompt '' is empty; give text to continue")
         try:
-            length = len(runtime.encode_prompt(prompt))
+            ids = runtime.encode_prompt(prompt)
         except ValueError as error:
             raise click.UsageError(f"--prompt: {error}") from None
+        length = len(ids)
         if length + max_new_tokens > runtime.max_length:
             raise click.UsageError(f"the prompt is {length} tokens and --max-new-tokens is {max_new_tokens}: "
                                    f"{length + max_new_tokens}, above the model's context of {runtime.max_length} "
                                    f"tokens; shorten the prompt or lower --max-new-tokens")
+        return ids
+    return None
 
 
 def check_context(model_tokens: int, **options: int) -> None:
@@ -189,7 +194,7 @@ def run_command(model_dir, ranks, prompt, chat, texts, max_new_tokens, sample, t
         session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads)
         if chat is not None:
             prompt = chat_prompt_ids(session, chat)
-        check_run_inputs(session, prompt, list(texts), max_new_tokens)
+        prompt = check_run_inputs(session, prompt, list(texts), max_new_tokens)
         try:
             for rank in checked_ranks(rank_list, session.info.max_rank):
                 session.rank = rank
@@ -234,9 +239,8 @@ def run_once(session, prompt, texts, max_new_tokens, sample, temperature, top_k,
     if prompt is not None:
         result = session.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample,
                                   temperature=temperature, top_k=top_k, seed=seed)
-        ids = result.token_ids
-        if reply and ids and ids[-1] in session.stop_ids and session.tokenizer is not None:
-            result.text = session.tokenizer.decode(ids[:-1])
+        if reply:
+            result.text = session.reply_text(result.token_ids)
         report = {"rank": session.rank, "text": result.text, "token_ids": result.token_ids,
                   "prefill_ms": round(result.prefill_ms, 3),
                   "decode_ms_per_token": round(result.decode_ms_per_token, 3)}

@@ -104,9 +104,7 @@ def read_model_info(path) -> NSNModelInfo:
     options against before it loads the model."""
     from pathlib import Path
 
-    import onnx
-
-    from .external_data import model_file, read_regular_bytes
+    from .external_data import load_graph, model_file
 
     path = Path(path)
     if (path / "engine.json").is_file():
@@ -114,9 +112,4 @@ def read_model_info(path) -> NSNModelInfo:
 
         return NSNModelInfo.from_props(read_manifest(path).get("nsn", {}), source=str(path / "engine.json"))
     path = model_file(path)
-    data = read_regular_bytes(path, max_bytes=2 << 30)
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as error:  # protobuf's DecodeError: not a graph
-        raise ValueError(f"{path}: not an ONNX graph ({type(error).__name__}); re-export it with nsn-export") from None
-    return NSNModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+    return NSNModelInfo.from_props({p.key: p.value for p in load_graph(path).metadata_props}, source=str(path))

@@ -191,6 +191,13 @@ class NSNRuntime:
             self._require_tokenizer()
         return prompt_ids(prompt, self.tokenizer, self.vocab_size)
 
+    def reply_text(self, token_ids: list[int]) -> str:
+        """The text of generated ``token_ids`` without the stop token that ended them (it ends the
+        turn; it is not part of the reply), as the server sends it."""
+        if token_ids and token_ids[-1] in self.stop_ids:
+            token_ids = token_ids[:-1]
+        return self.tokenizer.decode(token_ids)
+
     def generate_steps(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                        stop_ids: set[int] | None = None) -> Iterator[Step]:

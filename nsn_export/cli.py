@@ -15,7 +15,6 @@ from deploy.cli import MAX_CONTEXT_TOKENS, needs_extra, parse_ranks, user_errors
 from deploy.external_data import model_file
 
 
-
 def model_option(required=True, help="NSN checkpoint directory"):
     return click.option("--model", "model_path", type=click.Path(path_type=Path), required=required, help=help)
 

@@ -192,10 +192,10 @@ def write_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
     # The weights' identity travels in the graph, so that a frontier or an engine names the model
-    # it was measured on without anyone hashing the weights again.
+    # it was measured on without anyone hashing the weights again. The save above left ``proto``
+    # pointing at model.onnx_data: writing it again rewrites the graph alone.
     from deploy.frontier import file_sha256
 
-    proto = onnx.load(str(path), load_external_data=False)
     prop = proto.metadata_props.add()
     prop.key, prop.value = "nsn.weights_sha256", file_sha256(path.parent / DATA_FILE)
     onnx.save(proto, str(path))

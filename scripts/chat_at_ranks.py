@@ -37,20 +37,17 @@ def main() -> None:
     dense = PlainDecoder(f"{args.dense}/model.onnx", args.threads) if args.dense else None
     ranks = [int(r) for r in args.ranks.split(",")]
 
-    def text(tokens: list[int]) -> str:
-        return session.tokenizer.decode([t for t in tokens if t not in session.stop_ids])
-
     answers = []
     for prompt in PROMPTS:
         ids = chat_prompt_ids(session, prompt)
         row = {"prompt": prompt}
         if dense is not None:
             tokens = dense.generate(ids, args.max_new_tokens, session.stop_ids)[0]
-            row["dense"] = {"text": text(tokens), "tokens": tokens}
+            row["dense"] = {"text": session.reply_text(tokens), "tokens": tokens}
         for rank in ranks:
             session.rank = rank
             tokens = session.generate(ids, max_new_tokens=args.max_new_tokens).token_ids
-            row[str(rank)] = {"text": text(tokens), "tokens": tokens}
+            row[str(rank)] = {"text": session.reply_text(tokens), "tokens": tokens}
         answers.append(row)
     columns = (["dense"] if dense is not None else []) + [str(r) for r in ranks]
     print("| prompt | " + " | ".join(f"rank {c}" if c != "dense" else "dense" for c in columns) + " |")

@@ -34,9 +34,8 @@ import time
 import torch
 
 import nsn_export as nsn
-from calibration.corpus import CORPUS_PACKAGES, is_held_out, manpage_pairs, package_sentences
-from calibration.llm import (EVAL_PACKAGES, MC_CHANCE, choice_accuracy, held_out_sequences, manpage_choices, pack_sentences,
-                             perplexity_and_agreement)
+from calibration.corpus import CORPUS_PACKAGES, is_held_out, package_sentences
+from calibration.llm import EVAL_PACKAGES, MC_CHANCE, LLMBenchmarks, pack_sentences
 from deploy.atomic import atomic_file
 from nsn_export.cli import format_table, phase
 from nsn_export.evaluate import causal_scorer
@@ -90,16 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure(model, ranks, sequences, dense_tokens, items, encode) -> list[dict]:
+def measure(model, ranks, bench: LLMBenchmarks, dense_tokens) -> list[dict]:
     """Per rank: FLOPs fraction, held-out perplexity, agreement with the dense model's greedy tokens,
     multiple-choice accuracy."""
-    rows = []
-    for rank in ranks:
-        score = causal_scorer(model, rank)
-        ppl, agreement, _ = perplexity_and_agreement(score, sequences, dense_tokens)
-        rows.append({"rank": rank, "flops_fraction": round(flops_fraction(model, rank), 4), "perplexity": round(ppl, 3),
-                     "agreement": round(agreement, 4), "choice_accuracy": round(choice_accuracy(score, items, encode), 4)})
-    return rows
+    return [{"rank": rank, "flops_fraction": round(flops_fraction(model, rank), 4),
+             **bench.score(causal_scorer(model, rank), dense_tokens)[0]} for rank in ranks]
 
 
 def main(argv=None) -> None:
@@ -114,19 +108,16 @@ def main(argv=None) -> None:
     teacher = load_hf_model(source)
     packages = [p for p in args.corpus_packages.split(",") if p]
     eval_packages = [p for p in EVAL_PACKAGES if p in packages] or packages
-    sequences = held_out_sequences(encode, args.eval_sequences, args.eval_len, eval_packages)
-    items = manpage_choices(manpage_pairs()[: args.choices])
+    bench = LLMBenchmarks.build(encode, args.eval_sequences, args.eval_len, args.choices, eval_packages)
     sentences = [s for s in package_sentences(packages) if not is_held_out(s)]
     sentences.sort(key=lambda s: hashlib.sha256(s.encode()).hexdigest())  # a fixed, shuffled order
     train = pack_sentences(sentences, encode, args.seq_len, args.train_sequences or args.steps * args.batch_size)
     log(f"{len(train)} training sequences of {args.seq_len} tokens ({len(packages)} packages' docstrings, the "
-        f"held-out 5 % left out); benchmarks: {len(sequences)} held-out sequences of {args.eval_len} tokens, "
-        f"{len(items)} manual-page items (chance {MC_CHANCE})")
+        f"held-out 5 % left out); benchmarks: {len(bench.sequences)} held-out sequences of {args.eval_len} tokens, "
+        f"{len(bench.items)} manual-page items (chance {MC_CHANCE})")
 
-    dense = causal_scorer(teacher, None)
-    dense_ppl, _, dense_tokens = perplexity_and_agreement(dense, sequences)
-    dense_row = {"rank": "dense", "flops_fraction": 1.0, "perplexity": round(dense_ppl, 3), "agreement": 1.0,
-                 "choice_accuracy": round(choice_accuracy(dense, items, encode), 4)}
+    dense_scores, dense_tokens = bench.score(causal_scorer(teacher, None))
+    dense_row = {"rank": "dense", "flops_fraction": 1.0, **dense_scores}
     ranks = [int(r) for r in args.ranks.split(",")]
 
     from tqdm import tqdm
@@ -144,7 +135,7 @@ def main(argv=None) -> None:
                   progress=phase(bar, f"factorising ({args.init})", "layer"))
     init_seconds = time.perf_counter() - init_start
     ranks = sorted({min(r, nsn.max_rank(student)) for r in ranks})
-    start_rows = measure(student, ranks, sequences, dense_tokens, items, encode)
+    start_rows = measure(student, ranks, bench, dense_tokens)
     log(format_table([dense_row, *start_rows]))
 
     student.get_input_embeddings().requires_grad_(False)  # tied to the output layer: both stay dense
@@ -158,7 +149,7 @@ def main(argv=None) -> None:
                   device=args.device, bf16=args.device == "cuda")
     train_minutes = (time.perf_counter() - train_start) / 60
     student.to("cpu")
-    trained_rows = measure(student, ranks, sequences, dense_tokens, items, encode)
+    trained_rows = measure(student, ranks, bench, dense_tokens)
 
     rows = [dense_row]
     for start_row, trained_row in zip(start_rows, trained_rows):
@@ -176,7 +167,7 @@ def main(argv=None) -> None:
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "init": args.init,
             "device": args.device, "init_seconds": round(init_seconds, 1), "train_minutes": round(train_minutes, 2),
             "total_minutes": round(total_minutes, 2), "train_sequences": len(train),
-            "eval_sequences": len(sequences), "choice_items": len(items), "choice_chance": MC_CHANCE,
+            "eval_sequences": len(bench.sequences), "choice_items": len(bench.items), "choice_chance": MC_CHANCE,
             "dense": dense_row, "start": start_rows, "trained": trained_rows}, indent=1) + "\n")
     if args.output:
         nsn.save_nsn(student, args.output, tokenizer=tokenizer)

@@ -173,7 +173,7 @@ def run_command(engine_dir, ranks, prompt, texts, max_new_tokens, as_json):
         raise click.UsageError("give exactly one of --prompt (decoders) or --text (encoders)")
     rank_list = parse_ranks(ranks)
     engine = NSNEngine(engine_dir)
-    check_run_inputs(engine, prompt, list(texts), max_new_tokens)
+    prompt = check_run_inputs(engine, prompt, list(texts), max_new_tokens)
     reports = []
     for rank in checked_ranks(rank_list, engine.info.max_rank):
         engine.rank = rank
