@@ -122,6 +122,14 @@ def checked_ranks(ranks: list[int] | None, max_rank: int) -> list[int]:
     return [validate_rank(r, max_rank, "--ranks") for r in ranks] if ranks else [max_rank]
 
 
+def ranks_to_run(runtime, ranks: list[int] | None) -> tuple[list[int], str]:
+    """``--ranks`` checked against the model, or the runtime's default ceiling; and why."""
+    if ranks:
+        return checked_ranks(ranks, runtime.info.max_rank), "--ranks"
+    rank, why = runtime.default_ceiling()
+    return [rank], f"the default: {why}"
+
+
 def needs_extra(extra: str):
     """A command that needs ``extra``: without it, one line naming the install command (exit 1).
     Place it under ``@user_errors``."""
@@ -158,7 +166,8 @@ def user_errors(command):
 
 @click.command(context_settings={"show_default": True})
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the maximum]")
+@click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the highest rank that "
+                                           "costs no more than the dense model, as it runs here]")
 @click.option("--prompt", default=None, help="text to continue (decoder exports)")
 @click.option("--chat", default=None, help="a message to the model, through its chat template (decoder exports)")
 @click.option("--text", "texts", multiple=True, help="sentence to embed (encoder exports); repeatable")
@@ -173,10 +182,13 @@ def user_errors(command):
 @click.option("--provider", "providers", multiple=True, help="execution provider(s) [default: CUDA if present, else CPU]")
 @click.option("--provider-fallback", is_flag=True,
               help="run on what ONNX Runtime has when a --provider is missing (it warns) instead of refusing")
+@click.option("--levels/--no-levels", default=True,
+              help="run each rank on its materialised level (constants; dense products above break-even), built "
+                   "before it runs; --no-levels runs the weight views")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def run_command(model_dir, ranks, prompt, chat, texts, max_new_tokens, sample, temperature, top_k, seed, threads,
-                providers, provider_fallback, as_json):
+                providers, provider_fallback, levels, as_json):
     """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt, --chat or --text."""
     from .runtime import NonFiniteOutputWarning
     from .ort.session import NSNSession
@@ -191,15 +203,19 @@ def run_command(model_dir, ranks, prompt, chat, texts, max_new_tokens, sample, t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", NonFiniteOutputWarning)  # a NaN answer is a failure, not a result
-        session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads)
+        session = NSNSession(model_dir, providers=list(providers) or None, intra_op_threads=threads,
+                             levels=None if levels else False)
         if chat is not None:
             prompt = chat_prompt_ids(session, chat)
         prompt = check_run_inputs(session, prompt, list(texts), max_new_tokens)
+        run_ranks, why = ranks_to_run(session, rank_list)
         try:
-            for rank in checked_ranks(rank_list, session.info.max_rank):
+            for rank in run_ranks:
                 session.rank = rank
-                reports.append(run_once(session, prompt, list(texts), max_new_tokens, sample, temperature, top_k,
-                                        seed, reply=chat is not None))
+                session.prepare(rank, wait=True)
+                report = run_once(session, prompt, list(texts), max_new_tokens, sample, temperature, top_k,
+                                  seed, reply=chat is not None)
+                reports.append({**report, "why": why, "runs_on": session.level_state(rank)["runs_on"]})
         except NonFiniteOutputWarning as error:
             raise click.ClickException(str(error)) from None
     for warning in {str(w.message) for w in caught}:
@@ -250,6 +266,6 @@ def run_once(session, prompt, texts, max_new_tokens, sample, temperature, top_k,
         embeddings = session.embed(texts)
         report = {"rank": session.rank, "latency_ms": round((time.perf_counter() - start) * 1e3, 3),
                   "embeddings": [[round(float(v), 5) for v in row] for row in embeddings]}
-    report["flops_fraction"] = round(session.info.flops_fraction(session.rank), 4)
+    report["flops_fraction"] = round(session.level_flops(session.rank) / session.info.dense_flops, 4)
     report["providers"] = session.providers
     return report

@@ -77,6 +77,11 @@ class NSNModelInfo:
         return within[-1]
 
 
+def highest_within(ranks, flops_of_rank, budget_flops: float) -> int | None:
+    """The highest of ``ranks`` whose ``flops_of_rank`` is at most ``budget_flops`` (``None``: none is)."""
+    return max((r for r in ranks if flops_of_rank(r) <= budget_flops), default=None)
+
+
 def validate_rank(rank, max_rank: int, what: str = "rank") -> int:
     """``rank`` as an int in ``[1, max_rank]``; anything else is a ``ValueError`` naming the range
     (an ``OptionValueError`` when ``what`` is a command-line option such as ``--ranks``).

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .metadata import NSNModelInfo, validate_rank
+from .metadata import NSNModelInfo, highest_within, validate_rank
 from .text import (check_token_ids, encode_texts, encode_token_ids, length_sorted_batches, load_tokenizer, mean_pool,
                    model_max_length, model_vocab_size, pad_encodings, stop_token_ids)
 
@@ -106,8 +106,35 @@ class NSNRuntime:
         self._rank = validate_rank(value, self.info.max_rank)
 
     def set_rank(self, value: int) -> None:
-        """The governor's interface: same as assigning ``rank``."""
+        """The governor's interface: run at ``value`` from now on (assigning ``rank``), and prepare its
+        level where the runtime materialises levels (``NSNSession``)."""
         self.rank = value
+        self.prepare(self._rank)
+
+    def prepare(self, rank: int, wait: bool = False):
+        """Get ready to run ``rank`` at its best (``NSNSession`` builds its level); a no-op here."""
+        validate_rank(rank, self.info.max_rank)
+
+    def level_flops(self, rank: int, context_length: int = 0) -> int:
+        """FLOPs per token at ``rank`` as this runtime runs it (here: the factors' at every rank)."""
+        return self.info.flops(rank, context_length)
+
+    def level_state(self, rank: int | None = None) -> dict:
+        """What runs ``rank`` (default: the current one); this runtime has no materialised levels."""
+        return {"rank": self._rank if rank is None else rank, "levels": "off"}
+
+    def default_ceiling(self, ranks: list[int] | None = None) -> tuple[int, str]:
+        """The rank to run when no policy says otherwise, and why: the highest of ``ranks`` (default:
+        every rank) whose cost as this runtime runs it (``level_flops``) is at most the dense model's."""
+        ranks = sorted(ranks or range(1, self.info.max_rank + 1))
+        dense = self.info.dense_flops
+        rank = highest_within(ranks, self.level_flops, dense) or ranks[0]
+        cost = self.level_flops(rank) / dense
+        if rank == self.info.max_rank:
+            return rank, f"the model's maximum rank, {cost:.2f}x the dense model's FLOPs as it runs here"
+        top = ranks[-1]
+        return rank, (f"the highest rank that costs no more than the dense model ({cost:.2f}x its FLOPs; rank {top} "
+                      f"would cost {self.level_flops(top) / dense:.2f}x)")
 
     def load_text_files(self, model_dir, max_length: int | None = None) -> None:
         """The tokenizer, stop tokens and longest input (capped at ``max_length``) from ``model_dir``."""

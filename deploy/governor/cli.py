@@ -86,8 +86,8 @@ def run_command(model_dir, policy_path, sysfs_root, log_path, rank_file, period_
     policy = load_policy(policy_path)
     runtime = open_runtime(model_dir)
     sensors = SysfsSensors(sysfs_root)
-    governor = Governor(sensors, policy, runtime, runtime.info.max_rank, runtime.info.flops, log_path=log_path,
-                        rank_file=rank_file)
+    governor = Governor(sensors, policy, runtime, runtime.info.max_rank, runtime.level_flops, log_path=log_path,
+                        rank_file=rank_file, dense_flops=runtime.info.dense_flops)
     click.echo(json.dumps({"sensors": sensors.describe(), "levels": governor.levels.ranks, "notes": governor.notes}),
                err=True)
     governor.start(period_s)

@@ -55,26 +55,45 @@ def levels_for(config: PolicyConfig, max_rank: int, flops_of_rank: Callable[[int
     return Levels(config.ranks, flops_of_rank) if config.ranks else Levels.equal_work(max_rank, flops_of_rank)
 
 
+def within_dense(ranks: list[int], flops_of_rank: Callable[[int], float], dense_flops: float) -> list[int]:
+    """The ranks whose cost is at most the dense model's (the lowest rank if none is)."""
+    return [r for r in ranks if flops_of_rank(r) <= dense_flops] or [min(ranks)]
+
+
 class Governor:
     """Govern ``target`` (anything with ``set_rank``; an ``NSNSession``, an ``NSNEngine``, the
     simulator) from ``sensors`` (anything with ``read(now) -> Readings``) under ``config``.
 
-    ``flops_of_rank`` and ``max_rank`` come from the model (``NSNModelInfo.flops`` and
-    ``.max_rank``). ``log_path`` appends one JSON line per tick; ``rank_file`` receives the chosen
-    rank atomically (out-of-process mode)."""
+    ``flops_of_rank`` and ``max_rank`` come from the model or the runtime (``level_flops`` and
+    ``info.max_rank``). With ``dense_flops``, levels that cost more than the dense model are left out
+    unless the policy lists its ranks itself: the default ceiling is never costlier than dense.
+    ``log_path`` appends one JSON line per tick; ``rank_file`` receives the chosen rank atomically
+    (out-of-process mode)."""
 
     def __init__(self, sensors, config: PolicyConfig, target, max_rank: int, flops_of_rank: Callable[[int], float],
                  log_path: str | Path | None = None, rank_file: str | Path | None = None,
-                 on_decision: Callable[[Decision], None] | None = None, trip_c: float | None = None):
+                 on_decision: Callable[[Decision], None] | None = None, trip_c: float | None = None,
+                 dense_flops: float | None = None):
         self.sensors, self.config, self.target = sensors, config, target
+        self.notes: list[str] = []  # policies turned off here, levels left out, and why (shown at start-up)
         frontier = None
+        listed = bool(config.ranks)
         if config.frontier:
             from ..frontier import read_frontier
 
             frontier = read_frontier(config.frontier, getattr(target, "model_path", None))
             if not config.ranks:
                 config = replace(config, ranks=list(frontier["levels"]))
-        self.levels = levels_for(config, max_rank, flops_of_rank)
+        top = max_rank  # of the ladder
+        if dense_flops is not None and not listed:
+            candidates = config.ranks or list(range(1, max_rank + 1))
+            kept = within_dense(candidates, flops_of_rank, dense_flops)
+            if kept[-1] < max(candidates):
+                self.notes.append(f"levels above rank {kept[-1]} cost more than the dense model here and are left "
+                                  f"out; list ranks under [levels] in the policy to run them")
+                log.info(self.notes[-1])
+                config, top = (replace(config, ranks=kept), max_rank) if config.ranks else (config, kept[-1])
+        self.levels = levels_for(config, top, flops_of_rank)
         if self.levels.ranks[-1] > max_rank:
             raise ValueError(f"{config.source}: [levels] ranks go to {self.levels.ranks[-1]}, above the model's "
                              f"maximum rank {max_rank}")
@@ -82,7 +101,6 @@ class Governor:
             raise ValueError(f"{config.source}: [levels] safe_rank = {config.safe_rank} must be in [0, {max_rank}] "
                              f"(0: the lowest level; {max_rank}: the model's maximum rank)")
         self.safe_index = self.level_at_most(config.safe_rank) if config.safe_rank else 0
-        self.notes: list[str] = []  # policies turned off here, and why (shown at start-up)
         self.policies = self._policies(config, trip_c)
         if frontier is not None:
             self._seed_from(frontier, flops_of_rank)

@@ -5,14 +5,17 @@ Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a dev
 
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ..extras import check_single_onnxruntime, import_extra
 from ..external_data import load_graph, model_file
-from ..metadata import NSNModelInfo
+from ..metadata import NSNModelInfo, validate_rank
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
+from .levels import Level, Levels, factor_pairs, level_graph
 from .views import RankView, to_view_graph, views_at
 
 ort = import_extra("onnxruntime", "cpu", "ONNX Runtime (NSNSession, nsn-run, nsn-calibrate)")
@@ -20,25 +23,43 @@ ort = import_extra("onnxruntime", "cpu", "ONNX Runtime (NSNSession, nsn-run, nsn
 def open_session(model_path: Path, options, providers: list[str], weight_views: bool | None = False):
     """An ONNX Runtime session for the export, with weight views when asked (or by default on the
     CPU for slice-mode graphs). Every weight location is checked first (``load_graph``): nothing
-    outside the model directory is read. Returns ``(session, views)``."""
+    outside the model directory is read. Returns ``(session, views, view graph or None)``."""
     proto = load_graph(model_path)
     views: list[RankView] = []
+    view_model = None
     source: str | bytes = str(model_path)
     if weight_views or (weight_views is None and providers[0] == "CPUExecutionProvider"):
         mode = next((p.value for p in proto.metadata_props if p.key == "nsn.rank_mode"), None)
         if mode == "slice":
             source, views = to_view_graph(proto, model_path.parent)
+            view_model = proto
             # The rewritten graph is loaded from memory: point it at the external weight file.
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             str(model_path.parent))
+            external_weights_folder(options, model_path.parent)
         elif weight_views:
             raise WeightViewsError(f"{model_path}: weight views need a slice-mode export, this one is "
                                    f"{mode!r}; re-export with --rank-mode slice or pass weight_views=False")
+    return load_session(model_path, source, options, providers), views, view_model
+
+
+def load_session(model_path: Path, source: str | bytes, options, providers: list[str]):
     try:
-        return ort.InferenceSession(source, options, providers=providers), views
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as error:  # onnxruntime's load failures are of several pybind11 types
         raise ValueError(f"{model_path}: ONNX Runtime cannot load the exported model ({type(error).__name__}: "
                          f"{error}); re-export it with nsn-export, keeping model.onnx_data next to it") from None
+
+
+def external_weights_folder(options, folder: Path) -> None:
+    """A graph loaded from memory finds its external weight file in ``folder``."""
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+
+
+def session_options(intra_op_threads: int | None):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    return options
 
 
 class WeightViewsError(ValueError):
@@ -67,26 +88,36 @@ class NSNSession(NSNRuntime):
     prefix views instead of letting the graph slice them on every run (see ``deploy.ort.views``);
     outputs are the same, decoding is 1.5-4x faster (docs/PERFORMANCE.md). Off, the graph runs as
     exported. On a GPU provider leave it off: host views would be copied to the device every call.
+
+    ``levels`` (default: on with weight views) materialises the rank the governor sets: ``set_rank``
+    (or ``prepare``) builds, on a thread, a session for that rank whose weights are constants, with
+    each layer's product ``B[:, :r] @ A[:r]`` wherever the factors would cost more than the dense
+    weight (see ``deploy.ort.levels``). Calls at that rank use it once it is ready; any other rank
+    runs on the views meanwhile. Outputs agree with the views' to rounding.
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
-                 rank: int | None = None, weight_views: bool | None = None):
+                 rank: int | None = None, weight_views: bool | None = None, levels: bool | None = None):
         check_single_onnxruntime()
         self.model_path = model_file(path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path}: no exported model here; run nsn-export first")
         self.model_dir = self.model_path.parent
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
                                              or intra_op_threads < 0):
             raise ValueError(f"intra_op_threads must be an integer >= 0 (0 or None: ONNX Runtime's default), got "
                              f"{intra_op_threads!r}")
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
+        self.intra_op_threads = intra_op_threads
         providers = providers or default_providers()
         self._view_cache: dict[int, dict[str, ort.OrtValue]] = {}
-        self.session, self.views = open_session(self.model_path, options, providers, weight_views)
+        self.session, self.views, view_model = open_session(self.model_path, session_options(intra_op_threads),
+                                                            providers, weight_views)
+        if levels and not self.views:
+            raise WeightViewsError(f"{self.model_path}: levels are built from weight views, which this session does "
+                                   f"not use; pass levels=False, or weight_views=True on the CPU with a slice-mode export")
+        self.pairs = factor_pairs(view_model.graph, self.views) if view_model is not None else []
+        self.levels = (Levels(functools.partial(self._build_level, view_model))
+                       if self.views and levels is not False else None)
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
         view_names = {view.name for view in self.views}
@@ -98,8 +129,50 @@ class NSNSession(NSNRuntime):
         hidden = self.session.get_outputs()[0].shape[-1]
         self.hidden_size = hidden if isinstance(hidden, int) else 0
         self._rank = self.info.max_rank
+        self.last_level: Level | None = None  # the level the latest call ran on (None: the views or the graph)
         if rank is not None:
             self.rank = rank
+
+    # ---- materialised levels ----------------------------------------------------------------
+    def prepare(self, rank: int, wait: bool = False) -> Level | None:
+        """Ask for ``rank``'s level (no-op without levels); ``wait`` blocks until it is built."""
+        rank = validate_rank(rank, self.info.max_rank)
+        return self.levels.prepare(rank, wait) if self.levels is not None else None
+
+    def level_flops(self, rank: int, context_length: int = 0) -> int:
+        """FLOPs per token as this session runs ``rank`` once its level is built: the products save
+        what the factors cost above each layer's break-even rank."""
+        flops = self.info.flops(rank, context_length)
+        if self.levels is None:
+            return flops
+        return flops - sum(pair.flops_saved(rank) for pair in self.pairs)
+
+    def level_state(self, rank: int | None = None) -> dict:
+        """What runs ``rank`` (default: the current one): ``"level"`` (its constants, ``products`` of
+        the ``layers`` as one dense product), ``"building"`` (views until it is ready), ``"views"``."""
+        rank = self._rank if rank is None else rank
+        products = sum(pair.uses_product(rank) for pair in self.pairs)
+        state = {"rank": rank, "layers": len(self.pairs), "products": products}
+        if self.levels is None:
+            return {**state, "runs_on": "views" if self.views else "graph", "levels": "off"}
+        runs_on = {"ready": "level", "building": "views (level building)", "views": "views"}[self.levels.state(rank)]
+        built = self.levels.ready(rank)
+        return {**state, "runs_on": runs_on, "levels": "on",
+                **({"level_mib": round(built.constant_bytes / 2**20, 1), "build_s": round(built.build_s, 2)}
+                   if built else {}), **({"level_error": self.levels.error} if self.levels.error else {})}
+
+    def _build_level(self, view_model, rank: int) -> Level:
+        start = time.perf_counter()
+        graph = level_graph(view_model, self.views, self.pairs, rank)
+        options = session_options(self.intra_op_threads)
+        external_weights_folder(options, self.model_dir)
+        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in graph.constants.values()]
+        options.add_external_initializers(list(graph.constants), values)
+        session = load_session(self.model_path, graph.graph, options, self.session.get_providers())
+        inputs = {i.name for i in session.get_inputs()}
+        feeds = {"rank": ort.OrtValue.ortvalue_from_numpy(np.array(rank, np.int64))} if "rank" in inputs else {}
+        return Level(rank, session, feeds, graph.products, graph.factor_layers, graph.constant_bytes,
+                     time.perf_counter() - start, keep=values)
 
     @property
     def providers(self) -> list[str]:
@@ -125,6 +198,9 @@ class NSNSession(NSNRuntime):
         values = {name: value if isinstance(value, ort.OrtValue)
                   else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
         rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
+        level = self.last_level = self.levels.ready(rank) if self.levels is not None else None
+        if level is not None:
+            return level.session.run_with_ort_values(outputs or self.output_names, {**values, **level.feeds})
         return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds(rank)})
 
     def run_raw(self, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:

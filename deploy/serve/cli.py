@@ -187,8 +187,8 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
             state.metrics.rails(decision.readings.get("rails_w") or {})
             state.events.publish(state, decision)
 
-        governor = Governor(sensors, policy, scheduler, runtime.info.max_rank, runtime.info.flops, log_path=log_path,
-                            on_decision=on_decision)
+        governor = Governor(sensors, policy, scheduler, runtime.info.max_rank, runtime.level_flops, log_path=log_path,
+                            on_decision=on_decision, dense_flops=runtime.info.dense_flops)
         if rank is not None:
             governor.override(rank)
         state.governor, state.levels = governor, governor.levels.ranks

@@ -110,8 +110,8 @@ class Scheduler:
     def __init__(self, runtime, max_queue: int = 64, metrics=None, max_active: int = MAX_ACTIVE):
         self.runtime, self.max_queue, self.metrics, self.max_active = runtime, max_queue, metrics, max_active
         self.info = runtime.info
-        self.ceiling = runtime.info.max_rank
-        self.reason = "no governor: the model's maximum rank"
+        self.ceiling, why = runtime.default_ceiling()
+        self.reason = f"no governor: {why}"
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.condition = threading.Condition()
@@ -124,6 +124,7 @@ class Scheduler:
     # ---- the governor's interface --------------------------------------------------------------------
     def set_rank(self, rank: int) -> None:
         self.ceiling = int(rank)
+        self.runtime.prepare(self.ceiling)  # the level is built beside serving; jobs use it once ready
         if self.metrics is not None:
             self.metrics.ceiling(self.ceiling)
 
@@ -143,6 +144,7 @@ class Scheduler:
 
     # ---- what routes call ------------------------------------------------------------------------------
     def start(self) -> None:
+        self.runtime.prepare(self.ceiling)
         self._thread.start()
 
     def rank_for(self, job: Job) -> int:

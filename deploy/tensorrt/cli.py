@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import MAX_NEW_TOKENS, checked_ranks, parse_ranks, user_errors
+from ..cli import MAX_NEW_TOKENS, parse_ranks, ranks_to_run, user_errors
 from ..external_data import model_file
 from .plan import ShapeBounds
 
@@ -157,7 +157,8 @@ def inspect_command(engine_dir, as_json):
 
 @trt_command.command("run")
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the maximum]")
+@click.option("--ranks", default=None, help="comma-separated ranks to run at, in turn [default: the highest rank "
+                                           "that costs no more than the dense model]")
 @click.option("--prompt", default=None, help="text to continue (decoder engines)")
 @click.option("--text", "texts", multiple=True, help="sentence to embed (encoder engines); repeatable")
 @click.option("--max-new-tokens", default=32, type=click.IntRange(1, MAX_NEW_TOKENS),
@@ -175,9 +176,10 @@ def run_command(engine_dir, ranks, prompt, texts, max_new_tokens, as_json):
     engine = NSNEngine(engine_dir)
     prompt = check_run_inputs(engine, prompt, list(texts), max_new_tokens)
     reports = []
-    for rank in checked_ranks(rank_list, engine.info.max_rank):
+    run_ranks, why = ranks_to_run(engine, rank_list)
+    for rank in run_ranks:
         engine.rank = rank
-        report = run_once(engine, prompt, list(texts), max_new_tokens, False, 1.0, 0, None)
+        report = {**run_once(engine, prompt, list(texts), max_new_tokens, False, 1.0, 0, None), "why": why}
         report["profile_switches"] = engine.profile_switches
         reports.append(report)
     engine.close()

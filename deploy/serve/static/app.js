@@ -161,11 +161,18 @@ function renderTick(tick) {
   $("profiles").hidden = tick.profile_switches == null;
   $("profile-switches").textContent = String(tick.profile_switches ?? 0);
   $("reason-now").textContent = tick.reason || "—";
+  $("level").hidden = !tick.level || tick.level.levels !== "on";
+  if (tick.level && tick.level.levels === "on") $("level-now").textContent = levelText(tick.level);
   if (!$("override-rank").dataset.touched) {
     $("override-rank").value = String(tick.ceiling);
     $("override-value").textContent = String(tick.ceiling);
   }
   drawCharts();
+}
+
+function levelText(level) {
+  const layers = level.products + " of " + level.layers + " layers as dense products";
+  return level.runs_on + (level.runs_on === "level" ? " (" + layers + ", " + level.level_mib + " MiB)" : "");
 }
 
 async function followEvents() {

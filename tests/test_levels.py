@@ -1,0 +1,158 @@
+"""Materialised levels: a rank served by constants, with dense products above each layer's break-even
+rank, gives what the weight views give, never costs more than the dense model, and is built beside
+serving (one level at a time)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from deploy import NSNSession
+from deploy.governor.config import policy_from_dict
+from deploy.governor.loop import Governor
+from deploy.governor.sensors import Readings
+from deploy.ort.levels import Levels
+from deploy.ort.session import WeightViewsError
+from deploy.runtime import decoder_feeds
+
+
+class Quiet:
+    """Sensors that read nothing: no policy limits the rank."""
+
+    def read(self, now):
+        return Readings(now)
+
+
+@pytest.fixture(scope="module")
+def full_rank(tmp_path_factory):
+    """A tiny Llama factorised at full rank (32), whose top rank costs more than the dense model."""
+    import nsn_export as nsn
+    from nsn_export.export import export_onnx
+    from tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama")
+    nsn.adapt(model, "all-linear", max_rank=32)
+    checkpoint = nsn.save_nsn(model, tmp_path_factory.mktemp("ckpt") / "full", tokenizer=tiny_tokenizer())
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "full", tokenizer_dir=checkpoint).path.parent
+
+
+def feeds_for(session, arch):
+    if arch == "bert":
+        ids = np.arange(1, 9, dtype=np.int64)[None]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return decoder_feeds(session.input_shapes, np.array([[4, 8, 15, 16, 23]]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_a_level_gives_the_outputs_of_the_weight_views_at_every_rank(exported, arch):
+    result, _ = exported(arch)
+    views = NSNSession(result.path.parent, levels=False)
+    levels = NSNSession(result.path.parent)
+    feeds = feeds_for(views, arch)
+    seen_products = set()
+    for rank in range(1, levels.info.max_rank + 1):
+        views.rank = levels.rank = rank
+        expected = views.run_raw(feeds)
+        assert levels.prepare(rank, wait=True) is not None
+        actual = levels.run_raw(feeds)
+        assert levels.last_level is not None and levels.last_level.rank == rank
+        for e, a in zip(expected, actual):
+            assert e.shape == a.shape
+            assert np.allclose(a, e, atol=1e-5, rtol=1e-4), (rank, float(np.abs(a - e).max()))
+        seen_products.add(levels.last_level.products)
+    assert 0 in seen_products and max(seen_products) > 0  # both kinds of layer were exercised
+
+
+def test_a_layer_runs_its_product_exactly_where_the_factors_cost_at_least_the_dense_weight(exported):
+    result, _ = exported("llama")
+    session = NSNSession(result.path.parent)
+    shapes = {(pair.d_in, pair.d_out) for pair in session.pairs}
+    assert shapes == {(32, 32), (32, 16), (32, 64), (64, 32)}  # q/o, k/v, gate/up, down
+    for pair in session.pairs:
+        for rank in range(1, 17):
+            factors = min(rank, pair.a.rows) * (pair.d_in + pair.d_out)
+            assert pair.uses_product(rank) == (factors >= pair.d_in * pair.d_out)
+    q_proj = next(p for p in session.pairs if (p.d_in, p.d_out) == (32, 32))
+    assert not q_proj.uses_product(15) and q_proj.uses_product(16)  # break-even: 32*32/64 = 16
+
+
+def test_levels_cap_the_cost_of_every_rank_at_the_dense_model(full_rank):
+    session = NSNSession(full_rank)
+    plain = NSNSession(full_rank, levels=False)
+    info = session.info
+    assert info.flops(info.max_rank) > info.dense_flops  # the factors alone cost more at the top
+    for rank in range(1, info.max_rank + 1):
+        assert session.level_flops(rank) <= min(info.flops(rank), info.dense_flops)
+        assert plain.level_flops(rank) == info.flops(rank)
+    rank, why = session.default_ceiling()
+    assert rank == info.max_rank and "maximum rank" in why
+    rank, why = plain.default_ceiling()
+    assert info.flops(rank) <= info.dense_flops < info.flops(rank + 1)
+    assert "no more than the dense model" in why and f"rank {info.max_rank} would cost" in why
+
+
+def test_a_level_keeps_decoding_from_the_cache_the_views_wrote(exported):
+    result, _ = exported("llama")
+    session = NSNSession(result.path.parent, rank=16)
+    alone = NSNSession(result.path.parent, rank=16, levels=False).generate([3, 1, 4, 1, 5], max_new_tokens=12)
+    steps = session.generate_steps([3, 1, 4, 1, 5], max_new_tokens=12)
+    tokens = [next(steps).token for _ in range(4)]  # on the views: no level was asked for
+    assert session.last_level is None
+    session.prepare(16, wait=True)
+    tokens += [step.token for step in steps]  # the same cache, now on the level
+    assert session.last_level is not None and tokens == alone.token_ids
+
+
+def test_only_the_latest_rank_asked_for_is_built_and_a_failed_build_leaves_the_views(exported):
+    started, release, built = threading.Event(), threading.Event(), []
+
+    def build(rank):
+        built.append(rank)
+        started.set()
+        release.wait(10)
+        if rank == 3:
+            raise RuntimeError("out of memory")
+        return type("Level", (), {"rank": rank})()
+
+    levels = Levels(build)
+    levels.prepare(1)
+    assert started.wait(10) and levels.state(1) == "building"
+    for rank in (2, 3, 4):
+        levels.prepare(rank)
+    release.set()
+    assert levels.prepare(4, wait=True).rank == 4
+    assert built == [1, 4] and levels.state(1) == "views" and levels.state(4) == "ready"
+    assert levels.prepare(3, wait=True) is None and "out of memory" in levels.error
+    assert levels.ready(4) is not None  # the level that was serving still serves
+
+
+def test_levels_need_weight_views(exported):
+    result, _ = exported("llama")
+    with pytest.raises(WeightViewsError, match="levels=False"):
+        NSNSession(result.path.parent, weight_views=False, levels=True)
+    assert NSNSession(result.path.parent, weight_views=False).level_state()["levels"] == "off"
+
+
+def test_set_rank_builds_the_level_beside_serving_and_reports_what_runs(exported):
+    result, _ = exported("llama")
+    session = NSNSession(result.path.parent)
+    session.set_rank(12)
+    session.levels.prepare(12, wait=True)
+    state = session.level_state()
+    assert state["rank"] == 12 and state["runs_on"] == "level" and state["products"] > 0
+    assert NSNSession(result.path.parent).level_state(5)["runs_on"] == "views"
+
+
+def test_the_governor_leaves_out_levels_costlier_than_dense_unless_the_policy_lists_them(full_rank):
+    plain = NSNSession(full_rank, levels=False)
+    info = plain.info
+    policy = policy_from_dict({"levels": {"min_dwell_s": 0}})
+    governor = Governor(Quiet(), policy, plain, info.max_rank, plain.level_flops, dense_flops=info.dense_flops)
+    assert governor.levels.ranks[-1] == plain.default_ceiling()[0] < info.max_rank
+    assert any("cost more than the dense model" in note for note in governor.notes)
+    listed = policy_from_dict({"levels": {"ranks": [4, 32], "min_dwell_s": 0}})
+    governor = Governor(Quiet(), listed, plain, info.max_rank, plain.level_flops, dense_flops=info.dense_flops)
+    assert governor.levels.ranks == [4, 32]
+    session = NSNSession(full_rank)
+    governor = Governor(Quiet(), policy, session, info.max_rank, session.level_flops, dense_flops=info.dense_flops)
+    assert governor.levels.ranks[-1] == info.max_rank  # with levels, the top costs what dense costs
