@@ -16,20 +16,22 @@ from deploy.cli import (MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, c
                         needs_extra, parse_ranks, user_errors)
 from nsn_export.cli import format_table, model_option, stage_printer
 
+from .compare import SCHEMA as COMPARE_SCHEMA
+
 
 def bench_markdown(report: dict) -> str:
     """Per-phase tables (markdown, as in docs/PERFORMANCE.md; they read fine in a terminal too)."""
     lines = []
     for phase in ("prefill", "decode"):
         lines += [f"**{phase}** (median ms; ratio to the specialist in brackets)", "",
-                  "| rank | FLOPs | dynamic (plain ORT) | dynamic, mask mode | dynamic + weight views | specialist "
-                  "| dense (Optimum) | views vs dense | specialist vs dense |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| rank | FLOPs | dynamic (plain ORT) | dynamic, mask mode | dynamic + weight views | levels "
+                  "| specialist | dense (Optimum) | views vs dense | specialist vs dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["rows"]:
             data = row[phase]
             ratio, speedup = data["ratio_vs_specialist"], data["speedup_vs_dense"]
-            cells = " | ".join(f"{data[v]['median_ms']:.1f} ({ratio[v]:.2f})"
-                               for v in ("dynamic", "dynamic_mask", "dynamic_views"))
+            cells = " | ".join(f"{data[v]['median_ms']:.1f} ({ratio[v]:.2f})" if v in data else "—"
+                               for v in ("dynamic", "dynamic_mask", "dynamic_views", "dynamic_levels"))
             lines.append(f"| {row['rank']} | {row['flops_fraction']:.3f} | {cells} | {data['specialist']['median_ms']:.1f} "
                          f"| {data['dense']['median_ms']:.1f} | {speedup['dynamic_views']:.2f}x "
                          f"| {speedup['specialist']:.2f}x |")
@@ -62,6 +64,9 @@ def read_report(path: Path) -> dict:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error}); pass a file written by nsn-bench --output") from None
+    if (isinstance(report, dict) and report.get("schema") == COMPARE_SCHEMA
+            and {"rows", "machine", "targets", "llama_cpp"} <= set(report)):
+        return report
     if not isinstance(report, dict) or not {"rows", "switch", "memory", "targets", "machine"} <= set(report):
         raise ValueError(f"{path}: not an nsn-bench report (rows, switch, memory, targets, machine expected); "
                          f"pass a file written by nsn-bench --output")
@@ -79,25 +84,51 @@ def read_report(path: Path) -> dict:
               help="KV cache length before the decode step")
 @click.option("--decode-runs", default=60, type=click.IntRange(1, 100 * MAX_REPEATS))
 @click.option("--prefill-runs", default=12, type=click.IntRange(1, MAX_REPEATS))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="compare this NSN export (at each governor level) with --dense instead of the --shape graphs")
+@click.option("--dense", "dense_dir", type=click.Path(path_type=Path), default=None,
+              help="with --model: the dense model's Optimum export (nsn-export --dense)")
+@click.option("--gguf", type=click.Path(path_type=Path), default=None,
+              help="with --model: also run llama.cpp's llama-bench on this GGUF, when llama-bench is on PATH")
+@click.option("--ranks", default=None, help="with --model: comma-separated ranks [default: the governor's levels "
+                                           "and the rank nearest half the dense FLOPs]")
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None, help="write JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--markdown", is_flag=True, help="print markdown tables (as in docs/PERFORMANCE.md)")
 @click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True), default=None,
               help="format an earlier --output instead of measuring again")
 @user_errors
-def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
-                  output_path, as_json, markdown, from_json):
-    """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU."""
+def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs, model_dir,
+                  dense_dir, gguf, ranks, output_path, as_json, markdown, from_json):
+    """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU; with
+    --model, an export at each governor level vs its dense export (and llama.cpp, with --gguf)."""
     from deploy.atomic import atomic_file, check_output_files
+    from deploy.cli import parse_ranks
     from deploy.extras import require_extra
 
     from .bench import run_benchmark
 
     start = time.perf_counter()
     report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
-    check_output_files({"--output": output_path}, [from_json, work_dir])
+    if (model_dir is None) != (dense_dir is None):
+        raise click.UsageError("--model and --dense go together: the NSN export and its dense model's export "
+                               "(nsn-export --dense MODEL)")
+    if model_dir is None and (gguf is not None or ranks is not None):
+        raise click.UsageError(f"{'--gguf' if gguf is not None else '--ranks'} needs --model and --dense")
+    if gguf is not None and not gguf.is_file():
+        raise click.BadParameter(f"{gguf} is not a file; give the GGUF the NSN model came from", param_hint="--gguf")
+    check_output_files({"--output": output_path}, [from_json, work_dir, model_dir, dense_dir])
     if from_json:
         report = read_report(from_json)
+    elif model_dir is not None:
+        from deploy.metadata import read_model_info, validate_rank
+
+        from .compare import compare_exports
+
+        info = read_model_info(model_dir)
+        rank_list = [validate_rank(r, info.max_rank, "--ranks") for r in parse_ranks(ranks) or []]
+        report = compare_exports(model_dir, dense_dir, rank_list, threads, prefill_tokens, cache_tokens,
+                                 decode_runs, prefill_runs, gguf=gguf, progress=report_progress)
     else:
         require_extra("export", "nsn-bench (it exports the models it compares)")
         report = run_benchmark(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs,
@@ -108,6 +139,10 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
         report_progress(f"wrote {output_path}")
     if as_json:
         click.echo(text)
+    elif report.get("schema") == COMPARE_SCHEMA:
+        from .compare import compare_markdown, compare_summary
+
+        click.echo(compare_markdown(report) + ("" if markdown else "\n" + compare_summary(report)))
     else:
         click.echo(bench_markdown(report) + ("" if markdown else "\n" + bench_summary(report)))
 

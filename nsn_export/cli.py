@@ -188,21 +188,40 @@ def checks_table(checks) -> str:
 @click.option("--rank-mode", type=click.Choice(["slice", "mask"]), default="slice",
               help="slice: compute only the first rank components; mask: static shapes, zero the rest")
 @click.option("--no-verify", is_flag=True, help="skip the comparison with PyTorch")
+@click.option("--dense", is_flag=True, help="export MODEL as it is (a Hugging Face directory or a GGUF file) with "
+                                            "Optimum: the dense baseline nsn-bench --dense compares an NSN export with")
 @click.option("--json", "as_json", is_flag=True, help="print the result (path, metadata, checks) as JSON")
 @overwrite_option()
 @user_errors
 @needs_extra("export")
-def export_command(model_path, opset, output_path, task, rank_mode, no_verify, as_json, overwrite):
-    """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input."""
+def export_command(model_path, opset, output_path, task, rank_mode, no_verify, dense, as_json, overwrite):
+    """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input (or, with --dense,
+    a plain model as Optimum exports it)."""
     from deploy.tensorrt.compat import check_graph
 
     from .checkpoint import load_nsn
-    from .export import check_opset, export_onnx
+    from .export import check_opset, export_dense_onnx, export_onnx
 
     output_path = output_path or model_path.with_name(model_path.name + "-onnx")
     check_output(output_path, [model_path], overwrite)
     check_opset(opset)
     progress = stage_printer()
+    if dense:
+        from .importing import imported_dir
+        from .models import load_hf_model
+
+        from .checkpoint import NSN_CONFIG_FILE
+
+        if (model_path / NSN_CONFIG_FILE).is_file():
+            raise click.BadParameter(f"{model_path} is an NSN checkpoint (it has {NSN_CONFIG_FILE}); --dense exports "
+                                     f"the plain model it was adapted from: give that directory or GGUF file",
+                                     param_hint="--model")
+        source = imported_dir(model_path, progress=progress) if model_path.suffix.lower() == ".gguf" else model_path
+        progress(f"loading {source}")
+        path = export_dense_onnx(load_hf_model(source), output_path, opset=opset,
+                                 task=None if task == "auto" else task)
+        click.echo(json.dumps({"path": str(path), "dense": True}) if as_json else f"wrote {path} (dense, opset {opset})")
+        return
     progress(f"loading {model_path}")
     model = load_nsn(model_path)
     result = export_onnx(model, output_path, opset=opset, rank_mode=rank_mode, task=None if task == "auto" else task,

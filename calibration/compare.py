@@ -1,0 +1,189 @@
+"""``nsn-bench --model``: an export at each governor level against its dense model's Optimum export,
+and against llama.cpp on the same GGUF when a ``llama-bench`` binary is on PATH.
+
+Everything runs in one process, one run, on the same shapes (batch 1) and thread count: prefill of
+``prefill_tokens`` tokens, and one decode step after a ``cache_tokens``-token KV cache (decoders).
+Variants at each rank, timed in alternating blocks so drift in a shared machine hits all alike:
+
+- ``dense``: the original model exported by Optimum, what a user deploys without NSN;
+- ``views``: the NSN export on its weight views (every rank from one session, switched instantly);
+- ``level``: the same rank on its materialised level (constants; dense products above each layer's
+  break-even rank), what the server runs once the governor has held a rank for a few seconds.
+
+llama.cpp is never a dependency: a user who has built it (``cmake``, then ``llama-bench``) gets its
+row, and the report says when it was not found.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .bench import copy_bandwidth_gbs, machine_facts, measure_interleaved, plain_session
+
+SCHEMA = "nsn-bench-compare/1"
+LLAMA_BENCH = "llama-bench"
+
+
+def default_ranks(session) -> list[int]:
+    """The governor's default levels on this runtime (its equal-work ladder within the dense cost),
+    plus the rank nearest half the dense FLOPs."""
+    from deploy.governor.loop import within_dense
+    from deploy.governor.policy import Levels
+
+    top = max(within_dense(list(range(1, session.info.max_rank + 1)), session.level_flops, session.info.dense_flops))
+    ladder = Levels.equal_work(top, session.level_flops, count=5).ranks
+    return sorted(set(ladder) | {session.info.rank_for_budget(0.5)})
+
+
+def workload(session, prefill_tokens: int, cache_tokens: int, seed: int = 0) -> dict[str, dict]:
+    """Feeds per phase: ``prefill`` (and ``decode`` for decoders) with random ids and a random cache."""
+    from deploy.runtime import decoder_feeds
+
+    generator = np.random.default_rng(seed)
+    shapes = session.input_shapes
+    vocab = session.vocab_size or 100
+    ids = lambda length: generator.integers(0, vocab, (1, length)).astype(np.int64)  # noqa: E731
+    if session.info.task != "text-generation":
+        prompt = ids(prefill_tokens)
+        feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+        if "token_type_ids" in shapes:
+            feeds["token_type_ids"] = np.zeros_like(prompt)
+        return {"prefill": feeds}
+    cache = [generator.standard_normal((1, shape[1], cache_tokens, shape[3])).astype(np.float32)
+             for name, shape in shapes.items() if name.startswith("past_key_values.")]
+    return {"prefill": decoder_feeds(shapes, ids(prefill_tokens)),
+            "decode": decoder_feeds(shapes, ids(1), cache, cache_tokens)}
+
+
+def llama_bench(gguf: Path | None, threads: int, prefill_tokens: int, decode_tokens: int,
+                repetitions: int = 5) -> dict:
+    """llama.cpp's own benchmark on ``gguf`` (prefill of ``prefill_tokens``, then ``decode_tokens``
+    generated), or why it did not run."""
+    binary = shutil.which(LLAMA_BENCH)
+    if gguf is None:
+        return {"ran": False, "why": "no --gguf given"}
+    if binary is None:
+        return {"ran": False, "why": f"no {LLAMA_BENCH} on PATH (build llama.cpp with cmake to compare with it)"}
+    command = [binary, "-m", str(gguf), "-t", str(threads), "-p", str(prefill_tokens), "-n", str(decode_tokens),
+               "-r", str(repetitions), "-o", "json"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+        rows = json.loads(done.stdout)
+        prefill = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+        decode = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError, StopIteration) as error:
+        detail = getattr(error, "stderr", "") or ""
+        return {"ran": False, "why": f"{LLAMA_BENCH} failed ({type(error).__name__}: {error}) {detail[-300:]}".strip()}
+    return {"ran": True, "binary": binary, "command": " ".join(command), "build": prefill.get("build_commit"),
+            "type": prefill.get("model_type"), "prefill_ms": round(prefill_tokens / prefill["avg_ts"] * 1e3, 3),
+            "prefill_tokens_per_s": round(prefill["avg_ts"], 2), "decode_tokens_per_s": round(decode["avg_ts"], 2),
+            "decode_ms": round(1e3 / decode["avg_ts"], 3)}
+
+
+def compare_exports(model_dir: Path, dense_dir: Path, ranks: list[int] | None = None, threads: int = 2,
+                    prefill_tokens: int = 32, cache_tokens: int = 32, decode_runs: int = 40, prefill_runs: int = 10,
+                    warmup: int = 3, gguf: Path | None = None,
+                    progress: Callable[[str], None] = lambda m: None) -> dict:
+    """The comparison as a JSON-ready report (schema ``nsn-bench-compare/1``)."""
+    from deploy import NSNSession
+    from deploy.external_data import model_file
+
+    levels = NSNSession(model_dir, intra_op_threads=threads)
+    if levels.levels is None:
+        raise ValueError(f"{model_dir}: this export cannot run on weight views (a mask-mode graph?), so it has no "
+                         f"levels to compare; re-export it with --rank-mode slice")
+    views = NSNSession(model_dir, intra_op_threads=threads, levels=False)
+    dense = plain_session(model_file(dense_dir), threads)
+    dense_inputs = {i.name for i in dense.get_inputs()}
+    info = levels.info
+    ranks = sorted(set(ranks or default_ranks(levels)))
+    phases = workload(views, prefill_tokens, cache_tokens)
+    bandwidth = copy_bandwidth_gbs()
+    progress(f"comparing {model_dir} with {dense_dir} at ranks {ranks} ({threads} threads)")
+    rows = []
+    for rank in ranks:
+        views.rank = levels.rank = rank
+        level = levels.prepare(rank, wait=True)
+        progress(f"rank {rank}: level built in {level.build_s:.1f} s ({level.products} of {len(levels.pairs)} "
+                 f"layers as products); measuring")
+        row = {"rank": rank, "flops_fraction": round(info.flops_fraction(rank), 4),
+               "level_flops_fraction": round(levels.level_flops(rank) / info.dense_flops, 4),
+               "products": level.products, "layers": len(levels.pairs),
+               "level_mib": round(level.constant_bytes / 2**20, 1), "level_build_s": round(level.build_s, 2)}
+        for phase, feeds in phases.items():
+            dense_feeds = {name: value for name, value in feeds.items() if name in dense_inputs}
+            timings = measure_interleaved({
+                "dense": lambda: dense.run(None, dense_feeds),
+                "views": lambda: views.run_raw(feeds),
+                "level": lambda: levels.run_raw(feeds),
+            }, decode_runs if phase == "decode" else prefill_runs, warmup)
+            row[phase] = {name: vars(timing) for name, timing in timings.items()}
+            row[phase]["level_vs_dense"] = round(timings["level"].median_ms / timings["dense"].median_ms, 3)
+            row[phase]["views_vs_dense"] = round(timings["views"].median_ms / timings["dense"].median_ms, 3)
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(views.run_raw(phases["prefill"]),
+                                                                     levels.run_raw(phases["prefill"])))
+        row["max_abs_diff_level_vs_views"] = difference
+        rows.append(row)
+    decode_phase = "decode" if "decode" in phases else "prefill"
+    report = {
+        "schema": SCHEMA, "model": str(model_dir), "dense": str(dense_dir), "task": info.task,
+        "max_rank": info.max_rank,
+        "workload": {"batch": 1, "prefill_tokens": prefill_tokens, "cache_tokens": cache_tokens,
+                     "decode_runs": decode_runs, "prefill_runs": prefill_runs, "warmup": warmup},
+        "machine": machine_facts(threads, bandwidth),
+        "rows": rows,
+        "llama_cpp": (llama_bench(gguf, threads, prefill_tokens, cache_tokens) if info.task == "text-generation"
+                      else {"ran": False, "why": "llama.cpp runs decoders"}),
+    }
+    worst = max(rows, key=lambda row: row[decode_phase]["level_vs_dense"])
+    report["targets"] = {"level_never_slower_than_dense": {
+        "value": worst[decode_phase]["level_vs_dense"], "at_rank": worst["rank"], "phase": decode_phase,
+        "target": "<= 1.05", "met": worst[decode_phase]["level_vs_dense"] <= 1.05}}
+    return report
+
+
+def compare_markdown(report: dict) -> str:
+    """One table: dense, each level (and its views), and llama.cpp, in tokens/s and ms."""
+    decoder = report["task"] == "text-generation"
+    work = report["workload"]
+    prefill = f"prefill of {work['prefill_tokens']} tokens (ms)"
+    lines = [f"| runtime | rank | FLOPs vs dense | {'decode tokens/s | decode ms | ' if decoder else ''}{prefill} |",
+             "|---|---:|---:|" + ("---:|---:|" if decoder else "") + "---:|"]
+
+    def cells(timing: dict | None, prefill_ms: float) -> str:
+        decode = (f"{1e3 / timing['median_ms']:.1f} | {timing['median_ms']:.2f} | " if timing else "— | — | ") \
+            if decoder else ""
+        return f"{decode}{prefill_ms:.1f}"
+
+    first = report["rows"][0]
+    lines.append(f"| dense fp32 (Optimum export) | — | 1.00 | "
+                 f"{cells(first.get('decode', {}).get('dense'), first['prefill']['dense']['median_ms'])} |")
+    for row in report["rows"]:
+        for variant, label, flops in (("level", "NSN level, fp32", row["level_flops_fraction"]),
+                                      ("views", "NSN weight views, fp32", row["flops_fraction"])):
+            lines.append(f"| {label} | {row['rank']} | {flops:.2f} | "
+                         f"{cells(row.get('decode', {}).get(variant), row['prefill'][variant]['median_ms'])} |")
+    llama = report["llama_cpp"]
+    if decoder and llama["ran"]:
+        lines.append(f"| llama.cpp ({llama['type']}) | — | — | {llama['decode_tokens_per_s']:.1f} | "
+                     f"{llama['decode_ms']:.2f} | {llama['prefill_ms']:.1f} |")
+    elif decoder:
+        lines.append(f"\nllama.cpp: not measured ({llama['why']}).")
+    machine = report["machine"]
+    lines.append(f"\n{machine['processor']}, {machine['cpu_count']} cores, ONNX Runtime {machine['onnxruntime']} "
+                 f"with {machine['intra_op_threads']} threads; batch 1"
+                 + (f", decode after a {work['cache_tokens']}-token cache" if decoder else "") + ".")
+    return "\n".join(lines)
+
+
+def compare_summary(report: dict) -> str:
+    target = report["targets"]["level_never_slower_than_dense"]
+    return (f"slowest level against dense ({target['phase']}): {target['value']:.3f}x at rank {target['at_rank']} "
+            f"(target {target['target']}: {'met' if target['met'] else 'NOT met'})")
+
