@@ -84,8 +84,9 @@ def read_report(path: Path) -> dict:
               help="KV cache length before the decode step")
 @click.option("--decode-runs", default=60, type=click.IntRange(1, 100 * MAX_REPEATS))
 @click.option("--prefill-runs", default=12, type=click.IntRange(1, MAX_REPEATS))
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
-              help="compare this NSN export (at each governor level) with --dense instead of the --shape graphs")
+@click.option("--model", "model_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="compare this NSN export (at each governor level) with --dense instead of the --shape graphs; "
+                   "repeat it for the fp32 and the int8 export of one model")
 @click.option("--dense", "dense_dir", type=click.Path(path_type=Path), default=None,
               help="with --model: the dense model's Optimum export (nsn-export --dense)")
 @click.option("--gguf", type=click.Path(path_type=Path), default=None,
@@ -98,7 +99,7 @@ def read_report(path: Path) -> dict:
 @click.option("--from-json", "from_json", type=click.Path(path_type=Path, exists=True), default=None,
               help="format an earlier --output instead of measuring again")
 @user_errors
-def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs, model_dir,
+def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs, model_dirs,
                   dense_dir, gguf, ranks, output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU; with
     --model, an export at each governor level vs its dense export (and llama.cpp, with --gguf)."""
@@ -110,24 +111,24 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
 
     start = time.perf_counter()
     report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
-    if (model_dir is None) != (dense_dir is None):
+    if bool(model_dirs) != (dense_dir is not None):
         raise click.UsageError("--model and --dense go together: the NSN export and its dense model's export "
                                "(nsn-export --dense MODEL)")
-    if model_dir is None and (gguf is not None or ranks is not None):
+    if not model_dirs and (gguf is not None or ranks is not None):
         raise click.UsageError(f"{'--gguf' if gguf is not None else '--ranks'} needs --model and --dense")
     if gguf is not None and not gguf.is_file():
         raise click.BadParameter(f"{gguf} is not a file; give the GGUF the NSN model came from", param_hint="--gguf")
-    check_output_files({"--output": output_path}, [from_json, work_dir, model_dir, dense_dir])
+    check_output_files({"--output": output_path}, [from_json, work_dir, dense_dir, *model_dirs])
     if from_json:
         report = read_report(from_json)
-    elif model_dir is not None:
+    elif model_dirs:
         from deploy.metadata import read_model_info, validate_rank
 
         from .compare import compare_exports
 
-        info = read_model_info(model_dir)
+        info = read_model_info(model_dirs[0])
         rank_list = [validate_rank(r, info.max_rank, "--ranks") for r in parse_ranks(ranks) or []]
-        report = compare_exports(model_dir, dense_dir, rank_list, threads, prefill_tokens, cache_tokens,
+        report = compare_exports(list(model_dirs), dense_dir, rank_list, threads, prefill_tokens, cache_tokens,
                                  decode_runs, prefill_runs, gguf=gguf, progress=report_progress)
     else:
         require_extra("export", "nsn-bench (it exports the models it compares)")

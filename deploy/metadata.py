@@ -28,6 +28,7 @@ class NSNModelInfo:
     attention_flops_per_context_token: int
     source_model: str
     weights_sha256: str = ""  # of model.onnx_data, written by nsn-export (empty in older exports)
+    weights: str = "fp32"  # how the weights are stored: "fp32" or "int8" (a scale per rank component or row)
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> "NSNModelInfo":
@@ -47,6 +48,7 @@ class NSNModelInfo:
                 attention_flops_per_context_token=int(props["nsn.attention_flops_per_context_token"]),
                 source_model=props.get("nsn.source_model", ""),
                 weights_sha256=props.get("nsn.weights_sha256", ""),
+                weights=props.get("nsn.weights", "fp32"),
             )
         except KeyError as error:
             raise ValueError(f"{source}: the NSN metadata lacks {error.args[0]}; re-export it with nsn-export") from None

@@ -188,13 +188,16 @@ def checks_table(checks) -> str:
 @click.option("--rank-mode", type=click.Choice(["slice", "mask"]), default="slice",
               help="slice: compute only the first rank components; mask: static shapes, zero the rest")
 @click.option("--no-verify", is_flag=True, help="skip the comparison with PyTorch")
+@click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32",
+              help="int8: factors and embeddings as int8, a scale per rank component or row (a quarter of the bytes; "
+                   "every rank is still a prefix)")
 @click.option("--dense", is_flag=True, help="export MODEL as it is (a Hugging Face directory or a GGUF file) with "
                                             "Optimum: the dense baseline nsn-bench --dense compares an NSN export with")
 @click.option("--json", "as_json", is_flag=True, help="print the result (path, metadata, checks) as JSON")
 @overwrite_option()
 @user_errors
 @needs_extra("export")
-def export_command(model_path, opset, output_path, task, rank_mode, no_verify, dense, as_json, overwrite):
+def export_command(model_path, opset, output_path, task, rank_mode, no_verify, weights, dense, as_json, overwrite):
     """Export an NSN checkpoint to ONE ONNX graph with a dynamic int64 rank input (or, with --dense,
     a plain model as Optimum exports it)."""
     from deploy.tensorrt.compat import check_graph
@@ -225,7 +228,8 @@ def export_command(model_path, opset, output_path, task, rank_mode, no_verify, d
     progress(f"loading {model_path}")
     model = load_nsn(model_path)
     result = export_onnx(model, output_path, opset=opset, rank_mode=rank_mode, task=None if task == "auto" else task,
-                         overwrite=overwrite, tokenizer_dir=model_path, verify=not no_verify, progress=progress)
+                         overwrite=overwrite, tokenizer_dir=model_path, verify=not no_verify, progress=progress,
+                         weights=weights)
     trt_problems = [str(p) for p in check_graph(result.path)]
     for problem in trt_problems:
         click.echo(f"warning: TensorRT would not build this graph with rank profiles: {problem}", err=True)
@@ -238,7 +242,7 @@ def export_command(model_path, opset, output_path, task, rank_mode, no_verify, d
     if result.checks:
         click.echo(checks_table(result.checks))
     click.echo(f"wrote {result.path} (task {result.task}, rank in [1, {result.metadata['nsn.max_rank']}], "
-               f"{rank_mode} mode, opset {opset})")
+               f"{rank_mode} mode, {weights} weights, opset {opset})")
 
 
 @click.command(context_settings={"show_default": True})

@@ -175,13 +175,28 @@ def nsn_metadata(model, task: str, rank_mode: str, opset: int, fixed_rank: int |
     }
 
 
-def write_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Add ``metadata_props`` and store every weight in one external file, ``model.onnx_data``.
+def check_weights(weights: str, rank_mode: str) -> None:
+    from .int8 import WEIGHT_FORMATS
+
+    if weights not in WEIGHT_FORMATS:
+        raise ExportError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    if weights == "int8" and rank_mode != "slice":
+        raise ExportError(f"int8 weights keep rank slicing (a scale per rank component), so they need slice mode; "
+                          f"got rank mode {rank_mode!r}: use --rank-mode slice")
+
+
+def write_metadata(path: Path, metadata: dict[str, str], weights: str = "fp32") -> None:
+    """Add ``metadata_props`` and store every weight in one external file, ``model.onnx_data``
+    (int8 ones with ``weights="int8"``: ``nsn_export.int8``).
 
     External data keeps models over 2 GB valid, lets ONNX Runtime and our weight views map the
     weights from the file instead of copying them, and lets TensorRT parse the same pair.
     """
     proto = onnx.load(str(path), load_external_data=True)
+    if weights == "int8":
+        from .int8 import quantize_graph
+
+        quantize_graph(proto)
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in metadata.items():
         prop = existing.get(key) or proto.metadata_props.add()
@@ -237,8 +252,13 @@ def run_optimum_export(model, config, path: Path, opset: int) -> tuple[list[str]
 
 def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str = "slice", task: str | None = None,
                 overwrite: bool = False, tokenizer_dir: str | Path | None = None, verify: bool = True,
-                fixed_rank: int | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
+                fixed_rank: int | None = None, progress: Callable[[str], None] | None = None,
+                weights: str = "fp32") -> ExportResult:
     """Export ``model`` (an NSN model) to ``output_dir/model.onnx`` plus its config and tokenizer files.
+
+    ``weights="int8"`` stores the factors and embeddings as int8 with a scale per rank component
+    or row (``nsn_export.int8``); the graph is then verified against the model with those same
+    rounded weights, so the check stays as tight as for fp32.
 
     With ``verify`` the graph is checked against PyTorch (``verify.verify_onnx``) before it lands;
     a mismatch raises ``VerificationError``. The directory appears whole and verified or not at
@@ -247,6 +267,7 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
     ``fixed_rank`` instead exports a *specialist*: the weights pre-sliced at that rank and no
     ``rank`` input (a baseline for benchmarks; it is not verified here).
     """
+    from .int8 import fake_quantized
     from .verify import require_passed, verify_onnx
 
     report = progress or (lambda message: None)
@@ -255,10 +276,11 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
     task = task or infer_task(model)
     check_exportable(model, task, opset, rank_mode)
     top = model_max_rank(model)
+    check_weights(weights, rank_mode)
     if fixed_rank is not None:
         fixed_rank, verify = validate_rank(fixed_rank, top), False
     config = rank_onnx_config(model, task, dummy_rank=None if fixed_rank else max(1, top // 2))
-    metadata = nsn_metadata(model, task, rank_mode, opset, fixed_rank)
+    metadata = {**nsn_metadata(model, task, rank_mode, opset, fixed_rank), "nsn.weights": weights}
     names: dict[str, list] = {}
 
     def fill(tmp: Path) -> None:
@@ -276,10 +298,11 @@ def export_onnx(model, output_dir: str | Path, opset: int = 17, rank_mode: str =
                     del model.forward
                 else:
                     model.forward = saved_forward
-        report("writing NSN metadata")
-        write_metadata(tmp / MODEL_FILE, metadata)
+        report("writing NSN metadata" + (" and int8 weights" if weights == "int8" else ""))
+        write_metadata(tmp / MODEL_FILE, metadata, weights)
         if verify:
-            names["checks"] = verify_onnx(tmp / MODEL_FILE, model, progress=report)
+            with fake_quantized(model) if weights == "int8" else contextlib.nullcontext():
+                names["checks"] = verify_onnx(tmp / MODEL_FILE, model, progress=report)
             require_passed(names["checks"])
         model.config.save_pretrained(tmp)
         for name in TOKENIZER_FILES:

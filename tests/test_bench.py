@@ -65,32 +65,36 @@ def nsn_and_dense(tmp_path_factory):
     assert result.exit_code == 0, result.output
     nsn.adapt(model, "all-linear", max_rank=32)
     export_onnx(model, root / "nsn", tokenizer_dir=root / "hf")
+    export_onnx(model, root / "nsn-int8", tokenizer_dir=root / "hf", weights="int8")
     return root
 
 
 def test_the_comparison_times_dense_views_and_levels_and_says_why_llama_cpp_did_not_run(nsn_and_dense, monkeypatch):
     monkeypatch.setenv("PATH", str(nsn_and_dense))  # no llama-bench here
-    report = compare_exports(nsn_and_dense / "nsn", nsn_and_dense / "dense", threads=1, prefill_tokens=8,
-                             cache_tokens=8, decode_runs=3, prefill_runs=3, warmup=1,
+    report = compare_exports([nsn_and_dense / "nsn", nsn_and_dense / "nsn-int8"], nsn_and_dense / "dense", threads=1,
+                             prefill_tokens=8, cache_tokens=8, decode_runs=3, prefill_runs=3, warmup=1,
                              gguf=nsn_and_dense / "hf" / "config.json")
     assert json.loads(json.dumps(report)) == report and report["schema"] == "nsn-bench-compare/1"
+    assert report["weights"] == ["fp32", "int8"]
     ranks = [row["rank"] for row in report["rows"]]
     assert ranks == sorted(ranks) and ranks[-1] == 32  # levels make the top rank no costlier than dense
     for row in report["rows"]:
         assert row["level_flops_fraction"] <= min(1.0, row["flops_fraction"]) + 1e-9
-        assert row["max_abs_diff_level_vs_views"] < 1e-4
+        assert row["levels"]["fp32"]["max_abs_diff_vs_views"] < 1e-4
         for phase in ("prefill", "decode"):
-            for variant in ("dense", "views", "level"):
+            for variant in ("dense", "fp32 views", "fp32 level", "int8 views", "int8 level"):
                 timing = row[phase][variant]
                 assert timing["runs"] >= 3 and 0 < timing["p10_ms"] <= timing["median_ms"] <= timing["p90_ms"]
-    assert report["rows"][-1]["products"] == report["rows"][-1]["layers"] > 0
+    top = report["rows"][-1]["levels"]["int8"]
+    assert top["products"] == top["layers"] > 0
     assert report["llama_cpp"] == {"ran": False, "why": "no llama-bench on PATH (build llama.cpp with cmake to "
                                                         "compare with it)"}
-    target = report["targets"]["level_never_slower_than_dense"]
-    assert isinstance(target["met"], bool) and target["phase"] == "decode"
+    checks = report["targets"]
+    assert {"fp32_level_vs_dense_max", "int8_level_speedup_vs_dense_at_half_flops"} == set(checks)
+    assert all(isinstance(check["met"], bool) for check in checks.values())
     table = compare_markdown(report)
-    assert "dense fp32 (Optimum export)" in table and "NSN level, fp32 | 32 | 1.00" in table
-    assert "llama.cpp: not measured" in table
+    assert "dense fp32 (Optimum export)" in table and "NSN fp32, level | 32 | 1.00" in table
+    assert "NSN int8, views | 32 |" in table and "llama.cpp: not measured" in table
 
 
 def test_llama_bench_is_read_from_its_json_output(tmp_path, monkeypatch):
@@ -117,6 +121,6 @@ def test_bench_command_compares_exports_and_formats_its_report_again(nsn_and_den
     result = CliRunner().invoke(bench_command, args)
     assert result.exit_code == 0, result.output
     assert [row["rank"] for row in json.loads(out.read_text())["rows"]] == [8, 32]
-    assert "slowest level against dense" in result.stdout
+    assert "fp32_level_vs_dense_max" in result.stdout
     again = CliRunner().invoke(bench_command, ["--from-json", str(out), "--markdown"])
-    assert again.exit_code == 0 and "NSN weight views, fp32 | 8 |" in again.stdout
+    assert again.exit_code == 0 and "NSN fp32, views | 8 |" in again.stdout

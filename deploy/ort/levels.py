@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from ..int8 import dequantize_rows, quantize_rows
 from .views import RankView
 
 log = logging.getLogger("nsn.levels")
@@ -36,23 +37,46 @@ IN_MEMORY = "nsn-level-in-memory"
 
 
 @dataclass(frozen=True)
+class Factor:
+    """A rank-sliced factor as a layer reads it: its stored rows (``rank x d``), fp32, or int8 with
+    one scale per row dequantised by a ``DequantizeLinear`` node (an int8 export)."""
+
+    view: RankView
+    scale: RankView | None = None
+    dequantize: str | None = None  # the DequantizeLinear node's name
+
+    @property
+    def rows(self) -> int:
+        return self.view.rows
+
+    def at(self, rank: int) -> np.ndarray:
+        """The first ``rank`` rows in fp32."""
+        rows = self.view.weight[:min(rank, self.rows)]
+        return dequantize_rows(rows, self.scale.weight[:len(rows)]) if self.scale is not None else rows
+
+
+@dataclass(frozen=True)
 class FactorPair:
     """One factorised layer of a view graph: ``y = (x @ Transpose(A)) @ B`` with ``A`` (rank x d_in)
     and ``B`` (rank x d_out) fed as prefix views; the node names say what a product replaces."""
 
-    a: RankView
-    b: RankView
+    a: Factor
+    b: Factor
     transpose: str  # Transpose(A)
     first: str  # x @ A^T
     second: str  # (x @ A^T) @ B
 
     @property
     def d_in(self) -> int:
-        return self.a.weight.shape[1]
+        return self.a.view.weight.shape[1]
 
     @property
     def d_out(self) -> int:
-        return self.b.weight.shape[1]
+        return self.b.view.weight.shape[1]
+
+    @property
+    def int8(self) -> bool:
+        return self.a.scale is not None and self.b.scale is not None
 
     def uses_product(self, rank: int) -> bool:
         """Whether the layer's factors at ``rank`` cost at least its dense weight (then the product runs)."""
@@ -66,8 +90,9 @@ class FactorPair:
 
 def factor_pairs(graph: onnx.GraphProto, views: list[RankView]) -> list[FactorPair]:
     """The layers of a view graph whose two factors are recognisably one layer (``Transpose`` of the
-    ``A`` view into a ``MatMul`` whose only consumer is a ``MatMul`` with a ``B`` view). Views in no
-    pair stay factors in every level."""
+    ``A`` factor into a ``MatMul`` whose only consumer is a ``MatMul`` with a ``B`` factor; in an
+    int8 export each factor is a ``DequantizeLinear`` of two views, its rows and their scales).
+    Views in no pair stay as they are in every level."""
     by_name = {view.name: view for view in views}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -78,17 +103,26 @@ def factor_pairs(graph: onnx.GraphProto, views: list[RankView]) -> list[FactorPa
         found = consumers.get(name, [])
         return found[0] if len(found) == 1 and found[0].op_type == op_type else None
 
-    pairs = []
+    factors: dict[str, Factor] = {}  # by the value the layer reads
     for view in views:
-        transpose = only(view.name, "Transpose")
+        dequantize = only(view.name, "DequantizeLinear")
+        if dequantize is None:
+            factors[view.name] = Factor(view)
+        elif (dequantize.input[0] == view.name and len(dequantize.input) == 2 and dequantize.input[1] in by_name
+              and all(a.name != "axis" or a.i == 0 for a in dequantize.attribute)):
+            factors[dequantize.output[0]] = Factor(view, by_name[dequantize.input[1]], dequantize.name)
+    pairs = []
+    for read, a in factors.items():
+        transpose = only(read, "Transpose")
         first = transpose and only(transpose.output[0], "MatMul")
         second = first and first.input[1] == transpose.output[0] and only(first.output[0], "MatMul")
-        if not second or second.input[0] != first.output[0] or second.input[1] not in by_name:
+        if not second or second.input[0] != first.output[0] or second.input[1] not in factors:
             continue
-        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
-        b = by_name[second.input[1]]
-        if perm == [1, 0] and view.weight.ndim == b.weight.ndim == 2 and view.rows == b.rows:
-            pairs.append(FactorPair(view, b, transpose.name, first.name, second.name))
+        b = factors[second.input[1]]
+        perm = next((list(x.ints) for x in transpose.attribute if x.name == "perm"), [1, 0])
+        if (perm == [1, 0] and a.view.weight.ndim == b.view.weight.ndim == 2 and a.rows == b.rows
+                and (a.scale is None) == (b.scale is None)):
+            pairs.append(FactorPair(a, b, transpose.name, first.name, second.name))
     return pairs
 
 
@@ -110,31 +144,56 @@ class LevelGraph:
 def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[FactorPair],
                 rank: int) -> LevelGraph:
     """``view_model`` (not modified) with every view a constant at ``rank``: a product where the
-    layer's factors cost at least its dense weight, the factors' prefixes elsewhere."""
+    layer's factors cost at least its dense weight, the factors' prefixes elsewhere. In an int8
+    export the level stays int8: each ``MatMul`` reads an int8 constant through ``DequantizeLinear``
+    with a scale per column, the pattern ONNX Runtime runs as one int8 kernel."""
     model = copy.deepcopy(view_model)
     graph = model.graph
     nodes = {node.name: node for node in graph.node}
     constants: dict[str, np.ndarray] = {}
     dropped: set[str] = set()
     paired: set[str] = set()
+    new_nodes: list[onnx.NodeProto] = []
     products = 0
+
+    def int8_weight(name: str, q_kn: np.ndarray, scale_n: np.ndarray) -> str:
+        """An int8 ``K x N`` constant with a scale per column, dequantised for a ``MatMul``."""
+        constants[f"{name}.int8"], constants[f"{name}.scale"] = np.ascontiguousarray(q_kn), scale_n.astype(np.float32)
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name], axis=1,
+                                               name=f"{name}.dequantize"))
+        return name
+
     for pair in pairs:
-        paired.update((pair.a.name, pair.b.name))
+        paired.update(v.name for f in (pair.a, pair.b) for v in (f.view, f.scale) if v is not None)
+        dropped.update(f.dequantize for f in (pair.a, pair.b) if f.dequantize)
         rows = min(rank, pair.a.rows)
+        first, second = nodes[pair.first], nodes[pair.second]
         if pair.uses_product(rank):
-            name = f"{pair.a.name}.product"
-            constants[name] = np.ascontiguousarray(pair.a.weight[:rows].T @ pair.b.weight[:rows], np.float32)
-            second = nodes[pair.second]
-            second.input[0], second.input[1] = nodes[pair.first].input[0], name
+            name = f"{pair.a.view.name}.product"
+            product = pair.a.at(rank).T @ pair.b.at(rank)  # d_in x d_out
+            if pair.int8:
+                q, scale = quantize_rows(product.T)  # a scale per output column
+                name = int8_weight(name, q.T, scale)
+            else:
+                constants[name] = np.ascontiguousarray(product, np.float32)
+            second.input[0], second.input[1] = first.input[0], name
             dropped.update((pair.transpose, pair.first))
             products += 1
+        elif pair.int8:
+            # (x @ A_q^T diag(a_s)) @ diag(b_s) B_q: both scales belong to the rank components, the
+            # first product's columns, so they fold into its per-column scale and B_q runs unscaled.
+            scale = pair.a.scale.weight[:rows] * pair.b.scale.weight[:rows]
+            first.input[1] = int8_weight(f"{pair.a.view.name}.level", pair.a.view.weight[:rows].T, scale)
+            second.input[1] = int8_weight(f"{pair.b.view.name}.level", pair.b.view.weight[:rows],
+                                          np.ones(pair.d_out, np.float32))
+            dropped.add(pair.transpose)
         else:
-            constants[pair.a.name] = np.ascontiguousarray(pair.a.weight[:rows])
-            constants[pair.b.name] = np.ascontiguousarray(pair.b.weight[:rows])
+            constants[pair.a.view.name] = np.ascontiguousarray(pair.a.view.weight[:rows])
+            constants[pair.b.view.name] = np.ascontiguousarray(pair.b.view.weight[:rows])
     for view in views:
         if view.name not in paired:
             constants[view.name] = np.ascontiguousarray(view.weight[:min(rank, view.rows)])
-    kept = [node for node in graph.node if node.name not in dropped]
+    kept = new_nodes + [node for node in graph.node if node.name not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for node in graph.node for name in node.input}
@@ -142,14 +201,15 @@ def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[
     inputs = [i for i in graph.input if i.name not in view_names and (i.name != "rank" or "rank" in used)]
     del graph.input[:]
     graph.input.extend(inputs)
+    for name in [name for name in constants if name not in used]:
+        del constants[name]  # a dropped layer's views
     for name, array in constants.items():
         tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                   dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
         entry = tensor.external_data.add()
         entry.key, entry.value = "location", IN_MEMORY
         graph.initializer.append(tensor)
-    return LevelGraph(rank, model.SerializeToString(), constants, products,
-                      len(pairs) - products + len(views) - len(paired))
+    return LevelGraph(rank, model.SerializeToString(), constants, products, len(pairs) - products)
 
 
 @dataclass

@@ -5,7 +5,6 @@ Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a dev
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -115,9 +114,9 @@ class NSNSession(NSNRuntime):
         if levels and not self.views:
             raise WeightViewsError(f"{self.model_path}: levels are built from weight views, which this session does "
                                    f"not use; pass levels=False, or weight_views=True on the CPU with a slice-mode export")
+        self.view_model = view_model  # the graph the views feed (None without views): levels are built from it
         self.pairs = factor_pairs(view_model.graph, self.views) if view_model is not None else []
-        self.levels = (Levels(functools.partial(self._build_level, view_model))
-                       if self.views and levels is not False else None)
+        self.levels = Levels(self._build_level) if self.views and levels is not False else None
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
         view_names = {view.name for view in self.views}
@@ -161,9 +160,9 @@ class NSNSession(NSNRuntime):
                 **({"level_mib": round(built.constant_bytes / 2**20, 1), "build_s": round(built.build_s, 2)}
                    if built else {}), **({"level_error": self.levels.error} if self.levels.error else {})}
 
-    def _build_level(self, view_model, rank: int) -> Level:
+    def _build_level(self, rank: int) -> Level:
         start = time.perf_counter()
-        graph = level_graph(view_model, self.views, self.pairs, rank)
+        graph = level_graph(self.view_model, self.views, self.pairs, rank)
         options = session_options(self.intra_op_threads)
         external_weights_folder(options, self.model_dir)
         values = [ort.OrtValue.ortvalue_from_numpy(array) for array in graph.constants.values()]
