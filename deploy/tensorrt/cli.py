@@ -117,8 +117,14 @@ def build_command(export_dir, output_path, profiles, max_batch, max_seq, max_con
     from .build import BuildOptions, build_engine
     from .plan import plan_for_export
 
+    from ..metadata import read_model_info
+
     check_output(output_path, [export_dir], overwrite)
     plan = plan_for_export(export_dir, profiles, bounds_from(max_batch, max_seq, max_context, opt_seq, opt_context))
+    if read_model_info(export_dir).weights == "int8":
+        click.echo("warning: this is an int8 export (DequantizeLinear of rank-sliced int8 factors); TensorRT builds "
+                   "of int8 exports are not verified yet: if the build fails or runs in fp32, build the fp32 export "
+                   "(docs/PERFORMANCE.md, int8)", err=True)
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, step: int, steps: int) -> None:
