@@ -86,9 +86,10 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
     rows = [dense_row]
     for rank_value in ranks:
         session.rank = rank_value
+        session.prepare(rank_value, wait=True)  # its level: what nsn-serve runs once the governor holds a rank
         progress(f"measuring rank {rank_value}")
-        rows.append(row(rank_value, round(session.info.flops_fraction(rank_value), 4), onnx_scorer(session),
-                        nsn_generate, dense_tokens)[0])
+        rows.append(row(rank_value, round(session.level_flops(rank_value) / session.info.dense_flops, 4),
+                        onnx_scorer(session), nsn_generate, dense_tokens)[0])
     state = (f"the checkpoint {model_path}" if trained else
              "UNTRAINED (two-sided data-aware start): low ranks need multi-rank distillation (scripts/distill_llm.py)")
     notes = (f"model: {state}.\n"
@@ -97,6 +98,6 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
              f"held-out package docstrings (never trained or calibrated on); agreement: share of those positions where the greedy next token is the "
              f"dense model's.\nchoice_accuracy: {len(bench.items)} Debian manual pages, NAME description -> which of 4 "
              f"commands (summed log-likelihood, chance {MC_CHANCE}).\nanswer: greedy reply to {CHAT_PROMPT!r} (chat "
-             f"template, up to {ANSWER_TOKENS} tokens).\nflops_fraction: FLOPs per token against the dense model; "
-             f"above 1 (rank 375 and up), the factors cost more than the dense weights.")
+             f"template, up to {ANSWER_TOKENS} tokens).\nflops_fraction: FLOPs per token against the dense model, as the "
+             f"rank's level runs it (each layer's dense product where its factors would cost more, so never above 1).")
     return rows, notes

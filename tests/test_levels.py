@@ -156,3 +156,24 @@ def test_the_governor_leaves_out_levels_costlier_than_dense_unless_the_policy_li
     session = NSNSession(full_rank)
     governor = Governor(Quiet(), policy, session, info.max_rank, session.level_flops, dense_flops=info.dense_flops)
     assert governor.levels.ranks[-1] == info.max_rank  # with levels, the top costs what dense costs
+
+
+def test_the_server_runs_the_default_ceiling_on_its_level_and_says_so(serve, full_rank):
+    import time
+
+    import httpx
+
+    plain = NSNSession(full_rank, levels=False)
+    with_levels = serve([full_rank, "--no-governor", "--model-name", "full"])
+    deadline = time.monotonic() + 60
+    while (status := httpx.get(f"{with_levels.url}/v1/nsn/status", timeout=10).json())["level"]["runs_on"] != "level":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert status["ceiling"] == 32 and "1.00x the dense model's FLOPs" in status["reason"]
+    assert status["level"]["products"] > 0 and status["level"]["level_mib"] > 0
+    reply = with_levels.client().completions.create(model="full", prompt="w1 w2 w3", max_tokens=4, temperature=0)
+    assert reply.model_extra["nsn"]["token_ranks"][0] == 32
+    views_only = serve([full_rank, "--no-governor", "--no-levels", "--model-name", "full"])
+    status = httpx.get(f"{views_only.url}/v1/nsn/status", timeout=10).json()
+    assert status["ceiling"] == plain.default_ceiling()[0] < 32  # the top rank would cost more than dense
+    assert "no more than the dense model" in status["reason"] and status["level"]["levels"] == "off"

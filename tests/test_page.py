@@ -106,6 +106,8 @@ def test_the_page_loads_without_console_errors_and_shows_model_text_as_text(brow
     assert browser.find_element("id", "max-tokens").is_displayed()
     assert not browser.find_elements("id", "injected")  # shown as text, never parsed as markup
     wait_for(lambda: text(browser, "rank-now") not in ("", "—"), "the first tick")
+    wait_for(lambda: text(browser, "level-now").startswith("level ("), "the ceiling's rank on its level")
+    assert "layers as dense products" in text(browser, "level-now")
     assert console_errors(browser) == []
     headers = httpx.get(server.url + "/", timeout=10).headers
     assert "script-src 'self'" in headers["content-security-policy"]

@@ -168,15 +168,16 @@ def write_orin_tree(root: Path) -> Path:
     return root
 
 
-def open_runtime(model_dir: Path, intra_op_threads: int | None = None):
-    """An ``NSNEngine`` for an engine directory, else an ``NSNSession``."""
+def open_runtime(model_dir: Path, intra_op_threads: int | None = None, levels: bool = True):
+    """An ``NSNEngine`` for an engine directory, else an ``NSNSession`` (with materialised levels
+    unless ``levels`` is false)."""
     if (model_dir / "engine.json").is_file():
         from ..tensorrt.engine import NSNEngine
 
         return NSNEngine(model_dir)
     from ..ort.session import NSNSession
 
-    return NSNSession(model_dir, intra_op_threads=intra_op_threads)
+    return NSNSession(model_dir, intra_op_threads=intra_op_threads, levels=None if levels else False)
 
 
 @governor_command.command("simulate")

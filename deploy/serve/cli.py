@@ -45,7 +45,8 @@ def context_limits(runtime) -> tuple[int, int]:
 @click.option("--model-name", default=None, help="the model id clients send [default: the directory's name]")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
               help="governor policy TOML [default: the shipped example]")
-@click.option("--no-governor", is_flag=True, help="serve at a fixed rank (--rank, else the maximum)")
+@click.option("--no-governor", is_flag=True, help="serve at a fixed rank (--rank, else the highest rank that costs no "
+                                                  "more than the dense model)")
 @click.option("--sysfs-root", type=click.Path(path_type=Path), default=Path("/"), help="read sensors under this root")
 @click.option("--period-s", default=1.0, type=FiniteFloat(0.05, 3600), help="seconds between governor ticks")
 @click.option("--rank", default=None, type=click.IntRange(min=1),
@@ -62,10 +63,13 @@ def context_limits(runtime) -> tuple[int, int]:
 @click.option("--threads", default=None, type=Threads(), help="ONNX Runtime intra-op threads")
 @click.option("--request-timeout-s", default=30.0, type=FiniteFloat(1, 3600),
               help="a request's headers, and then its body, must arrive within this (slow clients are cut off)")
+@click.option("--levels/--no-levels", default=True,
+              help="materialise the ceiling's rank beside serving (constants; dense products above break-even; int8 "
+                   "kernels for int8 exports): faster, for one level's memory; --no-levels serves weight views only")
 @user_errors
 @needs_extra("serve")
 def serve_command(model_dir, host, port, model_name, policy_path, no_governor, sysfs_root, period_s, rank, api_key,
-                  max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s):
+                  max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s, levels):
     """Serve MODEL_DIR over the OpenAI API, its rank governed by the device's temperature and battery."""
     import uvicorn
 
@@ -102,7 +106,7 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
 
     def load() -> None:
         try:
-            start_model(state, model_dir, policy, sensors, rank, max_queue, period_s, log_path, threads)
+            start_model(state, model_dir, policy, sensors, rank, max_queue, period_s, log_path, threads, levels=levels)
         except Exception as error:  # reported by /health and every route; the process keeps answering
             log.error("loading %s failed: %s", model_dir, error)
             state.load_error = str(error)
@@ -156,7 +160,7 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads,
-                runtime=None) -> None:
+                runtime=None, levels: bool = True) -> None:
     """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
     200 after this."""
     from ..governor.cli import open_runtime, thermal_control
@@ -165,7 +169,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     from .chat import ChatTemplate
     from .scheduler import Scheduler
 
-    runtime = runtime or open_runtime(model_dir, intra_op_threads=threads)
+    runtime = runtime or open_runtime(model_dir, intra_op_threads=threads, levels=levels)
     scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics)
     state.scheduler = scheduler
     state.runtime_label = runtime_label(runtime)
