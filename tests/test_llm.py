@@ -160,7 +160,7 @@ def test_the_llm_quickstart_measures_every_rank_beside_the_dense_export(imported
                                  choices=8, source=imported)
     dense, low, top = rows
     assert dense["rank"] == "dense" and [low["rank"], top["rank"]] == [8, 32]
-    assert low["flops_fraction"] < 1 < top["flops_fraction"]
+    assert low["flops_fraction"] < 1 == top["flops_fraction"]  # the top rank runs its products: dense cost
     assert top["agreement"] == 1.0 and top["answer"] == dense["answer"]
     assert abs(top["perplexity"] - dense["perplexity"]) <= 1e-3 * dense["perplexity"] + 1e-3
     assert top["choice_accuracy"] == dense["choice_accuracy"]

@@ -9,6 +9,9 @@ for one rank ``r``. Each factorised layer becomes
 - at or above it: one ``MatMul`` with the product ``A[:r].T @ B[:r]`` (``d_in x d_out``), computed
   once, so the layer costs what the dense layer costs and never more.
 
+In an int8 export (``nsn-export --weights int8``) the level stays int8: each layer's ``MatMul``
+becomes ONNX Runtime's ``MatMulNBits`` (8 bits) on int8 constants.
+
 The constants reach ONNX Runtime as in-memory external initializers, so it folds and pre-packs them
 as it would a graph exported for that rank alone. A level takes seconds to build (a thread beside
 the running session), and holds its weights in ONNX Runtime's packed form: ``Levels`` keeps one at a
@@ -145,15 +148,14 @@ def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[
                 rank: int) -> LevelGraph:
     """``view_model`` (not modified) with every view a constant at ``rank``: a product where the
     layer's factors cost at least its dense weight, the factors' prefixes elsewhere. In an int8
-    export the level stays int8: each ``MatMul`` reads an int8 constant through ``DequantizeLinear``
-    with a scale per column, the pattern ONNX Runtime runs as one int8 kernel."""
+    export each of the layer's ``MatMul`` nodes becomes a ``MatMulNBits`` on int8 constants with a
+    scale per output column (``nbits_blocks``)."""
     model = copy.deepcopy(view_model)
     graph = model.graph
     nodes = {node.name: node for node in graph.node}
     constants: dict[str, np.ndarray] = {}
     dropped: set[str] = set()
     paired: set[str] = set()
-    new_nodes: list[onnx.NodeProto] = []
     products = 0
 
     def int8_matmul(node: onnx.NodeProto, name: str, q_kn: np.ndarray, scale_n: np.ndarray) -> None:
@@ -198,7 +200,7 @@ def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[
             constants[view.name] = np.ascontiguousarray(view.weight[:min(rank, view.rows)])
     if any(pair.int8 for pair in pairs) and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    kept = new_nodes + [node for node in graph.node if node.name not in dropped]
+    kept = [node for node in graph.node if node.name not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for node in graph.node for name in node.input}
