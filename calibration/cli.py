@@ -424,7 +424,7 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
     dense = outputs_at(model, batches, None)[1][0].numpy()
     dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
-    from .retrieval import docstring_pairs, top1_accuracy, unseen_sentences
+    from .retrieval import dense_embedder, docstring_pairs, top1_accuracy, unseen_sentences
 
     pairs = docstring_pairs()
     trained = model_path is not None
@@ -488,20 +488,3 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
                f"\ncosine_to_dense: sentence embeddings against the dense PyTorch model's (1.0 = identical); "
                f"model: {state}.\nflops_fraction: FLOPs per token against the dense model, as the rank's level runs "
                f"it: a factorised layer (2r(d_in + d_out) at rank r) runs its dense product where that costs less.")
-
-
-def dense_embedder(model_path: Path, like):
-    """Mean-pooled embeddings from a dense encoder export, tokenised like the NSN session ``like``."""
-    import onnxruntime as ort
-
-    from deploy.ort.session import input_shapes
-    from deploy.text import encoder_feeds, mean_pool
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    names = input_shapes(session)
-
-    def embed(texts):
-        feeds = encoder_feeds(like.tokenizer, texts, names)
-        return mean_pool(session.run(["last_hidden_state"], feeds)[0], feeds["attention_mask"])
-
-    return embed

@@ -51,3 +51,20 @@ def top1_accuracy(embed: Callable[[list[str]], np.ndarray], pairs: list[tuple[st
     queries /= np.maximum(np.linalg.norm(queries, axis=-1, keepdims=True), 1e-12)
     answers /= np.maximum(np.linalg.norm(answers, axis=-1, keepdims=True), 1e-12)
     return float(np.mean(np.argmax(queries @ answers.T, axis=1) == np.arange(len(pairs))))
+
+
+def dense_embedder(model_path, like):
+    """Mean-pooled embeddings from a dense encoder export, tokenised like the NSN session ``like``."""
+    import onnxruntime as ort
+
+    from deploy.ort.session import input_shapes
+    from deploy.text import encoder_feeds, mean_pool
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = input_shapes(session)
+
+    def embed(texts):
+        feeds = encoder_feeds(like.tokenizer, texts, names)
+        return mean_pool(session.run(["last_hidden_state"], feeds)[0], feeds["attention_mask"])
+
+    return embed

@@ -111,3 +111,39 @@ def test_an_int8_export_generates(int8_export):
     session.prepare(8, wait=True)
     result = session.generate([3, 1, 4, 1, 5], max_new_tokens=6)
     assert len(result.token_ids) >= 1 and session.last_level is not None
+
+
+def test_the_encoder_benchmarks_score_fp32_and_int8_exports_beside_the_dense_export(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    import nsn_export as nsn
+    from nsn_export.cli import export_command
+    from nsn_export.export import export_onnx
+    from tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("bert")
+    model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "hf"), "--dense", "--output",
+                                                 str(tmp_path / "dense")])
+    assert result.exit_code == 0, result.output
+    nsn.adapt(model, "all-linear", max_rank=32)
+    for weights in ("fp32", "int8"):
+        export_onnx(model, tmp_path / weights, tokenizer_dir=tmp_path / "hf", weights=weights)
+    path = Path(__file__).parents[1] / "scripts" / "eval_exports.py"
+    spec = importlib.util.spec_from_file_location("eval_exports", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--dense", str(tmp_path / "dense"), "--export", str(tmp_path / "fp32"), "--export",
+                        str(tmp_path / "int8"), "--ranks", "8,32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["weights"], row["rank"]) for row in rows] == [("fp32", None), ("fp32", 8), ("fp32", 32),
+                                                               ("int8", 8), ("int8", 32)]
+    assert rows[2]["cosine_to_dense"] > 0.9999  # full rank, fp32: the dense model itself
+    assert rows[4]["cosine_to_dense"] > 0.99 and rows[3]["cosine_to_dense"] <= 1.0
+    assert all(0 <= row["retrieval_top1"] <= 1 for row in rows)
+    assert "| int8 | 32 |" in script.markdown(rows)
