@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .extras import MissingExtraError, require_extra
+from .speculative import MAX_DRAFT_TOKENS, Speculation
 from .metadata import OptionValueError, validate_rank
 from .runtime import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .tensorrt.cuda import CudaError, TensorRTUnavailable
@@ -185,10 +186,15 @@ def user_errors(command):
 @click.option("--levels/--no-levels", default=True,
               help="run each rank on its materialised level (constants; dense products above break-even), built "
                    "before it runs; --no-levels runs the weight views")
+@click.option("--speculative", "draft_rank", default=None, type=click.IntRange(min=1),
+              help="self-speculative decoding: this lower rank drafts, each --ranks rank verifies (same output, "
+                   "greedy; the draft must be below the rank)")
+@click.option("--draft-tokens", default=4, type=click.IntRange(1, MAX_DRAFT_TOKENS),
+              help="tokens the draft proposes per round, to start with (adapted to how many are kept)")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def run_command(model_dir, ranks, prompt, chat, texts, max_new_tokens, sample, temperature, top_k, seed, threads,
-                providers, provider_fallback, levels, as_json):
+                providers, provider_fallback, levels, draft_rank, draft_tokens, as_json):
     """Run MODEL_DIR (an nsn-export output) at each of --ranks on --prompt, --chat or --text."""
     from .runtime import NonFiniteOutputWarning
     from .ort.session import NSNSession
@@ -209,12 +215,19 @@ def run_command(model_dir, ranks, prompt, chat, texts, max_new_tokens, sample, t
             prompt = chat_prompt_ids(session, chat)
         prompt = check_run_inputs(session, prompt, list(texts), max_new_tokens)
         run_ranks, why = ranks_to_run(session, rank_list)
+        if draft_rank is not None:
+            if prompt is None:
+                raise click.UsageError("--speculative drafts tokens: it needs --prompt or --chat (a decoder)")
+            if draft_rank >= min(run_ranks):
+                raise click.BadParameter(f"{draft_rank} is not below the rank it drafts for ({min(run_ranks)}); "
+                                         f"give a lower draft rank or higher --ranks", param_hint="--speculative")
         try:
             for rank in run_ranks:
                 session.rank = rank
                 session.prepare(rank, wait=True)
+                speculation = Speculation(draft_rank, draft_tokens) if draft_rank is not None else None
                 report = run_once(session, prompt, list(texts), max_new_tokens, sample, temperature, top_k,
-                                  seed, reply=chat is not None)
+                                  seed, reply=chat is not None, speculative=speculation)
                 reports.append({**report, "why": why, "runs_on": session.level_state(rank)["runs_on"]})
         except NonFiniteOutputWarning as error:
             raise click.ClickException(str(error)) from None
@@ -249,17 +262,21 @@ def chat_prompt_ids(runtime, message: str) -> list[int]:
     return runtime.tokenizer.encode(text, add_special_tokens=False).ids  # the template writes special tokens
 
 
-def run_once(session, prompt, texts, max_new_tokens, sample, temperature, top_k, seed, reply: bool = False) -> dict:
+def run_once(session, prompt, texts, max_new_tokens, sample, temperature, top_k, seed, reply: bool = False,
+             speculative=None) -> dict:
     """One rank's result: generated text and latencies, or embeddings and their warm latency. With
     ``reply`` the text is the model's turn: without the token that ended it."""
     if prompt is not None:
         result = session.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample,
-                                  temperature=temperature, top_k=top_k, seed=seed)
+                                  temperature=temperature, top_k=top_k, seed=seed, speculative=speculative)
         if reply:
             result.text = session.reply_text(result.token_ids)
         report = {"rank": session.rank, "text": result.text, "token_ids": result.token_ids,
                   "prefill_ms": round(result.prefill_ms, 3),
                   "decode_ms_per_token": round(result.decode_ms_per_token, 3)}
+        if speculative is not None:
+            report["speculative"] = {"draft_rank": speculative.draft_rank, "drafted": result.drafted,
+                                     "accepted": result.accepted}
     else:
         session.embed(texts)  # warm-up: the first call allocates and plans
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .metadata import NSNModelInfo, highest_within, validate_rank
+from .speculative import Speculation, accept, check_speculation
 from .text import (check_token_ids, encode_texts, encode_token_ids, length_sorted_batches, load_tokenizer, mean_pool,
                    model_max_length, model_vocab_size, pad_encodings, stop_token_ids)
 
@@ -24,12 +25,14 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 
 @dataclass(frozen=True)
 class Step:
-    """One generated token: its id, the rank it ran at, the decode call's latency, and whether it
-    is a stop token (the last step)."""
+    """One generated token: its id, the rank it ran at, the decode call's latency (a speculative
+    round's, shared by the tokens it kept), whether it is a stop token (the last step), and whether
+    a speculative draft proposed it (and the target kept it)."""
     token: int
     rank: int
     latency_ms: float
     stop: bool = False
+    drafted: bool = False
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Generation:
     text: str | None
     ranks: list[int] = field(default_factory=list)
     step_latency_ms: list[float] = field(default_factory=list)
+    drafted: int = 0  # speculative decoding: tokens the draft rank proposed
+    accepted: int = 0  # ... and the target rank kept
 
     @property
     def prefill_ms(self) -> float:
@@ -225,13 +230,20 @@ class NSNRuntime:
             token_ids = token_ids[:-1]
         return self.tokenizer.decode(token_ids)
 
+    supports_speculation = False  # a runtime with decode_positions and truncate_cache can verify drafts
+
     def generate_steps(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                       stop_ids: set[int] | None = None) -> Iterator[Step]:
+                       stop_ids: set[int] | None = None, speculative: Speculation | None = None) -> Iterator[Step]:
         """The one generation loop: one ``Step`` per new token, at whatever ``rank`` is set when the
         step runs (batch 1, with a KV cache). The caller may change ``rank`` between steps, or stop
         early (``close()``): the cache is released either way. The sampling options are checked
-        here, before the first step."""
+        here, before the first step.
+
+        ``speculative`` (a ``deploy.speculative.Speculation``): each round, the draft rank proposes
+        ``k`` tokens and the current rank verifies them in one call (``deploy.speculative``); the
+        output is the current rank's own, greedy token for token. Rounds where the draft rank is
+        not below the current rank run plainly."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -244,38 +256,120 @@ class NSNRuntime:
                              f"sampling (0 is greedy: do_sample=False), got {temperature!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        return self._steps(prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                           self.stop_ids if stop_ids is None else set(stop_ids))
+        if speculative is not None and not self.supports_speculation:
+            raise ValueError(f"speculative decoding runs on ONNX Runtime (NSNSession) for now; "
+                             f"{type(self).__name__} cannot verify drafts: generate without it")
+        if speculative is not None:
+            check_speculation(speculative.draft_rank, speculative.k, self.info.max_rank)
+        sampling = (temperature, top_k, top_p) if do_sample else None
+        return self._steps(prompt_ids, max_new_tokens, sampling, seed, self.stop_ids if stop_ids is None
+                           else set(stop_ids), speculative)
 
-    def _steps(self, prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stops):
+    def _steps(self, prompt_ids, max_new_tokens, sampling, seed, stops, speculation):
         random = np.random.default_rng(seed)
-        cache, past, step_input = None, 0, np.array([prompt_ids], np.int64)
+        sequence = list(prompt_ids)
+        cache, past = None, 0  # the current rank's cache holds sequence[:past]
+        draft = (None, 0)  # the draft rank's cache, and how much of the sequence it holds
+        emitted = 0
         try:
-            for _ in range(max_new_tokens):
+            while emitted < max_new_tokens:
                 start = time.perf_counter()
-                logits, cache = self.decode_step(step_input, cache, past)
+                proposals, draft_probs = [], []
+                room = max_new_tokens - emitted - 1
+                if (speculation is not None and cache is not None and room and speculation.ready
+                        and speculation.draft_rank < self._rank):
+                    draft, proposals, draft_probs = self._draft(sequence, draft, speculation.draft_rank,
+                                                                min(speculation.k, room), sampling, random)
+                pending = np.array([sequence[past:] + proposals], np.int64)
+                if proposals:
+                    logits, cache = self.decode_positions(pending, cache, past)
+                    rows = logits[-len(proposals) - 1:]
+                else:
+                    logits, cache = self.decode_step(pending, cache, past)
+                rank = self.last_rank  # the rank that call ran at (a governor may move it)
+                if proposals:
+                    tokens, kept = self._verify(rows, proposals, draft_probs, sampling, random)
+                    speculation.learn(len(proposals), kept)
+                    past += pending.shape[1] - (len(proposals) - kept)
+                    if kept < len(proposals):
+                        cache = self.truncate_cache(cache, past)
+                    held = draft[1]
+                    if held > past:  # the draft holds rejected proposals too
+                        draft = (self.truncate_cache(draft[0], past), past)
+                else:
+                    tokens, kept = [self._choose(logits[0], sampling, random)], 0
+                    past += pending.shape[1]
+                    if speculation is not None and draft[0] is None and speculation.draft_rank < self._rank:
+                        # the draft reads the prompt with it: later rounds catch up a token or two
+                        draft = (self.decode_positions(pending, None, 0, rank=speculation.draft_rank)[1],
+                                 pending.shape[1])
                 self.last_latency_ms = (time.perf_counter() - start) * 1e3
-                past += step_input.shape[1]
-                token = self._choose(logits[0], do_sample, temperature, top_k, top_p, random)
-                # last_rank: the rank that call ran at (a governor may move it)
-                yield Step(token, self.last_rank, self.last_latency_ms, token in stops)
-                if token in stops:
-                    return
-                step_input = np.array([[token]], np.int64)
+                if speculation is not None and pending.shape[1] - len(proposals) == 1:  # a decode round
+                    speculation.timed(bool(proposals), self.last_latency_ms, len(tokens))
+                for index, token in enumerate(tokens):
+                    emitted += 1
+                    sequence.append(token)
+                    yield Step(token, rank, self.last_latency_ms / len(tokens), token in stops, index < kept)
+                    if token in stops or emitted >= max_new_tokens:
+                        return
         finally:
             self.release_cache(cache)
+            self.release_cache(draft[0])
+
+    def _draft(self, sequence: list[int], draft, rank: int, count: int, sampling, random):
+        """``count`` tokens proposed at the draft ``rank`` (catching its cache up on the sequence
+        first): ``((cache, held), proposals, their distributions)``."""
+        cache, held = draft
+        proposals, probs = [], []
+        step = sequence[held:]
+        for _ in range(count):
+            logits, cache = self.decode_positions(np.array([step], np.int64), cache, held, rank=rank)
+            held += len(step)
+            if sampling is None:
+                token = int(np.argmax(logits[-1]))
+            else:
+                probs.append(self._probabilities(logits[-1], *sampling))
+                token = int(random.choice(len(probs[-1]), p=probs[-1]))
+            proposals.append(token)
+            step = [token]
+        return (cache, held), proposals, probs
+
+    def _verify(self, rows: np.ndarray, proposals: list[int], draft_probs: list, sampling, random):
+        """The tokens a round keeps: the longest prefix of ``proposals`` the target accepts, then one
+        of its own (a correction, or the token after them all); and how many proposals were kept."""
+        for index, proposal in enumerate(proposals):
+            if sampling is None:
+                token = int(np.argmax(rows[index]))
+                if token != proposal:
+                    return proposals[:index] + [token], index
+            else:
+                kept, token = accept(proposal, self._probabilities(rows[index], *sampling), draft_probs[index], random)
+                if not kept:
+                    return proposals[:index] + [token], index
+        return proposals + [self._choose(rows[-1], sampling, random)], len(proposals)
+
+    def decode_positions(self, token_ids: np.ndarray, cache, past_length: int, rank: int | None = None):
+        """One call on one sequence: the logits of every new position, and the new cache
+        (runtimes that support speculative decoding)."""
+        raise NotImplementedError
+
+    def truncate_cache(self, cache, length: int):
+        """The cache cut back to its first ``length`` positions (runtimes that support speculation)."""
+        raise NotImplementedError
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop_ids: set[int] | None = None, rank_at: Callable[[int], int | None] | None = None,
-                 top_p: float = 1.0) -> Generation:
+                 top_p: float = 1.0, speculative: Speculation | None = None) -> Generation:
         """Greedy or sampled generation with a KV cache (batch 1).
 
         ``rank_at(step)`` (step 0 is the prompt) may return a new rank before each step; the cache
-        is kept, so earlier keys and values keep the rank they were computed at.
+        is kept, so earlier keys and values keep the rank they were computed at. ``speculative``:
+        see ``generate_steps``; its counts end up in ``drafted`` and ``accepted``.
         """
         prompt_ids = self.encode_prompt(prompt)
-        steps = self.generate_steps(prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_ids)
+        steps = self.generate_steps(prompt_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_ids,
+                                    speculative)
         result = Generation([], None)
         with contextlib.closing(steps):
             for index in range(max_new_tokens):
@@ -287,16 +381,24 @@ class NSNRuntime:
                 result.step_latency_ms.append(step.latency_ms)
                 if step.stop:
                     break
+        if speculative is not None:
+            result.drafted, result.accepted = speculative.drafted, speculative.accepted
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.token_ids)
         return result
 
-    @staticmethod
-    def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float, random) -> int:
-        """Greedy, or sampled from the temperature-scaled distribution cut to the ``top_k`` most
-        likely tokens and then to the smallest set whose probability reaches ``top_p`` (nucleus)."""
-        if not do_sample:
+    @classmethod
+    def _choose(cls, logits: np.ndarray, sampling, random) -> int:
+        """Greedy (``sampling`` None), or sampled from ``_probabilities(logits, *sampling)``."""
+        if sampling is None:
             return int(np.argmax(logits))
+        probs = cls._probabilities(logits, *sampling)
+        return int(random.choice(len(probs), p=probs))
+
+    @staticmethod
+    def _probabilities(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+        """The temperature-scaled distribution cut to the ``top_k`` most likely tokens and then to the
+        smallest set whose probability reaches ``top_p`` (nucleus), in float64."""
         scores = logits.astype(np.float64) / temperature
         if top_k and top_k < len(scores):
             cutoff = np.partition(scores, -top_k)[-top_k]
@@ -310,4 +412,4 @@ class NSNRuntime:
             mask[order[keep]] = True
             probs = np.where(mask, probs, 0.0)
             probs /= probs.sum()
-        return int(random.choice(len(probs), p=probs))
+        return probs

@@ -191,12 +191,13 @@ class NSNSession(NSNRuntime):
             self._view_cache[rank] = feeds
         return feeds
 
-    def run_values(self, feeds: dict, outputs: list[str] | None = None) -> list[ort.OrtValue]:
-        """Run at the current rank; ``feeds`` are numpy arrays or ``OrtValue``s (passed through, so a
-        KV cache returned by one call feeds the next without a copy)."""
+    def run_values(self, feeds: dict, outputs: list[str] | None = None, rank: int | None = None) -> list[ort.OrtValue]:
+        """Run at the current rank (or ``rank``, a speculative draft's); ``feeds`` are numpy arrays or
+        ``OrtValue``s (passed through, so a KV cache returned by one call feeds the next without a copy)."""
         values = {name: value if isinstance(value, ort.OrtValue)
                   else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
-        rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
+        if rank is None:
+            rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
         level = self.last_level = self.levels.ready(rank) if self.levels is not None else None
         if level is not None:
             return level.session.run_with_ort_values(outputs or self.output_names, {**values, **level.feeds})
@@ -217,3 +218,18 @@ class NSNSession(NSNRuntime):
         logits = values[0].numpy()[:, -1]
         warn_if_not_finite(logits, "logits")
         return logits, values[1:]
+
+    supports_speculation = True
+
+    def decode_positions(self, token_ids: np.ndarray, cache: list | None, past_length: int, rank: int | None = None):
+        """One decoder call on one sequence: ``(logits of every new position, new cache)``, at the
+        current rank or ``rank``."""
+        values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, past_length), rank=rank)
+        logits = values[0].numpy()[0]
+        warn_if_not_finite(logits, "logits")
+        return logits, values[1:]
+
+    @staticmethod
+    def truncate_cache(cache: list, length: int) -> list:
+        """The KV cache cut back to its first ``length`` positions (a rejected draft's entries dropped)."""
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[:, :, :length])) for value in cache]

@@ -1,0 +1,119 @@
+"""Self-speculative decoding: the low ranks draft, the target rank verifies. Greedy output is the
+target rank's own, token for token, for every pair of ranks; sampling follows the target's
+distribution through the accept/reject rule."""
+
+import numpy as np
+import pytest
+
+from deploy import NSNSession
+from deploy.speculative import Speculation, accept, check_speculation
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+class Recorded(Speculation):
+    """A speculation that keeps each round's (proposed, kept), and never switches itself off (on
+    these tiny models a round's timing is noise)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, auto_off=False, **kwargs)
+        self.kept_by_round = []
+
+    def learn(self, proposed, kept):
+        self.kept_by_round.append((proposed, kept))
+        super().learn(proposed, kept)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_speculation_gives_the_target_ranks_tokens_for_every_pair_of_ranks(exported, arch):
+    session = NSNSession(exported(arch)[0].path.parent)
+    for target in (16, 11, 4):
+        session.rank = target
+        plain = session.generate(PROMPT, max_new_tokens=100, stop_ids=set())
+        for draft in range(1, target):
+            for k in (1, 4):
+                speculation = Recorded(draft, k)
+                result = session.generate(PROMPT, max_new_tokens=100, stop_ids=set(), speculative=speculation)
+                assert result.token_ids == plain.token_ids, (target, draft, k)
+                assert set(result.ranks) == {target} and result.drafted == speculation.drafted
+
+
+def test_rounds_where_every_draft_is_rejected_and_rounds_where_every_draft_is_kept_both_stay_identical(exported):
+    session = NSNSession(exported("llama")[0].path.parent, rank=16)
+    plain = session.generate(PROMPT, max_new_tokens=100, stop_ids=set())
+    for draft in (1, 15):  # far below the target: drafts rejected; one below it: drafts kept
+        speculation = Recorded(draft, 4)
+        assert session.generate(PROMPT, max_new_tokens=100, stop_ids=set(),
+                                speculative=speculation).token_ids == plain.token_ids
+        kept = [kept for _, kept in speculation.kept_by_round]
+        assert (0 in kept) if draft == 1 else any(k == p for p, k in speculation.kept_by_round)
+
+
+def test_a_stop_token_or_the_token_budget_ends_a_speculative_round_early(exported):
+    session = NSNSession(exported("llama")[0].path.parent, rank=16)
+    plain = session.generate(PROMPT, max_new_tokens=40, stop_ids=set())
+    stop = plain.token_ids[25]
+    expected = plain.token_ids[:plain.token_ids.index(stop) + 1]
+    for budget, stops in ((40, {stop}), (7, set())):
+        result = session.generate(PROMPT, max_new_tokens=budget, stop_ids=stops, speculative=Recorded(15, 8))
+        assert result.token_ids == (expected if stops else plain.token_ids[:budget])
+
+
+def test_the_accept_reject_rule_samples_the_target_distribution():
+    random = np.random.default_rng(0)
+    target = np.array([0.5, 0.3, 0.15, 0.05])
+    draft = np.array([0.1, 0.2, 0.3, 0.4])
+    draws = 40_000
+    counts = np.zeros(4)
+    for _ in range(draws):
+        proposal = int(random.choice(4, p=draft))
+        counts[accept(proposal, target, draft, random)[1]] += 1
+    # each share within 4.5 standard errors of the target's probability
+    assert np.all(np.abs(counts / draws - target) <= 4.5 * np.sqrt(target * (1 - target) / draws))
+
+
+def test_sampled_speculation_is_reproducible_and_counts_what_it_drafts(exported):
+    session = NSNSession(exported("llama")[0].path.parent, rank=16)
+    runs = [session.generate(PROMPT, max_new_tokens=30, do_sample=True, temperature=0.8, top_k=20, seed=5,
+                             stop_ids=set(), speculative=Recorded(12, 3)) for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 30
+    assert 0 <= runs[0].accepted <= runs[0].drafted > 0
+
+
+def test_speculation_switches_itself_off_once_it_costs_more_per_token_than_plain_decoding():
+    cheap, dear = Speculation(4), Speculation(4)
+    for speculation, round_ms in ((cheap, 20.0), (dear, 70.0)):
+        assert not speculation.ready  # the plain round after the prompt comes first
+        speculation.timed(False, 30.0, 1)  # plain: 30 ms a token
+        for _ in range(8):
+            assert speculation.ready
+            speculation.timed(True, round_ms, 2)  # two tokens kept a round
+    assert not cheap.off and cheap.speculative_ms == 10.0 and cheap.ready
+    assert dear.off and not dear.ready
+    assert Speculation(4, auto_off=False).ready
+
+
+def test_draft_ranks_and_draft_lengths_are_checked():
+    for draft, k, words in ((0, 4, "draft rank must be an integer in [1, 15]"), (16, 4, "[1, 15], got 16"),
+                            (4, 0, "draft tokens (k) must be an integer in [1, 16]"), (4, 17, "got 17"),
+                            (True, 4, "got True")):
+        with pytest.raises(ValueError) as error:
+            check_speculation(draft, k, 16)
+        assert words in str(error.value)
+
+
+def test_nsn_run_speculative_prints_the_same_tokens_and_what_was_drafted(exported):
+    import json
+
+    from click.testing import CliRunner
+
+    from deploy.cli import run_command
+
+    export = str(exported("llama")[0].path.parent)
+    args = [export, "--prompt", "w1 w2 w3", "--ranks", "16", "--max-new-tokens", "24", "--json"]
+    plain = json.loads(CliRunner().invoke(run_command, args).stdout)
+    result = CliRunner().invoke(run_command, [*args, "--speculative", "12", "--draft-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["token_ids"] == plain["token_ids"] and report["speculative"]["draft_rank"] == 12
+    assert 0 <= report["speculative"]["accepted"] <= report["speculative"]["drafted"]
