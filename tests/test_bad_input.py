@@ -626,6 +626,10 @@ CASES += [
     ]],
     # ---- nsn-serve refuses bad options before it binds a port -------------------------------------------
     Case("serve-no-model", serve_command, ["{ws}/nothing"], 1, ("nothing", "nsn-export first"), ()),
+    Case("serve-speculative-at-the-top-rank", serve_command, ["{ws}/export", "--speculative", "16"], 2,
+         ("--speculative must be in [1, 15], got 16",), ("export",)),
+    Case("serve-speculative-on-an-encoder", serve_command, ["{ws}/encoder", "--speculative", "4"], 2,
+         ("--speculative", "is an encoder", "nothing to draft"), ("encoder",)),
     Case("serve-log-over-the-graph", serve_command, ["{ws}/encoder", "--log", "{ws}/encoder/model.onnx"], 1,
          ("--log", "is inside the input"), ("encoder",)),
     Case("serve-port-out-of-range", serve_command, ["{ws}/encoder", "--port", "70000"], 2, ("--port", "70000"),

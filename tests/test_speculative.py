@@ -117,3 +117,17 @@ def test_nsn_run_speculative_prints_the_same_tokens_and_what_was_drafted(exporte
     report = json.loads(result.stdout)
     assert report["token_ids"] == plain["token_ids"] and report["speculative"]["draft_rank"] == 12
     assert 0 <= report["speculative"]["accepted"] <= report["speculative"]["drafted"]
+
+
+def test_the_server_drafts_with_a_low_rank_and_answers_what_it_answers_without(serve, exported):
+    export = exported("llama")[0].path.parent
+    plain = serve([export, "--no-governor", "--model-name", "tiny"])
+    drafting = serve([export, "--no-governor", "--model-name", "tiny", "--speculative", "12"])
+    answers = [server.client().completions.create(model="tiny", prompt="w1 w2 w3", max_tokens=24, temperature=0)
+               for server in (plain, drafting)]
+    assert answers[1].choices[0].text == answers[0].choices[0].text
+    report = answers[1].model_extra["nsn"]["speculative"]
+    assert report["draft_rank"] == 12 and 0 <= report["accepted"] <= report["drafted"]
+    assert "speculative" not in answers[0].model_extra["nsn"]
+    assert drafting.metric("nsn:spec_decode_num_draft_tokens_total") == report["drafted"]
+    assert drafting.metric("nsn:spec_decode_num_accepted_tokens_total") == report["accepted"]

@@ -66,10 +66,14 @@ def context_limits(runtime) -> tuple[int, int]:
 @click.option("--levels/--no-levels", default=True,
               help="materialise the ceiling's rank beside serving (constants; dense products above break-even; int8 "
                    "kernels for int8 exports): faster, for one level's memory; --no-levels serves weight views only")
+@click.option("--speculative", "draft_rank", default=None, type=click.IntRange(min=1),
+              help="self-speculative decoding: this rank drafts, the ceiling verifies (the same tokens; rounds where "
+                   "the ceiling is not above it, and requests where it does not pay, decode plainly)")
 @user_errors
 @needs_extra("serve")
 def serve_command(model_dir, host, port, model_name, policy_path, no_governor, sysfs_root, period_s, rank, api_key,
-                  max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s, levels):
+                  max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s, levels,
+                  draft_rank):
     """Serve MODEL_DIR over the OpenAI API, its rank governed by the device's temperature and battery."""
     import uvicorn
 
@@ -98,6 +102,12 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
                                 f"directory (engine.json); run nsn-export first")
     if rank is not None:
         validate_rank(rank, read_model_info(model_dir).max_rank, "--rank")
+    if draft_rank is not None:
+        info = read_model_info(model_dir)
+        if info.task != "text-generation":
+            raise click.BadParameter(f"{model_dir} is an encoder ({info.task}): there is nothing to draft",
+                                     param_hint="--speculative")
+        validate_rank(draft_rank, info.max_rank - 1, "--speculative")
     policy = None if no_governor else load_policy(policy_path)
     sensors = None if no_governor else SysfsSensors(sysfs_root)
     state = ServerState(model_name=model_name or model_dir.resolve().name, api_key=api_key or None,
@@ -106,7 +116,8 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
 
     def load() -> None:
         try:
-            start_model(state, model_dir, policy, sensors, rank, max_queue, period_s, log_path, threads, levels=levels)
+            start_model(state, model_dir, policy, sensors, rank, max_queue, period_s, log_path, threads, levels=levels,
+                        draft_rank=draft_rank)
         except Exception as error:  # reported by /health and every route; the process keeps answering
             log.error("loading %s failed: %s", model_dir, error)
             state.load_error = str(error)
@@ -160,7 +171,7 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads,
-                runtime=None, levels: bool = True) -> None:
+                runtime=None, levels: bool = True, draft_rank: int | None = None) -> None:
     """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
     200 after this."""
     from ..governor.cli import open_runtime, thermal_control
@@ -170,7 +181,9 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     from .scheduler import Scheduler
 
     runtime = runtime or open_runtime(model_dir, intra_op_threads=threads, levels=levels)
-    scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics)
+    if draft_rank is not None and not runtime.supports_speculation:
+        raise ValueError(f"--speculative runs on ONNX Runtime for now; {runtime_label(runtime)} cannot verify drafts")
+    scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics, draft_rank=draft_rank)
     state.scheduler = scheduler
     state.runtime_label = runtime_label(runtime)
     state.prompt_limit, state.context_limit = context_limits(runtime)

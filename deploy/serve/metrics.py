@@ -36,6 +36,8 @@ class Metrics:
         self.itl = histogram("nsn:inter_token_latency_seconds", "Time between two tokens of a request")
         self.e2e = histogram("nsn:e2e_request_latency_seconds", "End-to-end request latency")
         self.queue_time = histogram("nsn:request_queue_time_seconds", "Time a request waited before it ran")
+        self.spec_drafted = counter("nsn:spec_decode_num_draft_tokens", "Tokens the speculative draft rank proposed")
+        self.spec_accepted = counter("nsn:spec_decode_num_accepted_tokens", "Drafted tokens the target rank kept")
         # ours
         self.rank = gauge("nsn:rank", "The rank the latest token or batch ran at")
         self.rank_ceiling = gauge("nsn:rank_ceiling", "The device's rank ceiling set by the governor")
@@ -73,6 +75,10 @@ class Metrics:
         self.e2e.labels(**self.labels).observe(e2e_s)
         self.prompt_tokens.labels(**self.labels).inc(prompt_tokens)
         self.generation_tokens.labels(**self.labels).inc(generated)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.spec_drafted.labels(**self.labels).inc(drafted)
+        self.spec_accepted.labels(**self.labels).inc(accepted)
 
     def ceiling(self, rank: int) -> None:
         if self._last_ceiling is not None and rank != self._last_ceiling:

@@ -73,6 +73,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
+    speculation: object = None  # a deploy.speculative.Speculation when the server drafts
 
 
 class TextStream:
@@ -107,8 +108,10 @@ class Scheduler:
     """Owns ``runtime`` (an ``NSNSession`` or ``NSNEngine``) on one thread. ``set_rank`` is the
     governor's interface: it moves the ceiling every job runs under."""
 
-    def __init__(self, runtime, max_queue: int = 64, metrics=None, max_active: int = MAX_ACTIVE):
+    def __init__(self, runtime, max_queue: int = 64, metrics=None, max_active: int = MAX_ACTIVE,
+                 draft_rank: int | None = None, draft_tokens: int = 4):
         self.runtime, self.max_queue, self.metrics, self.max_active = runtime, max_queue, metrics, max_active
+        self.draft_rank, self.draft_tokens = draft_rank, draft_tokens  # self-speculative decoding, when set
         self.info = runtime.info
         self.ceiling, why = runtime.default_ceiling()
         self.reason = f"no governor: {why}"
@@ -289,7 +292,12 @@ class Scheduler:
             job.started_s = time.monotonic()
             if self.metrics is not None:
                 self.metrics.queued(job.started_s - job.created_s)
-            job.steps = runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling)
+            if self.draft_rank is not None:
+                from ..speculative import Speculation
+
+                job.speculation = Speculation(self.draft_rank, self.draft_tokens)
+            job.steps = runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling,
+                                               speculative=job.speculation)
             job.text = TextStream(runtime.tokenizer, job.stop)
         runtime.rank = self.rank_for(job)
         step = next(job.steps, None)
@@ -333,6 +341,8 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.finished(reason or "stop", finished - job.created_s, len(job.prompt_ids) or job.input_tokens,
                                   len(job.tokens))
+            if job.speculation is not None:
+                self.metrics.speculated(job.speculation.drafted, job.speculation.accepted)
         self.served += 1
         payload = dict(result or {})
         if job.kind == "generate":
@@ -351,6 +361,9 @@ class Scheduler:
                                  "mean": round(statistics.fmean(ranks), 2)},
                           flops_fraction=round(float(np.mean([self.info.flops_fraction(r) for r in ranks])), 4),
                           token_ranks=ranks if job.kind == "generate" else None)
+        if job.speculation is not None:
+            report["speculative"] = {"draft_rank": job.speculation.draft_rank, "drafted": job.speculation.drafted,
+                                     "accepted": job.speculation.accepted, "switched_off": job.speculation.off}
         if note:
             report["note"] = note
         return {k: v for k, v in report.items() if v is not None}
