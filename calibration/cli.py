@@ -17,6 +17,7 @@ from deploy.cli import (MAX_CONTEXT_TOKENS, MAX_REPEATS, FiniteFloat, Threads, c
 from nsn_export.cli import format_table, model_option, stage_printer
 
 from .compare import SCHEMA as COMPARE_SCHEMA
+from .compare import SPECULATIVE_SCHEMA
 
 
 def bench_markdown(report: dict) -> str:
@@ -67,6 +68,8 @@ def read_report(path: Path) -> dict:
     if (isinstance(report, dict) and report.get("schema") == COMPARE_SCHEMA
             and {"rows", "machine", "targets", "llama_cpp"} <= set(report)):
         return report
+    if isinstance(report, dict) and report.get("schema") == SPECULATIVE_SCHEMA and {"rows", "machine"} <= set(report):
+        return report
     if not isinstance(report, dict) or not {"rows", "switch", "memory", "targets", "machine"} <= set(report):
         raise ValueError(f"{path}: not an nsn-bench report (rows, switch, memory, targets, machine expected); "
                          f"pass a file written by nsn-bench --output")
@@ -93,6 +96,10 @@ def read_report(path: Path) -> dict:
               help="with --model: also run llama.cpp's llama-bench on this GGUF, when llama-bench is on PATH")
 @click.option("--ranks", default=None, help="with --model: comma-separated ranks [default: the governor's levels "
                                            "and the rank nearest half the dense FLOPs]")
+@click.option("--speculative", "draft_rank", default=None, type=click.IntRange(min=1),
+              help="with one --model (no --dense): greedy tokens/s with and without this rank drafting, at each "
+                   "level above it")
+@click.option("--draft-tokens", default=4, type=click.IntRange(1, 16), help="with --speculative: tokens per draft")
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None, help="write JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--markdown", is_flag=True, help="print markdown tables (as in docs/PERFORMANCE.md)")
@@ -100,7 +107,7 @@ def read_report(path: Path) -> dict:
               help="format an earlier --output instead of measuring again")
 @user_errors
 def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode_runs, prefill_runs, model_dirs,
-                  dense_dir, gguf, ranks, output_path, as_json, markdown, from_json):
+                  dense_dir, gguf, ranks, draft_rank, draft_tokens, output_path, as_json, markdown, from_json):
     """Dynamic-rank graph vs per-rank specialist vs dense Optimum export, on ONNX Runtime CPU; with
     --model, an export at each governor level vs its dense export (and llama.cpp, with --gguf)."""
     from deploy.atomic import atomic_file, check_output_files
@@ -111,7 +118,10 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
 
     start = time.perf_counter()
     report_progress = lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True)  # noqa: E731
-    if bool(model_dirs) != (dense_dir is not None):
+    if draft_rank is not None and (len(model_dirs) != 1 or dense_dir is not None or gguf is not None):
+        raise click.UsageError("--speculative measures one export with and without drafting: give one --model, "
+                               "and no --dense or --gguf")
+    if bool(model_dirs) != (dense_dir is not None) and draft_rank is None:
         raise click.UsageError("--model and --dense go together: the NSN export and its dense model's export "
                                "(nsn-export --dense MODEL)")
     if not model_dirs and (gguf is not None or ranks is not None):
@@ -121,6 +131,16 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
     check_output_files({"--output": output_path}, [from_json, work_dir, dense_dir, *model_dirs])
     if from_json:
         report = read_report(from_json)
+    elif draft_rank is not None:
+        from deploy.metadata import read_model_info, validate_rank
+
+        from .compare import speculative_report
+
+        info = read_model_info(model_dirs[0])
+        validate_rank(draft_rank, info.max_rank - 1, "--speculative")
+        rank_list = [validate_rank(r, info.max_rank, "--ranks") for r in parse_ranks(ranks) or []]
+        report = speculative_report(model_dirs[0], draft_rank, rank_list, threads, draft_tokens=draft_tokens,
+                                    progress=report_progress)
     elif model_dirs:
         from deploy.metadata import read_model_info, validate_rank
 
@@ -144,6 +164,10 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
         from .compare import compare_markdown, compare_summary
 
         click.echo(compare_markdown(report) + ("" if markdown else "\n" + compare_summary(report)))
+    elif report.get("schema") == SPECULATIVE_SCHEMA:
+        from .compare import speculative_markdown
+
+        click.echo(speculative_markdown(report))
     else:
         click.echo(bench_markdown(report) + ("" if markdown else "\n" + bench_summary(report)))
 

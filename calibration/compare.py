@@ -226,3 +226,78 @@ def compare_summary(report: dict) -> str:
     return "targets: " + ", ".join(f"{name} {check['value']} ({'met' if check['met'] else 'NOT met'})"
                                    for name, check in report["targets"].items())
 
+
+
+SPECULATIVE_SCHEMA = "nsn-bench-speculative/1"
+SPECULATIVE_PROMPT = "Give me three tips for staying healthy."
+
+
+def speculative_report(model_dir: Path, draft_rank: int, ranks: list[int] | None = None, threads: int = 2,
+                       tokens: int = 64, rounds: int = 3, draft_tokens: int = 4,
+                       progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Greedy generation with and without self-speculative decoding at each governor level above
+    ``draft_rank`` (each on its level, as served), alternating ``rounds`` times: tokens/s of both,
+    the acceptance rate, and whether speculation switched itself off. A report of schema
+    ``nsn-bench-speculative/1``; the outputs are checked to be the same tokens."""
+    import statistics
+    import time
+
+    from deploy import NSNSession
+    from deploy.speculative import Speculation
+
+    session = NSNSession(model_dir, intra_op_threads=threads)
+    if session.info.task != "text-generation":
+        raise ValueError(f"{model_dir} is an encoder ({session.info.task}): speculative decoding drafts tokens")
+    if session.levels is None:
+        raise ValueError(f"{model_dir}: this export cannot run on weight views (a mask-mode graph?); re-export it "
+                         f"with --rank-mode slice")
+    prompt = session.encode_prompt(SPECULATIVE_PROMPT) if session.tokenizer is not None else list(range(1, 17))
+    levels = [rank for rank in sorted(set(ranks or default_ranks(session))) if rank > draft_rank]
+    if not levels:
+        raise ValueError(f"no rank to verify above the draft rank {draft_rank}; give a lower draft rank or --ranks")
+    rows = []
+    for rank in levels:
+        session.set_rank(rank)
+        session.prepare(rank, wait=True)
+        progress(f"rank {rank}: {tokens} tokens, plain and drafted by rank {draft_rank}, {rounds} rounds")
+        speeds: dict[str, list[float]] = {"plain": [], "speculative": [], "speculative, never off": []}
+        counts = {}
+        reference = None
+        for _ in range(rounds):
+            for name in speeds:
+                speculation = None if name == "plain" else Speculation(draft_rank, draft_tokens,
+                                                                       auto_off=name == "speculative")
+                start = time.perf_counter()
+                result = session.generate(prompt, max_new_tokens=tokens, stop_ids=set(), speculative=speculation)
+                speeds[name].append(len(result.token_ids) / (time.perf_counter() - start))
+                reference = reference or result.token_ids
+                if result.token_ids != reference:  # a broken runtime, not a slow one: say so loudly
+                    raise RuntimeError(f"rank {rank}: speculative decoding changed the greedy tokens ({name})")
+                if speculation is not None:
+                    counts[name] = {"drafted": speculation.drafted, "accepted": speculation.accepted,
+                                    "switched_off": speculation.off}
+        plain = statistics.median(speeds["plain"])
+        rows.append({"rank": rank, "tokens_per_s": {name: round(statistics.median(v), 2) for name, v in speeds.items()},
+                     "speedup": {name: round(statistics.median(v) / plain, 3) for name, v in speeds.items()
+                                 if name != "plain"},
+                     "acceptance": round(counts["speculative, never off"]["accepted"]
+                                         / max(1, counts["speculative, never off"]["drafted"]), 3),
+                     "switched_off": counts["speculative"]["switched_off"]})
+    return {"schema": SPECULATIVE_SCHEMA, "model": str(model_dir), "draft_rank": draft_rank,
+            "draft_tokens": draft_tokens, "tokens": tokens, "rounds": rounds,
+            "machine": machine_facts(threads, copy_bandwidth_gbs()), "rows": rows}
+
+
+def speculative_markdown(report: dict) -> str:
+    lines = [f"| rank | plain tokens/s | speculative (draft rank {report['draft_rank']}) | speedup | never switched off "
+             f"| speedup | acceptance | switched itself off |", "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for row in report["rows"]:
+        speed, gain = row["tokens_per_s"], row["speedup"]
+        lines.append(f"| {row['rank']} | {speed['plain']:.1f} | {speed['speculative']:.1f} | {gain['speculative']:.2f}x "
+                     f"| {speed['speculative, never off']:.1f} | {gain['speculative, never off']:.2f}x "
+                     f"| {row['acceptance']:.2f} | {'yes' if row['switched_off'] else 'no'} |")
+    machine = report["machine"]
+    lines.append(f"\n{report['tokens']} greedy tokens, median of {report['rounds']} alternating runs; "
+                 f"{machine['processor']}, {machine['cpu_count']} cores, ONNX Runtime {machine['onnxruntime']} with "
+                 f"{machine['intra_op_threads']} threads.")
+    return "\n".join(lines)

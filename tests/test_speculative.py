@@ -131,3 +131,23 @@ def test_the_server_drafts_with_a_low_rank_and_answers_what_it_answers_without(s
     assert "speculative" not in answers[0].model_extra["nsn"]
     assert drafting.metric("nsn:spec_decode_num_draft_tokens_total") == report["drafted"]
     assert drafting.metric("nsn:spec_decode_num_accepted_tokens_total") == report["accepted"]
+
+
+def test_the_speculative_benchmark_times_both_ways_at_each_level_above_the_draft(exported, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from calibration.cli import bench_command
+
+    out = tmp_path / "speculative.json"
+    result = CliRunner().invoke(bench_command, ["--model", str(exported("llama")[0].path.parent), "--speculative", "8",
+                                                "--ranks", "4,12,16", "--threads", "1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["schema"] == "nsn-bench-speculative/1" and [row["rank"] for row in report["rows"]] == [12, 16]
+    for row in report["rows"]:
+        assert set(row["tokens_per_s"]) == {"plain", "speculative", "speculative, never off"}
+        assert 0 <= row["acceptance"] <= 1 and isinstance(row["switched_off"], bool)
+    again = CliRunner().invoke(bench_command, ["--from-json", str(out)])
+    assert again.exit_code == 0 and "| 16 |" in again.stdout and "draft rank 8" in again.stdout
