@@ -177,3 +177,14 @@ def test_the_server_runs_the_default_ceiling_on_its_level_and_says_so(serve, ful
     status = httpx.get(f"{views_only.url}/v1/nsn/status", timeout=10).json()
     assert status["ceiling"] == plain.default_ceiling()[0] < 32  # the top rank would cost more than dense
     assert "no more than the dense model" in status["reason"] and status["level"]["levels"] == "off"
+
+
+def test_a_manual_cap_above_the_governors_top_level_is_the_top_level(full_rank):
+    plain = NSNSession(full_rank, levels=False)
+    info = plain.info
+    governor = Governor(Quiet(), policy_from_dict({"levels": {"min_dwell_s": 0}}), plain, info.max_rank,
+                        plain.level_flops, dense_flops=info.dense_flops)
+    top = governor.levels.ranks[-1]
+    assert top < info.max_rank
+    governor.override(info.max_rank)  # allowed: a cap, and the levels stop below it
+    assert governor.step(0.0).rank == top

@@ -74,7 +74,7 @@ class Governor:
                  log_path: str | Path | None = None, rank_file: str | Path | None = None,
                  on_decision: Callable[[Decision], None] | None = None, trip_c: float | None = None,
                  dense_flops: float | None = None):
-        self.sensors, self.config, self.target = sensors, config, target
+        self.sensors, self.config, self.target, self.max_rank = sensors, config, target, max_rank
         self.notes: list[str] = []  # policies turned off here, levels left out, and why (shown at start-up)
         frontier = None
         listed = bool(config.ranks)
@@ -169,8 +169,9 @@ class Governor:
         return self.levels.ranks[self.index]
 
     def override(self, rank: int | None) -> None:
-        """Manual override: cap the rank at ``rank`` (None releases it). Safety limits still apply."""
-        self.manual_rank = None if rank is None else validate_rank(rank, self.levels.ranks[-1], "override rank")
+        """Manual override: cap the rank at ``rank`` (None releases it; a cap above the top level is the
+        top level). Safety limits still apply."""
+        self.manual_rank = None if rank is None else validate_rank(rank, self.max_rank, "override rank")
 
     def _manual_ceiling(self) -> Ceiling | None:
         rank, source = self.manual_rank, "manual rank"
