@@ -448,7 +448,7 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
     dense = outputs_at(model, batches, None)[1][0].numpy()
     dense_path = export_dense_onnx(model, output_path / "minilm-dense-onnx")
     progress(f"exported the dense model with Optimum -> {dense_path} (the baseline without NSN)")
-    from .retrieval import dense_embedder, docstring_pairs, top1_accuracy, unseen_sentences
+    from .retrieval import cosine_to, dense_embedder, docstring_pairs, top1_accuracy, unseen_sentences
 
     pairs = docstring_pairs()
     trained = model_path is not None
@@ -482,8 +482,7 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
         return embeddings, round(statistics.median(timings), 2)
 
     def cosine(embeddings: np.ndarray) -> float:
-        norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(dense, axis=-1)
-        return round(float((np.sum(embeddings * dense, -1) / norms).mean()), 4)
+        return cosine_to(embeddings, dense)
 
     session = NSNSession(export_dir)
     baseline = dense_embedder(dense_path, session)

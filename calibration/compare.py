@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bench import copy_bandwidth_gbs, machine_facts, measure_interleaved, plain_session
+from .bench import copy_bandwidth_gbs, decoder_workload, machine_facts, measure_interleaved, plain_session
 
 SCHEMA = "nsn-bench-compare/1"
 LLAMA_BENCH = "llama-bench"
@@ -37,32 +37,24 @@ LLAMA_BENCH = "llama-bench"
 def default_ranks(session) -> list[int]:
     """The governor's default levels on this runtime (its equal-work ladder within the dense cost),
     plus the rank nearest half the dense FLOPs."""
-    from deploy.governor.loop import within_dense
     from deploy.governor.policy import Levels
 
-    top = max(within_dense(list(range(1, session.info.max_rank + 1)), session.level_flops, session.info.dense_flops))
-    ladder = Levels.equal_work(top, session.level_flops, count=5).ranks
+    ladder = Levels.equal_work(session.default_ceiling()[0], session.level_flops, count=5).ranks
     return sorted(set(ladder) | {session.info.rank_for_budget(0.5)})
 
 
 def workload(session, prefill_tokens: int, cache_tokens: int, seed: int = 0) -> dict[str, dict]:
-    """Feeds per phase: ``prefill`` (and ``decode`` for decoders) with random ids and a random cache."""
-    from deploy.runtime import decoder_feeds
-
-    generator = np.random.default_rng(seed)
-    shapes = session.input_shapes
+    """Feeds per phase: ``prefill`` (and ``decode`` for decoders, ``bench.decoder_workload``) with
+    random ids and a random cache."""
     vocab = session.vocab_size or 100
-    ids = lambda length: generator.integers(0, vocab, (1, length)).astype(np.int64)  # noqa: E731
-    if session.info.task != "text-generation":
-        prompt = ids(prefill_tokens)
-        feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
-        if "token_type_ids" in shapes:
-            feeds["token_type_ids"] = np.zeros_like(prompt)
-        return {"prefill": feeds}
-    cache = [generator.standard_normal((1, shape[1], cache_tokens, shape[3])).astype(np.float32)
-             for name, shape in shapes.items() if name.startswith("past_key_values.")]
-    return {"prefill": decoder_feeds(shapes, ids(prefill_tokens)),
-            "decode": decoder_feeds(shapes, ids(1), cache, cache_tokens)}
+    if session.info.task == "text-generation":
+        prefill, decode = decoder_workload(session.session, vocab, prefill_tokens, cache_tokens, seed)
+        return {"prefill": prefill, "decode": decode}
+    prompt = np.random.default_rng(seed).integers(0, vocab, (1, prefill_tokens)).astype(np.int64)
+    feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+    if "token_type_ids" in session.input_shapes:
+        feeds["token_type_ids"] = np.zeros_like(prompt)
+    return {"prefill": feeds}
 
 
 def llama_bench(gguf: Path | None, threads: int, prefill_tokens: int, decode_tokens: int,

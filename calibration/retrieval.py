@@ -68,3 +68,9 @@ def dense_embedder(model_path, like):
         return mean_pool(session.run(["last_hidden_state"], feeds)[0], feeds["attention_mask"])
 
     return embed
+
+
+def cosine_to(embeddings: np.ndarray, reference: np.ndarray) -> float:
+    """The mean cosine of each embedding to the reference's row (1.0: identical directions)."""
+    norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(reference, axis=-1)
+    return round(float((np.sum(embeddings * reference, -1) / norms).mean()), 4)

@@ -131,6 +131,17 @@ def ranks_to_run(runtime, ranks: list[int] | None) -> tuple[list[int], str]:
     return [rank], f"the default: {why}"
 
 
+# Options nsn-run and nsn-serve share, spelled once.
+levels_option = click.option(
+    "--levels/--no-levels", default=True,
+    help="run a rank on its materialised level (constants; dense products above break-even; int8 kernels for int8 "
+         "exports): faster, for one level's memory; --no-levels runs the weight views only")
+speculative_option = click.option(
+    "--speculative", "draft_rank", default=None, type=click.IntRange(min=1),
+    help="self-speculative decoding: this lower rank drafts and the running rank verifies (the same tokens; where "
+         "the running rank is not above it, or drafting does not pay, it decodes plainly)")
+
+
 def needs_extra(extra: str):
     """A command that needs ``extra``: without it, one line naming the install command (exit 1).
     Place it under ``@user_errors``."""
@@ -183,12 +194,8 @@ def user_errors(command):
 @click.option("--provider", "providers", multiple=True, help="execution provider(s) [default: CUDA if present, else CPU]")
 @click.option("--provider-fallback", is_flag=True,
               help="run on what ONNX Runtime has when a --provider is missing (it warns) instead of refusing")
-@click.option("--levels/--no-levels", default=True,
-              help="run each rank on its materialised level (constants; dense products above break-even), built "
-                   "before it runs; --no-levels runs the weight views")
-@click.option("--speculative", "draft_rank", default=None, type=click.IntRange(min=1),
-              help="self-speculative decoding: this lower rank drafts, each --ranks rank verifies (same output, "
-                   "greedy; the draft must be below the rank)")
+@levels_option
+@speculative_option
 @click.option("--draft-tokens", default=4, type=click.IntRange(1, MAX_DRAFT_TOKENS),
               help="tokens the draft proposes per round, to start with (adapted to how many are kept)")
 @click.option("--json", "as_json", is_flag=True)

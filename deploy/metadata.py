@@ -79,9 +79,10 @@ class NSNModelInfo:
         return within[-1]
 
 
-def highest_within(ranks, flops_of_rank, budget_flops: float) -> int | None:
-    """The highest of ``ranks`` whose ``flops_of_rank`` is at most ``budget_flops`` (``None``: none is)."""
-    return max((r for r in ranks if flops_of_rank(r) <= budget_flops), default=None)
+def within_dense(ranks, flops_of_rank, dense_flops: float) -> list[int]:
+    """The ranks, ascending, whose ``flops_of_rank`` is at most ``dense_flops`` (the lowest rank if none is)."""
+    ranks = sorted(ranks)
+    return [r for r in ranks if flops_of_rank(r) <= dense_flops] or ranks[:1]
 
 
 def validate_rank(rank, max_rank: int, what: str = "rank") -> int:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .metadata import NSNModelInfo, highest_within, validate_rank
+from .metadata import NSNModelInfo, validate_rank, within_dense
 from .speculative import Speculation, accept, check_speculation
 from .text import (check_token_ids, encode_texts, encode_token_ids, length_sorted_batches, load_tokenizer, mean_pool,
                    model_max_length, model_vocab_size, pad_encodings, stop_token_ids)
@@ -128,16 +128,14 @@ class NSNRuntime:
         """What runs ``rank`` (default: the current one); this runtime has no materialised levels."""
         return {"rank": self._rank if rank is None else rank, "levels": "off"}
 
-    def default_ceiling(self, ranks: list[int] | None = None) -> tuple[int, str]:
-        """The rank to run when no policy says otherwise, and why: the highest of ``ranks`` (default:
-        every rank) whose cost as this runtime runs it (``level_flops``) is at most the dense model's."""
-        ranks = sorted(ranks or range(1, self.info.max_rank + 1))
-        dense = self.info.dense_flops
-        rank = highest_within(ranks, self.level_flops, dense) or ranks[0]
+    def default_ceiling(self) -> tuple[int, str]:
+        """The rank to run when no policy says otherwise, and why: the highest rank whose cost as this
+        runtime runs it (``level_flops``) is at most the dense model's."""
+        top, dense = self.info.max_rank, self.info.dense_flops
+        rank = within_dense(range(1, top + 1), self.level_flops, dense)[-1]
         cost = self.level_flops(rank) / dense
-        if rank == self.info.max_rank:
+        if rank == top:
             return rank, f"the model's maximum rank, {cost:.2f}x the dense model's FLOPs as it runs here"
-        top = ranks[-1]
         return rank, (f"the highest rank that costs no more than the dense model ({cost:.2f}x its FLOPs; rank {top} "
                       f"would cost {self.level_flops(top) / dense:.2f}x)")
 
@@ -293,8 +291,7 @@ class NSNRuntime:
                     past += pending.shape[1] - (len(proposals) - kept)
                     if kept < len(proposals):
                         cache = self.truncate_cache(cache, past)
-                    held = draft[1]
-                    if held > past:  # the draft holds rejected proposals too
+                    if draft[1] > past:  # the draft holds rejected proposals too
                         draft = (self.truncate_cache(draft[0], past), past)
                 else:
                     tokens, kept = [self._choose(logits[0], sampling, random)], 0

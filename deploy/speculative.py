@@ -59,7 +59,8 @@ class Speculation:
         """Record one decode round (not the prompt's): ``ms`` for ``tokens`` kept."""
         per_token = ms / tokens
         if not speculative:
-            self.plain_ms = per_token if self.plain_ms is None else self.plain_ms
+            if self.plain_ms is None:
+                self.plain_ms = per_token
             return
         self.rounds += 1
         self.speculative_ms = per_token if self.speculative_ms is None else (

@@ -33,9 +33,8 @@ WEIGHT_FORMATS = ("fp32", "int8")
 MIN_QUANTIZED_ELEMENTS = 4096
 
 
-def quantize_graph(model: onnx.ModelProto) -> dict[str, int]:
-    """Rewrite ``model`` (loaded with its weights) in place to int8 weights; returns counts of what
-    was quantised (``factors``, ``matmul``, ``gather``)."""
+def quantize_graph(model: onnx.ModelProto) -> None:
+    """Rewrite ``model`` (loaded with its weights) in place to int8 weights."""
     from deploy.ort.views import rank_slices
 
     graph = model.graph
@@ -46,7 +45,6 @@ def quantize_graph(model: onnx.ModelProto) -> dict[str, int]:
             consumers.setdefault(name, []).append(node)
     placed: dict[int, list[onnx.NodeProto]] = {}  # new nodes, inserted after the node of this id
     replaced: set[str] = set()
-    counts = {"factors": 0, "matmul": 0, "gather": 0}
 
     def add(array: np.ndarray, name: str) -> str:
         graph.initializer.append(numpy_helper.from_array(array, name))
@@ -66,7 +64,6 @@ def quantize_graph(model: onnx.ModelProto) -> dict[str, int]:
                                       name=f"{node.name}.dequantize")
         placed[id(node)] = [scale_slice, dequantize]
         replaced.add(source)
-        counts["factors"] += 1
 
     def quantizable(name: str) -> bool:
         init = initializers[name]
@@ -89,7 +86,6 @@ def quantize_graph(model: onnx.ModelProto) -> dict[str, int]:
             helper.make_node("Mul", [f"{rows}.float", f"{rows}.scale_column"], [rows], name=f"{user.name}.scale_rows"),
         ]
         replaced.add(name)
-        counts["gather"] += 1
     transposed_tables = {tuple(reversed(initializers[name].dims)) for name, _ in tables}
     for name in list(initializers):
         if not quantizable(name) or tuple(initializers[name].dims) not in transposed_tables:
@@ -105,7 +101,6 @@ def quantize_graph(model: onnx.ModelProto) -> dict[str, int]:
         user.input[1] = f"{name}.dequantized"
         placed.setdefault(-1, []).append(dequantize)  # first: its inputs are initializers
         replaced.add(name)
-        counts["matmul"] += 1
 
     nodes = list(placed.get(-1, []))
     for node in graph.node:
@@ -116,7 +111,6 @@ def quantize_graph(model: onnx.ModelProto) -> dict[str, int]:
     kept = [init for init in graph.initializer if init.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return counts
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ def encoder_scores(dense_path: Path, like, threads, sequences: int, choices: int
     """Cosine to the dense export's embeddings and retrieval top-1, for the dense model and a session."""
     import numpy as np
 
-    from calibration.retrieval import dense_embedder, docstring_pairs, top1_accuracy
+    from calibration.retrieval import cosine_to, dense_embedder, docstring_pairs, top1_accuracy
     from deploy.text import english_sentences
 
     texts, pairs = english_sentences(64), docstring_pairs()
@@ -72,12 +72,8 @@ def encoder_scores(dense_path: Path, like, threads, sequences: int, choices: int
     def batched(embed):
         return lambda batch: np.concatenate([embed(batch[i:i + 64]) for i in range(0, len(batch), 64)])
 
-    def cosine(embeddings) -> float:
-        norms = np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(reference, axis=-1)
-        return round(float((np.sum(embeddings * reference, -1) / norms).mean()), 4)
-
     return ({"cosine_to_dense": 1.0, "retrieval_top1": round(top1_accuracy(batched(dense), pairs), 3)},
-            lambda session: {"cosine_to_dense": cosine(session.embed(texts, normalize=False)),
+            lambda session: {"cosine_to_dense": cosine_to(session.embed(texts, normalize=False), reference),
                              "retrieval_top1": round(top1_accuracy(session.embed, pairs), 3)})
 
 

@@ -49,29 +49,16 @@ def test_report_states_every_target_with_its_measured_value(tmp_path):
 
 @pytest.fixture(scope="module")
 def nsn_and_dense(tmp_path_factory):
-    """A tiny Llama as Hugging Face saves it, its dense export (nsn-export --dense) and its NSN export
-    at full rank (whose top rank costs more than dense without levels)."""
-    import nsn_export as nsn
-    from nsn_export.cli import export_command
-    from nsn_export.export import export_onnx
-    from tiny import tiny_model, tiny_tokenizer
+    """A tiny Llama as Hugging Face saves it, its dense export (nsn-export --dense) and its NSN exports
+    at full rank (whose top rank costs more than dense without levels), fp32 and int8."""
+    from tiny import dense_and_nsn_exports
 
-    root = tmp_path_factory.mktemp("compare")
-    model = tiny_model("llama")
-    model.save_pretrained(root / "hf")
-    tiny_tokenizer().save_pretrained(root / "hf")
-    result = CliRunner().invoke(export_command, ["--model", str(root / "hf"), "--dense", "--output",
-                                                 str(root / "dense")])
-    assert result.exit_code == 0, result.output
-    nsn.adapt(model, "all-linear", max_rank=32)
-    export_onnx(model, root / "nsn", tokenizer_dir=root / "hf")
-    export_onnx(model, root / "nsn-int8", tokenizer_dir=root / "hf", weights="int8")
-    return root
+    return dense_and_nsn_exports(tmp_path_factory.mktemp("compare"), "llama")
 
 
 def test_the_comparison_times_dense_views_and_levels_and_says_why_llama_cpp_did_not_run(nsn_and_dense, monkeypatch):
     monkeypatch.setenv("PATH", str(nsn_and_dense))  # no llama-bench here
-    report = compare_exports([nsn_and_dense / "nsn", nsn_and_dense / "nsn-int8"], nsn_and_dense / "dense", threads=1,
+    report = compare_exports([nsn_and_dense / "fp32", nsn_and_dense / "int8"], nsn_and_dense / "dense", threads=1,
                              prefill_tokens=8, cache_tokens=8, decode_runs=3, prefill_runs=3, warmup=1,
                              gguf=nsn_and_dense / "hf" / "config.json")
     assert json.loads(json.dumps(report)) == report and report["schema"] == "nsn-bench-compare/1"
@@ -115,7 +102,7 @@ def test_llama_bench_is_read_from_its_json_output(tmp_path, monkeypatch):
 
 def test_bench_command_compares_exports_and_formats_its_report_again(nsn_and_dense, tmp_path):
     out = tmp_path / "compare.json"
-    args = ["--model", str(nsn_and_dense / "nsn"), "--dense", str(nsn_and_dense / "dense"), "--ranks", "8,32",
+    args = ["--model", str(nsn_and_dense / "fp32"), "--dense", str(nsn_and_dense / "dense"), "--ranks", "8,32",
             "--threads", "1", "--decode-runs", "2", "--prefill-runs", "2", "--prefill-tokens", "4",
             "--cache-tokens", "4", "--output", str(out)]
     result = CliRunner().invoke(bench_command, args)

@@ -118,22 +118,9 @@ def test_the_encoder_benchmarks_score_fp32_and_int8_exports_beside_the_dense_exp
     import json
     from pathlib import Path
 
-    from click.testing import CliRunner
+    from tiny import dense_and_nsn_exports
 
-    import nsn_export as nsn
-    from nsn_export.cli import export_command
-    from nsn_export.export import export_onnx
-    from tiny import tiny_model, tiny_tokenizer
-
-    model = tiny_model("bert")
-    model.save_pretrained(tmp_path / "hf")
-    tiny_tokenizer().save_pretrained(tmp_path / "hf")
-    result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "hf"), "--dense", "--output",
-                                                 str(tmp_path / "dense")])
-    assert result.exit_code == 0, result.output
-    nsn.adapt(model, "all-linear", max_rank=32)
-    for weights in ("fp32", "int8"):
-        export_onnx(model, tmp_path / weights, tokenizer_dir=tmp_path / "hf", weights=weights)
+    dense_and_nsn_exports(tmp_path, "bert")
     path = Path(__file__).parents[1] / "scripts" / "eval_exports.py"
     spec = importlib.util.spec_from_file_location("eval_exports", path)
     script = importlib.util.module_from_spec(spec)

@@ -135,3 +135,25 @@ def tiny_gguf(path, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def dense_and_nsn_exports(root, arch: str, max_rank: int = 32):
+    """In ``root``: a tiny model as Hugging Face saves it (``hf``), its dense export through
+    ``nsn-export --dense`` (``dense``), and its NSN exports at ``max_rank``, fp32 (``fp32``) and int8
+    (``int8``). Returns ``root``."""
+    from click.testing import CliRunner
+
+    import nsn_export as nsn
+    from nsn_export.cli import export_command
+    from nsn_export.export import export_onnx
+
+    model = tiny_model(arch)
+    model.save_pretrained(root / "hf")
+    tiny_tokenizer().save_pretrained(root / "hf")
+    result = CliRunner().invoke(export_command, ["--model", str(root / "hf"), "--dense", "--output",
+                                                 str(root / "dense")])
+    assert result.exit_code == 0, result.output
+    nsn.adapt(model, "all-linear", max_rank=max_rank)
+    for weights in ("fp32", "int8"):
+        export_onnx(model, root / weights, tokenizer_dir=root / "hf", weights=weights)
+    return root

@@ -21,7 +21,7 @@ from typing import Callable
 from ..atomic import atomic_file
 from ..external_data import read_regular_text
 from ..frontier import primary_latency
-from ..metadata import validate_rank
+from ..metadata import validate_rank, within_dense
 from .config import PolicyConfig
 from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, QueuePolicy, ThermalPolicy
 from .sensors import Readings
@@ -53,11 +53,6 @@ def readings_summary(readings: Readings | None) -> dict:
 def levels_for(config: PolicyConfig, max_rank: int, flops_of_rank: Callable[[int], float]) -> Levels:
     """The policy's rank levels, or an equal-work ladder up to ``max_rank`` when it lists none."""
     return Levels(config.ranks, flops_of_rank) if config.ranks else Levels.equal_work(max_rank, flops_of_rank)
-
-
-def within_dense(ranks: list[int], flops_of_rank: Callable[[int], float], dense_flops: float) -> list[int]:
-    """The ranks whose cost is at most the dense model's (the lowest rank if none is)."""
-    return [r for r in ranks if flops_of_rank(r) <= dense_flops] or [min(ranks)]
 
 
 class Governor:

@@ -85,10 +85,11 @@ class FactorPair:
         """Whether the layer's factors at ``rank`` cost at least its dense weight (then the product runs)."""
         return min(rank, self.a.rows) * (self.d_in + self.d_out) >= self.d_in * self.d_out
 
-    def flops_saved(self, rank: int) -> int:
-        """Multiply-add FLOPs per token the product saves at ``rank`` (0 below the break-even rank)."""
-        factors = 2 * min(rank, self.a.rows) * (self.d_in + self.d_out)
-        return max(0, factors - 2 * self.d_in * self.d_out)
+    def flops_saved(self, ranks: np.ndarray) -> np.ndarray:
+        """Multiply-add FLOPs per token the product saves at each of ``ranks`` (0 below the break-even
+        rank)."""
+        factors = 2 * np.minimum(ranks, self.a.rows) * (self.d_in + self.d_out)
+        return np.maximum(0, factors - 2 * self.d_in * self.d_out)
 
 
 def factor_pairs(graph: onnx.GraphProto, views: list[RankView]) -> list[FactorPair]:
@@ -137,7 +138,6 @@ class LevelGraph:
     graph: bytes
     constants: dict[str, np.ndarray] = field(repr=False)
     products: int  # layers that run their product
-    factor_layers: int  # layers (or lone views) that run their factors
 
     @property
     def constant_bytes(self) -> int:
@@ -216,7 +216,7 @@ def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[
         entry = tensor.external_data.add()
         entry.key, entry.value = "location", IN_MEMORY
         graph.initializer.append(tensor)
-    return LevelGraph(rank, model.SerializeToString(), constants, products, len(pairs) - products)
+    return LevelGraph(rank, model.SerializeToString(), constants, products)
 
 
 # MatMulNBits computes in int8 (accuracy level 4), rounding its activations with one scale per block
@@ -246,7 +246,6 @@ class Level:
     session: object  # an onnxruntime.InferenceSession
     feeds: dict  # inputs every call gets (``rank`` when the level graph still reads it)
     products: int
-    factor_layers: int
     constant_bytes: int
     build_s: float
     keep: list = field(default_factory=list, repr=False)  # the OrtValues the session reads

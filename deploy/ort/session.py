@@ -5,6 +5,7 @@ Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a dev
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -142,9 +143,14 @@ class NSNSession(NSNRuntime):
         """FLOPs per token as this session runs ``rank`` once its level is built: the products save
         what the factors cost above each layer's break-even rank."""
         flops = self.info.flops(rank, context_length)
-        if self.levels is None:
-            return flops
-        return flops - sum(pair.flops_saved(rank) for pair in self.pairs)
+        return flops - self._flops_saved[rank - 1] if self.levels is not None else flops
+
+    @functools.cached_property
+    def _flops_saved(self) -> list[int]:
+        """What the products save at each rank (index ``rank - 1``): computed once, because the
+        governor and the default ceiling ask for every rank."""
+        ranks = np.arange(1, self.info.max_rank + 1, dtype=np.int64)
+        return sum((pair.flops_saved(ranks) for pair in self.pairs), np.zeros_like(ranks)).tolist()
 
     def level_state(self, rank: int | None = None) -> dict:
         """What runs ``rank`` (default: the current one): ``"level"`` (its constants, ``products`` of
@@ -170,7 +176,7 @@ class NSNSession(NSNRuntime):
         session = load_session(self.model_path, graph.graph, options, self.session.get_providers())
         inputs = {i.name for i in session.get_inputs()}
         feeds = {"rank": ort.OrtValue.ortvalue_from_numpy(np.array(rank, np.int64))} if "rank" in inputs else {}
-        return Level(rank, session, feeds, graph.products, graph.factor_layers, graph.constant_bytes,
+        return Level(rank, session, feeds, graph.products, graph.constant_bytes,
                      time.perf_counter() - start, keep=values)
 
     @property

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import FiniteFloat, Threads, needs_extra, user_errors
+from ..cli import FiniteFloat, Threads, levels_option, needs_extra, speculative_option, user_errors
 
 log = logging.getLogger("nsn.serve")
 
@@ -63,12 +63,8 @@ def context_limits(runtime) -> tuple[int, int]:
 @click.option("--threads", default=None, type=Threads(), help="ONNX Runtime intra-op threads")
 @click.option("--request-timeout-s", default=30.0, type=FiniteFloat(1, 3600),
               help="a request's headers, and then its body, must arrive within this (slow clients are cut off)")
-@click.option("--levels/--no-levels", default=True,
-              help="materialise the ceiling's rank beside serving (constants; dense products above break-even; int8 "
-                   "kernels for int8 exports): faster, for one level's memory; --no-levels serves weight views only")
-@click.option("--speculative", "draft_rank", default=None, type=click.IntRange(min=1),
-              help="self-speculative decoding: this rank drafts, the ceiling verifies (the same tokens; rounds where "
-                   "the ceiling is not above it, and requests where it does not pay, decode plainly)")
+@levels_option
+@speculative_option
 @user_errors
 @needs_extra("serve")
 def serve_command(model_dir, host, port, model_name, policy_path, no_governor, sysfs_root, period_s, rank, api_key,

@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..speculative import Speculation
+
 log = logging.getLogger("nsn.serve")
 
 MAX_ACTIVE = 16  # generations decoded in turn; more wait in the queue (each holds a KV cache)
@@ -293,8 +295,6 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.queued(job.started_s - job.created_s)
             if self.draft_rank is not None:
-                from ..speculative import Speculation
-
                 job.speculation = Speculation(self.draft_rank, self.draft_tokens)
             job.steps = runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling,
                                                speculative=job.speculation)
