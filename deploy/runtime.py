@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -65,13 +66,18 @@ def warn_if_not_finite(values: np.ndarray, what: str) -> None:
 
 
 def decoder_feeds(shapes: dict[str, list], input_ids: np.ndarray, past: list | None = None,
-                  past_length: int = 0) -> dict:
-    """The standard inputs of one decoder call: ids, a full attention mask, positions (when the graph
-    takes them) and the KV cache in input order — ``past``, or empty tensors at prefill."""
+                  past_length: int = 0, attention_mask: np.ndarray | None = None,
+                  position_ids: np.ndarray | None = None) -> dict:
+    """The standard inputs of one decoder call: ids, an attention mask (default: every position),
+    positions (when the graph takes them; default: ``past_length`` on) and the KV cache in input
+    order — ``past``, or empty tensors at prefill."""
     batch, length = input_ids.shape
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_length + length), np.int64)}
+    if attention_mask is None:
+        attention_mask = np.ones((batch, past_length + length), np.int64)
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "position_ids" in shapes:
-        feeds["position_ids"] = np.tile(np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
+        feeds["position_ids"] = position_ids if position_ids is not None else np.tile(
+            np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
     past_names = [name for name in shapes if name.startswith("past_key_values.")]
     if past is None:
         past = [np.zeros((batch, shapes[name][1], 0, shapes[name][3]), np.float32) for name in past_names]
@@ -156,6 +162,22 @@ class NSNRuntime:
 
     def release_cache(self, cache) -> None:
         """Give back a KV cache that will not be used again (device memory, for TensorRT)."""
+
+    @property
+    def supports_batching(self) -> bool:
+        """Whether ``decode_batch`` runs here: it needs a graph that takes ``position_ids`` (rows of
+        different lengths share a call through the mask and their own positions)."""
+        return False
+
+    def decode_batch(self, token_ids: np.ndarray, cache, attention_mask: np.ndarray, position_ids: np.ndarray):
+        """One decode call for several sequences at the current rank (``deploy.batch``): one new token
+        per row, each row's cache left-padded to the batch's length and ``attention_mask`` hiding the
+        padding. Returns ``(logits, one row per sequence; the new cache)``."""
+        raise NotImplementedError
+
+    def host_cache(self, cache) -> list[np.ndarray]:
+        """A cache as numpy arrays, to lay out again when sequences join or leave a batch."""
+        return [np.asarray(value) for value in cache]
 
     # ---- encoders -------------------------------------------------------------------------
     def embed(self, texts: list[str] | str | list[list[int]], normalize: bool = True, max_length: int | None = None,
@@ -242,6 +264,18 @@ class NSNRuntime:
         ``k`` tokens and the current rank verifies them in one call (``deploy.speculative``); the
         output is the current rank's own, greedy token for token. Rounds where the draft rank is
         not below the current rank run plainly."""
+        sampling, stops = self.generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_ids)
+        if speculative is not None and not self.supports_speculation:
+            raise ValueError(f"speculative decoding runs on ONNX Runtime (NSNSession) for now; "
+                             f"{type(self).__name__} cannot verify drafts: generate without it")
+        if speculative is not None:
+            check_speculation(speculative.draft_rank, speculative.k, self.info.max_rank)
+        return self._steps(prompt_ids, max_new_tokens, sampling, seed, stops, speculative)
+
+    def generation_options(self, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                           seed: int | None, stop_ids: set[int] | None):
+        """The sampling options checked (one rule for every way to generate): ``(sampling, stops)``,
+        ``sampling`` None when greedy, else ``(temperature, top_k, top_p)``."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -254,14 +288,8 @@ class NSNRuntime:
                              f"sampling (0 is greedy: do_sample=False), got {temperature!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        if speculative is not None and not self.supports_speculation:
-            raise ValueError(f"speculative decoding runs on ONNX Runtime (NSNSession) for now; "
-                             f"{type(self).__name__} cannot verify drafts: generate without it")
-        if speculative is not None:
-            check_speculation(speculative.draft_rank, speculative.k, self.info.max_rank)
         sampling = (temperature, top_k, top_p) if do_sample else None
-        return self._steps(prompt_ids, max_new_tokens, sampling, seed, self.stop_ids if stop_ids is None
-                           else set(stop_ids), speculative)
+        return sampling, self.stop_ids if stop_ids is None else set(stop_ids)
 
     def _steps(self, prompt_ids, max_new_tokens, sampling, seed, stops, speculation):
         random = np.random.default_rng(seed)
@@ -294,7 +322,7 @@ class NSNRuntime:
                     if draft[1] > past:  # the draft holds rejected proposals too
                         draft = (self.truncate_cache(draft[0], past), past)
                 else:
-                    tokens, kept = [self._choose(logits[0], sampling, random)], 0
+                    tokens, kept = [self.choose(logits[0], sampling, random)], 0
                     past += pending.shape[1]
                     if speculation is not None and draft[0] is None and speculation.draft_rank < self._rank:
                         # the draft reads the prompt with it: later rounds catch up a token or two
@@ -343,7 +371,7 @@ class NSNRuntime:
                 kept, token = accept(proposal, self._probabilities(rows[index], *sampling), draft_probs[index], random)
                 if not kept:
                     return proposals[:index] + [token], index
-        return proposals + [self._choose(rows[-1], sampling, random)], len(proposals)
+        return proposals + [self.choose(rows[-1], sampling, random)], len(proposals)
 
     def decode_positions(self, token_ids: np.ndarray, cache, past_length: int, rank: int | None = None):
         """One call on one sequence: the logits of every new position, and the new cache
@@ -385,8 +413,8 @@ class NSNRuntime:
         return result
 
     @classmethod
-    def _choose(cls, logits: np.ndarray, sampling, random) -> int:
-        """Greedy (``sampling`` None), or sampled from ``_probabilities(logits, *sampling)``."""
+    def choose(cls, logits: np.ndarray, sampling, random) -> int:
+        """The next token: greedy (``sampling`` None), or sampled from ``_probabilities(logits, *sampling)``."""
         if sampling is None:
             return int(np.argmax(logits))
         probs = cls._probabilities(logits, *sampling)
@@ -410,3 +438,16 @@ class NSNRuntime:
             probs = np.where(mask, probs, 0.0)
             probs /= probs.sum()
         return probs
+
+
+def open_runtime(model_dir: Path, intra_op_threads: int | None = None, levels: bool = True):
+    """An ``NSNEngine`` for an engine directory, else an ``NSNSession`` (with materialised levels
+    unless ``levels`` is false)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "engine.json").is_file():
+        from .tensorrt.engine import NSNEngine
+
+        return NSNEngine(model_dir)
+    from .ort.session import NSNSession
+
+    return NSNSession(model_dir, intra_op_threads=intra_op_threads, levels=None if levels else False)

@@ -361,39 +361,42 @@ def run_jobs(scheduler, jobs, timeout_s=60):
     return events
 
 
-def test_a_failure_while_running_one_generation_ends_that_one_alone(decoder_dir):
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_failure_while_running_one_generation_ends_that_one_alone(decoder_dir, batching):
     """A fault injected into one of four concurrent generations (a real ONNX Runtime session that
-    raises on one request's token): that client gets a 500 error event, the other three get every
-    token they would get alone."""
+    raises on the call that feeds that request's fifth token, alone or batched with the others):
+    that client gets a 500 error event, the other three get every token they would get alone."""
     from deploy.serve.scheduler import Scheduler
 
-    poison = 77
-
-    class Faulty(NSNSession):
-        """Raises on the fourth decode step of the generation whose prompt holds ``poison``."""
-        poisoned = None
-
-        def decode_step(self, token_ids, cache, past_length):
-            poisoned = (cache is None and poison in token_ids[0].tolist()) or (
-                cache is not None and cache is self.poisoned)
-            if poisoned and past_length >= 5:
-                raise RuntimeError("injected fault")
-            logits, cache = super().decode_step(token_ids, cache, past_length)
-            if poisoned:
-                self.poisoned = cache
-            return logits, cache
-
-    prompts = [[5, 9], [poison, 3], [11, 4, 2], [6]]
+    prompts = [[5, 9], [77, 3], [11, 4, 2], [6]]
     expected = {n: NSNSession(decoder_dir).generate(p, max_new_tokens=12, stop_ids=set()).token_ids
                 for n, p in enumerate(prompts)}
+    fault = (len(prompts[1]) + 4, expected[1][4])  # (position, token) of the poisoned request's fifth token
+    fed = {(len(p) + i, t) for n, p in enumerate(prompts) if n != 1 for i, t in enumerate(expected[n])}
+    assert fault not in fed  # no other request feeds that token at that position
+
+    class Faulty(NSNSession):
+        def check(self, token_ids, position_ids):
+            if any((int(p), int(t)) == fault for t, p in zip(token_ids[:, -1], position_ids[:, -1])):
+                raise RuntimeError("injected fault")
+
+        def decode_step(self, token_ids, cache, past_length):
+            self.check(token_ids, np.array([[past_length + token_ids.shape[1] - 1]]))
+            return super().decode_step(token_ids, cache, past_length)
+
+        def decode_batch(self, token_ids, cache, attention_mask, position_ids):
+            self.check(token_ids, position_ids)
+            return super().decode_batch(token_ids, cache, attention_mask, position_ids)
+
     runtime = Faulty(decoder_dir)
     runtime.stop_ids = set()
-    scheduler = Scheduler(runtime)
+    scheduler = Scheduler(runtime, batching=batching)
+    assert (scheduler.batcher is not None) == batching
     scheduler.start()
     try:
         events = run_jobs(scheduler, [(p, 12) for p in prompts])
         assert events[1][-1][0] == "error" and events[1][-1][1]["status"] == 500
-        assert len([e for e, _ in events[1] if e == "token"]) == 4  # it had streamed, then failed
+        assert [p["token"] for e, p in events[1] if e == "token"] == expected[1][:5]  # it had streamed, then failed
         for n in (0, 2, 3):
             assert [p["token"] for e, p in events[n] if e == "token"] == expected[n]
             assert events[n][-1][0] == "done" and events[n][-1][1]["finish_reason"] == "length"

@@ -78,6 +78,7 @@ def thermal_control(sensors, zones: list[str]) -> dict:
 def run_command(model_dir, policy_path, sysfs_root, log_path, rank_file, period_s, duration_s, prompt, text):
     """Run the model continuously under the governor; print rank, temperature, power, tokens/s."""
     from ..atomic import check_output_files
+    from ..runtime import open_runtime
     from .config import load_policy
     from .loop import Governor
     from .sensors import SysfsSensors
@@ -166,18 +167,6 @@ def write_orin_tree(root: Path) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(content + "\n")
     return root
-
-
-def open_runtime(model_dir: Path, intra_op_threads: int | None = None, levels: bool = True):
-    """An ``NSNEngine`` for an engine directory, else an ``NSNSession`` (with materialised levels
-    unless ``levels`` is false)."""
-    if (model_dir / "engine.json").is_file():
-        from ..tensorrt.engine import NSNEngine
-
-        return NSNEngine(model_dir)
-    from ..ort.session import NSNSession
-
-    return NSNSession(model_dir, intra_op_threads=intra_op_threads, levels=None if levels else False)
 
 
 @governor_command.command("simulate")

@@ -225,6 +225,20 @@ class NSNSession(NSNRuntime):
         warn_if_not_finite(logits, "logits")
         return logits, values[1:]
 
+    @property
+    def supports_batching(self) -> bool:
+        return "position_ids" in self.input_shapes
+
+    def decode_batch(self, token_ids: np.ndarray, cache, attention_mask: np.ndarray, position_ids: np.ndarray):
+        values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, attention_mask.shape[1] - 1,
+                                               attention_mask, position_ids))
+        logits = values[0].numpy()[:, -1]
+        warn_if_not_finite(logits, "logits")
+        return logits, values[1:]
+
+    def host_cache(self, cache) -> list[np.ndarray]:
+        return [value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value) for value in cache]
+
     supports_speculation = True
 
     def decode_positions(self, token_ids: np.ndarray, cache: list | None, past_length: int, rank: int | None = None):

@@ -170,7 +170,8 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
                 runtime=None, levels: bool = True, draft_rank: int | None = None) -> None:
     """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
     200 after this."""
-    from ..governor.cli import open_runtime, thermal_control
+    from ..governor.cli import thermal_control
+    from ..runtime import open_runtime
     from ..governor.loop import Governor
     from ..text import load_tokenizer
     from .chat import ChatTemplate

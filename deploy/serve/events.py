@@ -39,6 +39,7 @@ class EventHub:
                 "rank": scheduler.last_rank if scheduler else None, "tokens_per_s": round(rate, 2),
                 "waiting": len(scheduler.waiting) if scheduler else 0,
                 "running": len(scheduler.active) if scheduler else 0,
+                "batch": scheduler.batch_size if scheduler else 0,
                 "reason": scheduler.reason if scheduler else "loading",
                 "profile_switches": scheduler.profile_switches if scheduler else None,
                 "level": scheduler.runtime.level_state(scheduler.ceiling) if scheduler else None}

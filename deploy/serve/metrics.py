@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                      20.0, 40.0, 80.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
@@ -38,6 +39,8 @@ class Metrics:
         self.queue_time = histogram("nsn:request_queue_time_seconds", "Time a request waited before it ran")
         self.spec_drafted = counter("nsn:spec_decode_num_draft_tokens", "Tokens the speculative draft rank proposed")
         self.spec_accepted = counter("nsn:spec_decode_num_accepted_tokens", "Drafted tokens the target rank kept")
+        self.batch_size = Histogram("nsn:decode_batch_size", "Sequences decoded in one call (continuous batching)",
+                                    ["model_name"], buckets=BATCH_BUCKETS, registry=registry)
         # ours
         self.rank = gauge("nsn:rank", "The rank the latest token or batch ran at")
         self.rank_ceiling = gauge("nsn:rank_ceiling", "The device's rank ceiling set by the governor")
@@ -66,6 +69,9 @@ class Metrics:
     def token(self, first: bool, since_s: float, rank: int) -> None:
         (self.ttft if first else self.itl).labels(**self.labels).observe(since_s)
         self.rank.labels(**self.labels).set(rank)
+
+    def batched(self, size: int) -> None:
+        self.batch_size.labels(**self.labels).observe(size)
 
     def embedded(self, rank: int) -> None:
         self.rank.labels(**self.labels).set(rank)

@@ -3,15 +3,19 @@
 Requests never touch the runtime. A route submits a ``Job`` and reads its events (tokens, then
 ``done`` or ``error``) from an asyncio queue; the scheduler thread runs the model:
 
-- generations interleave token by token, round robin over the active jobs, each with its own KV
-  cache (a short request is not stuck behind a long one); a token is sent as soon as it is decoded;
+- generations are batched continuously (``deploy.batch``): at each step every active generation
+  that runs at the same rank decodes in one call, and prompts are read in chunks between steps,
+  so a long prompt does not stall the streams; a request joins or leaves between two steps and a
+  token is sent as soon as it is decoded. Without batching (``--no-batching``, self-speculative
+  decoding, a runtime that cannot batch) generations interleave token by token, round robin, each
+  with its own KV cache;
 - embedding jobs waiting together are run together, grouped by the rank they may run at;
 - before every step the rank is set to ``min(ceiling, job.max_rank)``: the governor moves the
   device's ceiling (``set_rank``, the governor's one interface), a request may only ask for less,
   and a job whose ``min_rank`` the ceiling falls below stops rather than run worse than it accepts;
 - a job whose client went away stops at its next token and releases its cache;
 - a failure while running one job ends that job alone (a 500 to its client); every other job
-  keeps running (``_isolated``).
+  keeps running (``_isolated``; a batched call that fails is retried one sequence at a time).
 
 Waiting jobs are a FIFO bounded by ``max_queue`` (``QueueFull`` beyond: a 503 with Retry-After).
 """
@@ -29,11 +33,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..batch import DEFAULT_PREFILL_CHUNK, Batcher
 from ..speculative import Speculation
 
 log = logging.getLogger("nsn.serve")
 
-MAX_ACTIVE = 16  # generations decoded in turn; more wait in the queue (each holds a KV cache)
+MAX_ACTIVE = 16  # generations running at once (batched, or in turn); more wait in the queue (each holds a KV cache)
 EMBED_BATCH_INPUTS = 64  # inputs of waiting embedding jobs run in one call
 
 
@@ -70,7 +75,8 @@ class Job:
     started_s: float | None = None
     cancelled: bool = False  # set by the route when its client goes away
     finished: bool = False  # its last event was sent
-    steps: object = None
+    steps: object = None  # its generate_steps, when it runs alone
+    stream: object = None  # its deploy.batch.Stream, when it runs batched
     text: object = None
     tokens: list[int] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
@@ -111,9 +117,15 @@ class Scheduler:
     governor's interface: it moves the ceiling every job runs under."""
 
     def __init__(self, runtime, max_queue: int = 64, metrics=None, max_active: int = MAX_ACTIVE,
-                 draft_rank: int | None = None, draft_tokens: int = 4):
+                 draft_rank: int | None = None, draft_tokens: int = 4, batching: bool = True,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.runtime, self.max_queue, self.metrics, self.max_active = runtime, max_queue, metrics, max_active
         self.draft_rank, self.draft_tokens = draft_rank, draft_tokens  # self-speculative decoding, when set
+        # continuous batching, where the runtime can and no job drafts (a round verifies one sequence)
+        self.batcher = Batcher(runtime, prefill_chunk) if (
+            batching and draft_rank is None and runtime.info.task == "text-generation"
+            and runtime.supports_batching) else None
+        self.batch_size = 0  # sequences decoded in the latest step
         self.info = runtime.info
         self.ceiling, why = runtime.default_ceiling()
         self.reason = f"no governor: {why}"
@@ -204,7 +216,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue(running=len(self.active), waiting=len(self.waiting),
                                cache_tokens=sum(len(j.prompt_ids) + len(j.tokens) for j in self.active
-                                                if j.steps is not None), profile_switches=self.profile_switches)
+                                                if j.started_s is not None), profile_switches=self.profile_switches)
 
     def _run(self) -> None:
         while True:
@@ -219,8 +231,11 @@ class Scheduler:
                 self._gauges()
             if embeds:
                 self._isolated(embeds, lambda: self._embed(embeds))
-            for job in list(self.active):
-                self._isolated([job], lambda: self._step(job))
+            if self.batcher is not None:
+                self._isolated(list(self.active), self._batched_step)
+            else:
+                for job in list(self.active):
+                    self._isolated([job], lambda: self._step(job))
             with self.condition:
                 self._gauges()
                 self.condition.notify_all()
@@ -286,24 +301,52 @@ class Scheduler:
             return True
         return False
 
+    def _begin(self, job: Job) -> None:
+        job.started_s = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queued(job.started_s - job.created_s)
+        job.text = TextStream(self.runtime.tokenizer, job.stop)
+
     def _step(self, job: Job) -> None:
+        """One token of one job, alone (no batching)."""
         if self._dropped(job):
             return
         runtime = self.runtime
         if job.steps is None:
-            job.started_s = time.monotonic()
-            if self.metrics is not None:
-                self.metrics.queued(job.started_s - job.created_s)
+            self._begin(job)
             if self.draft_rank is not None:
                 job.speculation = Speculation(self.draft_rank, self.draft_tokens)
             job.steps = runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling,
                                                speculative=job.speculation)
-            job.text = TextStream(runtime.tokenizer, job.stop)
         runtime.rank = self.rank_for(job)
         step = next(job.steps, None)
         if step is None:  # max_tokens reached on the previous step
             self._finish(job, reason="length")
             return
+        self.batch_size = 1
+        self._emit_token(job, step)
+
+    def _batched_step(self) -> None:
+        """One step of every active job: one decode call per rank, and a chunk of new prompts."""
+        for job in list(self.active):
+            if not self._dropped(job) and job.stream is None:
+                self._begin(job)
+                self._isolated([job], lambda job=job: setattr(job, "stream", self.batcher.open(
+                    job.prompt_ids, job.max_tokens, **job.sampling, tag=job)))
+        outcomes = self.batcher.step(lambda stream: self.rank_for(stream.tag))
+        self.batch_size = sum(self.batcher.last_sizes)
+        if self.metrics is not None:
+            for size in self.batcher.last_sizes:
+                self.metrics.batched(size)
+        for stream, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                log.error("a request failed while running the model; the others keep running",
+                          exc_info=(type(outcome), outcome, outcome.__traceback__))
+                self._finish(stream.tag, error=(500, "internal error while running the model; see the server log"))
+            else:
+                self._emit_token(stream.tag, outcome)
+
+    def _emit_token(self, job: Job, step) -> None:
         now = time.monotonic()
         self.last_latency_ms, self.last_rank = step.latency_ms, step.rank
         self.tokens_total += 1
@@ -329,6 +372,9 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 job.steps.close()  # releases the KV cache (device memory, for TensorRT)
             job.steps = None
+        if job.stream is not None:
+            self.batcher.close(job.stream)  # its row leaves the batch at the next step
+            job.stream = None
         with self.condition:
             if job in self.active:
                 self.active.remove(job)
