@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .runtime import Step
+from .text import check_token_ids
 
 # Prompt tokens read per step: on SmolLM2 (2 CPU threads) a 64-token chunk costs about what one
 # decode step of four streams does, so a long prompt at most doubles their gap (docs/SERVING.md).
@@ -163,7 +164,8 @@ class Batcher:
         """A new stream; the options mean what they mean for ``generate`` and are checked the same way."""
         sampling, stops = self.runtime.generation_options(max_new_tokens, do_sample, temperature, top_k, top_p,
                                                           seed, stop_ids)
-        stream = Stream(list(prompt_ids), max_new_tokens, sampling, np.random.default_rng(seed), stops, tag)
+        prompt_ids = check_token_ids(prompt_ids, self.runtime.vocab_size, "the prompt's token ids")
+        stream = Stream(prompt_ids, max_new_tokens, sampling, np.random.default_rng(seed), stops, tag)
         self.reading.append(stream)
         return stream
 

@@ -229,6 +229,34 @@ def test_concurrent_streams_all_get_their_text_while_a_short_queue_overflows_int
     assert httpx.get(f"{tight.url}/health", timeout=10).status_code == 200
 
 
+def test_streams_share_decode_calls_and_one_that_disconnects_mid_batch_leaves_the_rest_whole(serve, long_decoder_dir):
+    """Six streams decode together (the batch-size histogram shows calls of several sequences); one
+    client leaves after a few tokens: its row leaves the batch, and the other five get exactly the
+    text each gets alone."""
+    expected = {n: reply_text(long_decoder_dir, [n + 2, 9, n + 3], max_new_tokens=60) for n in range(6)}
+    server = serve([long_decoder_dir, "--no-governor", "--model-name", "llama"])
+    assert any(note.startswith("continuous batching") for note in
+               httpx.get(f"{server.url}/v1/nsn/status", timeout=10).json()["notes"])
+    results: dict = {}
+    threads = [stream_in_thread(server, [n + 2, 9, n + 3], 60, results, n) for n in range(1, 6)]
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": [2, 9, 3], "max_tokens": 60,
+                                                                    "stream": True, "temperature": 0},
+                      timeout=30) as response:
+        data = (line for line in response.iter_lines() if line.startswith("data: "))
+        for _ in range(3):
+            next(data)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {n: expected[n] for n in range(1, 6)}
+    deadline = time.monotonic() + 30
+    while server.metric("nsn:request_success_total", finished_reason="abort") != 1.0:
+        assert time.monotonic() < deadline, "the stream whose client left kept running"
+        time.sleep(0.1)
+    calls = server.metric("nsn:decode_batch_size_count")
+    assert calls and server.metric("nsn:decode_batch_size_sum") / calls > 1.5  # calls were shared
+    assert server.metric("nsn:num_requests_running") == 0 and server.metric("nsn:kv_cache_tokens") == 0
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_cache(serve, long_decoder_dir):
     server = serve([long_decoder_dir, "--no-governor", "--max-tokens", "100000"])
     with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 100000 - 10,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..batch import DEFAULT_PREFILL_CHUNK, MAX_PREFILL_CHUNK
 from ..cli import FiniteFloat, Threads, levels_option, needs_extra, speculative_option, user_errors
 
 log = logging.getLogger("nsn.serve")
@@ -65,11 +66,16 @@ def context_limits(runtime) -> tuple[int, int]:
               help="a request's headers, and then its body, must arrive within this (slow clients are cut off)")
 @levels_option
 @speculative_option
+@click.option("--no-batching", is_flag=True,
+              help="decode one sequence per call, in turn (default: every generation at one rank in one call)")
+@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, type=click.IntRange(1, MAX_PREFILL_CHUNK),
+              help="prompt tokens read per step between decode steps (batching): smaller keeps running streams "
+                   "smoother while a long prompt arrives, larger reads it sooner")
 @user_errors
 @needs_extra("serve")
 def serve_command(model_dir, host, port, model_name, policy_path, no_governor, sysfs_root, period_s, rank, api_key,
                   max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s, levels,
-                  draft_rank):
+                  draft_rank, no_batching, prefill_chunk):
     """Serve MODEL_DIR over the OpenAI API, its rank governed by the device's temperature and battery."""
     import uvicorn
 
@@ -113,7 +119,7 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
     def load() -> None:
         try:
             start_model(state, model_dir, policy, sensors, rank, max_queue, period_s, log_path, threads, levels=levels,
-                        draft_rank=draft_rank)
+                        draft_rank=draft_rank, batching=not no_batching, prefill_chunk=prefill_chunk)
         except Exception as error:  # reported by /health and every route; the process keeps answering
             log.error("loading %s failed: %s", model_dir, error)
             state.load_error = str(error)
@@ -167,7 +173,8 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads,
-                runtime=None, levels: bool = True, draft_rank: int | None = None) -> None:
+                runtime=None, levels: bool = True, draft_rank: int | None = None, batching: bool = True,
+                prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
     """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
     200 after this."""
     from ..governor.cli import thermal_control
@@ -180,7 +187,8 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     runtime = runtime or open_runtime(model_dir, intra_op_threads=threads, levels=levels)
     if draft_rank is not None and not runtime.supports_speculation:
         raise ValueError(f"--speculative runs on ONNX Runtime for now; {runtime_label(runtime)} cannot verify drafts")
-    scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics, draft_rank=draft_rank)
+    scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics, draft_rank=draft_rank,
+                          batching=batching, prefill_chunk=prefill_chunk)
     state.scheduler = scheduler
     state.runtime_label = runtime_label(runtime)
     state.prompt_limit, state.context_limit = context_limits(runtime)
@@ -211,6 +219,7 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
                                 "trip_c": sensors.trip_c(zones)}
         state.events.notes = governor.notes
         governor.start(period_s)
+    state.events.notes = [*state.events.notes, scheduler.batching]
     scheduler.start()
     state.ready = True
 

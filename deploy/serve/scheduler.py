@@ -126,6 +126,12 @@ class Scheduler:
             batching and draft_rank is None and runtime.info.task == "text-generation"
             and runtime.supports_batching) else None
         self.batch_size = 0  # sequences decoded in the latest step
+        self.batching = (f"continuous batching: one decode call per rank for every running generation, prompts read "
+                         f"{self.batcher.prefill_chunk} tokens per step" if self.batcher is not None else
+                         "no batching: " + ("--no-batching" if not batching else "self-speculative decoding verifies "
+                                            "one sequence per call" if draft_rank is not None else
+                                            f"{type(runtime).__name__} decodes one sequence per call")
+                         + "; generations take turns, a token each")
         self.info = runtime.info
         self.ceiling, why = runtime.default_ceiling()
         self.reason = f"no governor: {why}"

@@ -1,0 +1,156 @@
+"""Continuous batching (``deploy.batch``): every generation that runs at one rank decodes in one
+call, and each one gets the tokens it gets alone — through mixed lengths, chunked prompts, joins
+and leaves between steps, different ranks and rank changes, sampling with a seed, and a failure."""
+
+import numpy as np
+import pytest
+
+from deploy import NSNSession
+from deploy.batch import Batch, Batcher, Stream
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    random = np.random.default_rng(seed)
+    return [random.integers(3, 90, size=int(random.integers(1, 41))).tolist() for _ in range(count)]
+
+
+def run(batcher: Batcher, requests: list[dict], rank_of=None, arrive_every: int = 2, on_step=None) -> list[list[int]]:
+    """Open ``requests`` (``Batcher.open`` keyword arguments) one every ``arrive_every`` steps; step
+    until every stream ended; each request's tokens, in order."""
+    session = batcher.runtime
+    rank_of = rank_of or (lambda stream: session.info.max_rank)
+    streams, tokens, step = [], {}, 0
+    while len(streams) < len(requests) or batcher.streams:
+        assert step < 2000, "the batcher never finished"
+        if len(streams) < len(requests) and step % arrive_every == 0:
+            streams.append(batcher.open(**requests[len(streams)], stop_ids=set(), tag=len(streams)))
+            tokens[streams[-1].tag] = []
+        if on_step is not None:
+            on_step(step, streams)
+        for stream, outcome in batcher.step(rank_of):
+            assert not isinstance(outcome, Exception), outcome
+            tokens[stream.tag].append(outcome.token)
+            assert outcome.rank == rank_of(stream)
+            if stream.done:
+                batcher.close(stream)
+        step += 1
+    return [tokens[n] for n in range(len(requests))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_each_request_gets_its_solo_tokens_through_mixed_lengths_chunks_joins_and_leaves(exported, arch):
+    session = NSNSession(exported(arch)[0].path.parent)
+    requests = [{"prompt_ids": p, "max_new_tokens": int(n)} for p, n in zip(prompts(9), [40, 3, 25, 1, 60, 12, 30, 7, 45])]
+    requests[4].update(do_sample=True, temperature=0.8, top_k=20, seed=7)  # a sampled one, reproducible by its seed
+    requests[6].update(do_sample=True, top_p=0.9, seed=11)
+    expected = [session.generate(r["prompt_ids"], r["max_new_tokens"], stop_ids=set(), do_sample=r.get("do_sample", False),
+                                 temperature=r.get("temperature", 1.0), top_k=r.get("top_k", 0), top_p=r.get("top_p", 1.0),
+                                 seed=r.get("seed")).token_ids for r in requests]
+    sizes = []
+    batcher = Batcher(session, prefill_chunk=8)  # prompts up to 40 tokens: read over several steps
+    assert run(batcher, requests, on_step=lambda step, streams: sizes.append(batcher.last_sizes)) == expected
+    assert max(max(s, default=0) for s in sizes) >= 4  # they did share calls
+
+
+def test_a_stop_token_ends_a_request_and_the_rest_run_on(exported):
+    session = NSNSession(exported("llama")[0].path.parent)
+    requests = [{"prompt_ids": p, "max_new_tokens": 30} for p in prompts(4, seed=1)]
+    plain = [session.generate(r["prompt_ids"], 30, stop_ids=set()).token_ids for r in requests]
+    stop = plain[0][10]
+    expected = [tokens[:tokens.index(stop) + 1] if stop in tokens else tokens for tokens in plain]
+    batcher = Batcher(session)
+    streams = [batcher.open(**r, stop_ids={stop}, tag=n) for n, r in enumerate(requests)]
+    got = {n: [] for n in range(4)}
+    while batcher.streams:
+        for stream, step in batcher.step(lambda stream: 16):
+            got[stream.tag].append(step.token)
+            assert step.stop == (step.token == stop)
+            if stream.done:
+                batcher.close(stream)
+    assert [got[n] for n in range(4)] == expected and all(s.done for s in streams)
+
+
+def test_requests_at_different_ranks_decode_in_one_call_per_rank_and_follow_a_moving_ceiling(exported):
+    """Each request's ``max_rank`` groups it; the ceiling falls to 6 at step 12 and rises at 30:
+    rows move between batches, and every request gets what ``generate`` gives alone with the same
+    rank at each step."""
+    session = NSNSession(exported("llama")[0].path.parent)
+    caps = [16, 4, 11, 16, 4, 9]
+    requests = prompts(6, seed=2)
+
+    def ceiling(step):
+        return 6 if 12 <= step < 30 else 16
+
+    expected = [session.generate(p, 40, stop_ids=set(), rank_at=lambda i, cap=cap: min(ceiling(i), cap)).token_ids
+                for p, cap in zip(requests, caps)]
+    batcher = Batcher(session, prefill_chunk=8192)  # every prompt read at step 0, so token i comes at step i
+    calls = []
+    original = batcher._decode
+    batcher._decode = lambda batch: (calls.append((batch.rank, len(batch.rows))), original(batch))[1]
+    streams = [batcher.open(p, 40, stop_ids=set(), tag=n) for n, p in enumerate(requests)]
+    got = {n: [] for n in range(6)}
+    for step in range(40):
+        for stream, outcome in batcher.step(lambda stream: min(ceiling(step), caps[stream.tag])):
+            got[stream.tag].append(outcome.token)
+            assert outcome.rank == min(ceiling(step), caps[stream.tag])
+    assert [got[n] for n in range(6)] == expected and all(stream.done for stream in streams)
+    assert {rank for rank, _ in calls} == {4, 6, 9, 11, 16}  # one call per rank at each step...
+    assert all(rows == 2 for rank, rows in calls if rank == 16) and len(calls) < 6 * 39  # ...that rows share
+
+
+def test_a_batched_row_computes_its_solo_logits(exported):
+    """Rows of 3, 17 and 30 cached tokens, left-padded into one cache: each row's logits are the
+    ones ``decode_step`` gives that sequence alone (to rounding, with an absolute floor)."""
+    session = NSNSession(exported("llama")[0].path.parent)
+    batch = Batch(session, 16)
+    streams, solo = [], []
+    for length in (3, 17, 30):
+        ids = np.random.default_rng(length).integers(3, 90, size=length + 1)
+        stream = Stream(ids[:length].tolist(), 4, None, np.random.default_rng(0), set(), read=length)
+        _, stream.cache = session.decode_step(ids[None, :length], None, 0)
+        stream.tokens = [int(ids[length])]
+        solo.append(session.decode_step(ids[None, length:], stream.cache, length)[0][0])
+        streams.append(stream)
+    batch.join(streams)
+    assert batch.mask.sum(axis=1).tolist() == [3, 17, 30] and batch.width == 30
+    logits = batch.step()
+    for row, expected in zip(logits, solo):
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_steady_steps_never_lay_the_cache_out_again_and_a_leave_drops_unneeded_padding(exported):
+    session = NSNSession(exported("llama")[0].path.parent)
+    layouts = []
+
+    class Counting(type(session)):
+        def host_cache(self, cache):
+            layouts.append(1)
+            return super().host_cache(cache)
+
+    session.__class__ = Counting
+    batcher = Batcher(session)
+    long_one = batcher.open([5] * 30, max_new_tokens=8, stop_ids=set())
+    others = [batcher.open([7, 8], max_new_tokens=20, stop_ids=set()) for _ in range(3)]
+    batcher.step(lambda s: 16)  # every prompt read (36 tokens, within the 64-token chunk), first tokens out
+    assert batcher.last_sizes == [] and all(len(s.tokens) == 1 for s in [long_one, *others])
+    batcher.step(lambda s: 16)  # all four join: one layout (each joining cache read once, then the batch's)
+    assert batcher.last_sizes == [4]
+    layouts.clear()
+    for _ in range(5):
+        batcher.step(lambda s: 16)  # steady: no layout at all
+    assert layouts == [] and batcher.last_sizes == [4]
+    while not long_one.done:
+        batcher.step(lambda s: 16)
+    batcher.close(long_one)
+    batcher.step(lambda s: 16)  # the long row leaves: the others' padding goes with it
+    (batch,) = batcher.batches
+    assert batch.rows == others and batch.width == max(s.length for s in others) < 30  # no padding left
+
+
+def test_a_runtime_that_cannot_batch_is_refused_with_the_reason(exported):
+    session = NSNSession(exported("llama")[0].path.parent)
+    session.input_shapes = {k: v for k, v in session.input_shapes.items() if k != "position_ids"}
+    with pytest.raises(ValueError, match="position_ids"):
+        Batcher(session)
+    with pytest.raises(ValueError, match=r"prefill chunk must be an integer in \[1, 8192\].*got 0"):
+        Batcher(NSNSession(exported("llama")[0].path.parent), prefill_chunk=0)
