@@ -13,11 +13,13 @@ one column for every row; the graph concatenates past and present, so each call 
 in any case. A sequence that joins or leaves lays the cache out again once (one copy, dropping
 padding that no row needs any more), never at every step.
 
-Prompts are read in chunks between decode steps (chunked prefill, as vLLM does): a step reads at
-most ``prefill_chunk`` prompt tokens, shared by the sequences still reading theirs, oldest first,
-so a long prompt adds one chunk's cost to the gap between the running streams' tokens instead of
-the whole prompt's. A sequence's first token comes from its last chunk; it joins its rank's batch
-at the next step.
+Rows of very different lengths would pad each other: a stream that would pad a batch by more than
+a call's worth of positions decodes in a batch of its own at the same rank (``Batcher``).
+
+Prompts are read in chunks between decode steps (chunked prefill, as vLLM does), oldest first, at
+most ``prefill_chunk`` tokens a step, and paced by time while others decode, so a long prompt adds
+a bounded share to the gap between the running streams' tokens instead of the whole prompt's
+cost. A sequence's first token comes from its last chunk; it joins a batch at the next step.
 
 Isolation: a decode call that fails is retried one row at a time, so only the sequence at fault
 ends (with the exception as its outcome); the others carry on.
@@ -34,10 +36,18 @@ import numpy as np
 from .runtime import Step
 from .text import check_token_ids
 
-# Prompt tokens read per step: on SmolLM2 (2 CPU threads) a 64-token chunk costs about what one
-# decode step of four streams does, so a long prompt at most doubles their gap (docs/SERVING.md).
-DEFAULT_PREFILL_CHUNK = 64
+# The most prompt tokens read in one step (when nothing else decodes, a prompt is read this many
+# at a time: SmolLM2 reads 2,000 tokens in ~6 s in chunks of 128-256, ~8 s in chunks of 32).
+DEFAULT_PREFILL_CHUNK = 256
 MAX_PREFILL_CHUNK = 8192
+# While streams decode, a step's prompt reading takes about this many times the step's decoding
+# (a running stream's gap grows to ~2.5x its usual; measured in docs/SERVING.md); the first paced
+# chunk is FIRST_PACED_CHUNK tokens, later ones are sized from the time the previous one took.
+PREFILL_SHARE = 1.5
+FIRST_PACED_CHUNK = 16
+# Padded cache positions a stream may add to a batch rather than decode in a call of its own: on
+# SmolLM2 (2 CPU threads) a call's fixed cost (~30 ms) is the cost of ~1,000 cached positions.
+PADDING_PER_CALL = 1024
 
 
 def check_prefill_chunk(value) -> int:
@@ -144,16 +154,35 @@ class Batch:
 Outcome = tuple[Stream, "Step | Exception"]
 
 
-class Batcher:
-    """Runs every open ``Stream`` a step at a time: one decode call per rank for the streams that
-    are decoding, and up to ``prefill_chunk`` prompt tokens for those still reading. Single-threaded:
-    the caller (the server's scheduler thread) owns it and the runtime."""
+def padding(rows: int, width: int, cached: int) -> int:
+    """Cache positions a batch of ``rows`` rows, ``width`` wide, pads (``cached``: positions in use)."""
+    return rows * width - cached
 
-    def __init__(self, runtime, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+
+class Batcher:
+    """Runs every open ``Stream`` a step at a time: one decode call per batch of streams that are
+    decoding (one batch per rank, or more where lengths differ too much), and prompt tokens for the
+    streams still reading theirs. Single-threaded: the caller (the server's scheduler thread) owns
+    it and the runtime.
+
+    Where streams go: a stream joins the batch at its rank that its length pads least, if that adds
+    at most ``padding_per_call`` cache positions; else it starts a batch of its own. A row of 2,000
+    positions padding four of 200 would make their call eight times as costly (SmolLM2: 316 ms
+    instead of 39 + 42 ms for two calls), because every padded position is copied and attended over.
+
+    How fast prompts are read: at most ``prefill_chunk`` tokens per step; and while other streams
+    decode, a step's reading is paced to take about ``PREFILL_SHARE`` times that step's decoding
+    (the chunk size adapts to each chunk's measured time), so a running stream's gap between two
+    tokens stays within about ``1 + PREFILL_SHARE`` times its usual gap however long the prompt."""
+
+    def __init__(self, runtime, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 padding_per_call: int = PADDING_PER_CALL):
         if not runtime.supports_batching:
             raise ValueError(f"{type(runtime).__name__} cannot run batched decode steps (its graph needs a "
                              f"position_ids input); serve it one sequence at a time")
         self.runtime, self.prefill_chunk = runtime, check_prefill_chunk(prefill_chunk)
+        self.padding_per_call = padding_per_call
+        self.chunk = min(FIRST_PACED_CHUNK, self.prefill_chunk)  # the paced chunk size, learned
         self.reading: list[Stream] = []  # oldest first
         self.batches: list[Batch] = []
         self.last_sizes: list[int] = []  # the rows of each decode call of the latest step
@@ -184,49 +213,87 @@ class Batcher:
 
     def step(self, rank_of: Callable[[Stream], int]) -> list[Outcome]:
         """One step: streams that finished or changed rank leave their batch and those ready join
-        one (``rank_of(stream)``: the rank it may run at now), one decode call per rank, then up to
-        ``prefill_chunk`` prompt tokens. Returns each new token, or the exception that ended a stream."""
+        one (``rank_of(stream)``: the rank it may run at now), one decode call per batch, then
+        prompt tokens. Returns each new token, or the exception that ended a stream."""
         self._regroup(rank_of)
         outcomes: list[Outcome] = []
         self.last_sizes = []
+        start = time.perf_counter()
         for batch in list(self.batches):
             outcomes += self._decode(batch)
-        budget = self.prefill_chunk
+        decode_ms = (time.perf_counter() - start) * 1e3 if self.last_sizes else 0.0
+        outcomes += self._read_prompts(rank_of, decode_ms)
+        return outcomes
+
+    def _read_prompts(self, rank_of, decode_ms: float) -> list[Outcome]:
+        """Prompt tokens, oldest stream first: up to ``prefill_chunk`` of them, and while streams
+        decode, about ``PREFILL_SHARE * decode_ms`` of reading."""
+        outcomes = []
+        budget, spent = self.prefill_chunk, 0.0
+        target_ms = PREFILL_SHARE * decode_ms
         for stream in list(self.reading):
-            if budget == 0:
+            if budget == 0 or (decode_ms and spent >= target_ms):
                 break
-            if stream.read < len(stream.prompt_ids):
-                chunk = min(budget, len(stream.prompt_ids) - stream.read)
-                budget -= chunk
-                if (outcome := self._read(stream, chunk, rank_of(stream))) is not None:
-                    outcomes.append((stream, outcome))
+            size = min(budget, len(stream.prompt_ids) - stream.read, self.chunk if decode_ms else budget)
+            if size == 0:
+                continue
+            budget -= size
+            outcome, elapsed_ms = self._read(stream, size, rank_of(stream))
+            spent += elapsed_ms
+            if decode_ms and elapsed_ms > 0:  # the size whose time would have met the target
+                self.chunk = max(1, min(self.prefill_chunk, round(size * target_ms / elapsed_ms)))
+            if outcome is not None:
+                outcomes.append((stream, outcome))
         return outcomes
 
     def _regroup(self, rank_of) -> None:
-        moving = [stream for stream in self.reading if stream.tokens and not stream.done]
-        for stream in moving:
+        """Finished rows and rows whose rank changed leave; streams ready to decode join a batch."""
+        placing = [stream for stream in self.reading if stream.tokens and not stream.done]
+        for stream in placing:
             self.reading.remove(stream)
         for batch in self.batches:
             leaving = [stream for stream in batch.rows if stream.done or rank_of(stream) != batch.rank]
             if leaving:
                 batch.take(leaving)
-                moving += [stream for stream in leaving if not stream.done]
-        by_rank: dict[int, list[Stream]] = {}
-        for stream in moving:
-            by_rank.setdefault(rank_of(stream), []).append(stream)
-        batches: dict[int, Batch] = {}
+                placing += [stream for stream in leaving if not stream.done]
+        self.batches = [batch for batch in self.batches if batch.rows]
+        self._merge()
+        joining: dict[Batch, list[Stream]] = {}
+        for stream in placing:
+            rank = rank_of(stream)
+            added, best = min(((self._added_padding(batch, joining.get(batch, []), stream), batch)
+                               for batch in self.batches if batch.rank == rank), key=lambda pair: pair[0],
+                              default=(None, None))
+            if best is None or added > self.padding_per_call:
+                best = Batch(self.runtime, rank)
+                self.batches.append(best)
+            joining.setdefault(best, []).append(stream)
+        for batch, streams in joining.items():
+            batch.join(streams)
+
+    @staticmethod
+    def _shape(rows: list[Stream]) -> tuple[int, int, int]:
+        return len(rows), max((row.length for row in rows), default=0), sum(row.length for row in rows)
+
+    def _added_padding(self, batch: Batch, planned: list[Stream], stream: Stream) -> int:
+        rows = batch.rows + planned
+        return padding(*self._shape(rows + [stream])) - padding(*self._shape(rows))
+
+    def _merge(self) -> None:
+        """Batches at one rank become one where that pads at most ``padding_per_call`` more (after a
+        failure split one, or once the long row that kept two apart has left)."""
+        merged: list[Batch] = []
         for batch in self.batches:
-            if not batch.rows:
-                continue
-            if batch.rank in batches:  # split after a failure: merge it back
+            into = next((other for other in merged if other.rank == batch.rank and padding(
+                *self._shape(other.rows + batch.rows)) - padding(*self._shape(other.rows)) - padding(
+                *self._shape(batch.rows)) <= self.padding_per_call), None)
+            if into is None:
+                merged.append(batch)
+            else:
                 rows = list(batch.rows)
                 batch.take(rows)
-                by_rank.setdefault(batch.rank, []).extend(rows)
-                continue
-            batches[batch.rank] = batch
-        for rank, streams in by_rank.items():
-            batches.setdefault(rank, Batch(self.runtime, rank)).join(streams)
-        self.batches = list(batches.values())
+                into.join(rows)
+        self.batches = merged
 
     def _emit(self, stream: Stream, logits: np.ndarray, latency_ms: float) -> Step:
         token = self.runtime.choose(logits, stream.sampling, stream.random)
@@ -235,8 +302,9 @@ class Batcher:
         stream.done = stop or len(stream.tokens) >= stream.max_new_tokens
         return Step(token, self.runtime.last_rank, latency_ms, stop)
 
-    def _read(self, stream: Stream, chunk: int, rank: int) -> "Step | Exception | None":
-        """Read the next ``chunk`` tokens of ``stream``'s prompt; its first token after the last."""
+    def _read(self, stream: Stream, chunk: int, rank: int) -> "tuple[Step | Exception | None, float]":
+        """Read the next ``chunk`` tokens of ``stream``'s prompt (its first token after the last),
+        and how long that took."""
         self.runtime.rank = rank
         ids = np.array([stream.prompt_ids[stream.read:stream.read + chunk]], np.int64)
         start = time.perf_counter()
@@ -245,12 +313,13 @@ class Batcher:
         except Exception as error:  # this stream's alone: the caller reports it
             stream.cache = None  # a runtime that fails a call has released what it was given
             self.close(stream)
-            return error
+            return error, (time.perf_counter() - start) * 1e3
+        elapsed_ms = (time.perf_counter() - start) * 1e3
         stream.read += chunk
-        stream.prefill_ms += (time.perf_counter() - start) * 1e3
+        stream.prefill_ms += elapsed_ms
         if stream.read < len(stream.prompt_ids):
-            return None
-        return self._emit(stream, logits[0], stream.prefill_ms)
+            return None, elapsed_ms
+        return self._emit(stream, logits[0], stream.prefill_ms), elapsed_ms
 
     def _decode(self, batch: Batch) -> list[Outcome]:
         rows = list(batch.rows)

@@ -1,13 +1,16 @@
-"""Load benchmark of nsn-serve: requests/s, time to first token and inter-token latency (p50 / p99)
-at 1, 4 and 16 concurrent clients, on MiniLM embeddings and on the realistic decoder of nsn-bench
-(24 layers, hidden 896, random weights); and the server's overhead against calling NSNSession
-directly at one client.
+"""Load benchmark of nsn-serve: requests/s, tokens/s, time to first token and inter-token latency
+(p50 / p99) at 1, 4, 8 and 16 concurrent clients, on MiniLM embeddings and on decoders: the
+realistic decoder of nsn-bench (24 layers, hidden 896, random weights) or any decoder export given
+by its directory (the SmolLM2 export). For decoders, the server with continuous batching and with
+``--no-batching`` run side by side in one run (both up, each concurrency level on one then the
+other), and a long prompt arrives while four streams run: how much it widens their gaps. Also
+the server's overhead against calling NSNSession directly at one client.
 
-    python scripts/bench_serve.py [--models minilm,decoder] [--clients 1,4,16] [--output runs/serve-bench.json]
+    python scripts/bench_serve.py [--models minilm,decoder,PATH] [--clients 1,4,8,16] [--output runs/serve-bench.json]
 
-Needs the export extra (it builds the two exports once, cached in --work-dir) and the serve extra.
-The clients run in this process on the same machine as the server, so on a small machine they take
-CPU from it: the numbers are an upper bound on the server's own cost.
+Needs the export extra for the built-in exports (built once, cached in --work-dir) and the serve
+extra. The clients run in this process on the same machine as the server, so on a small machine
+they take CPU from it: the numbers are an upper bound on the server's own cost.
 """
 
 from __future__ import annotations
@@ -65,16 +68,19 @@ def decoder_export(work: Path) -> Path:
 
 
 class Server:
-    def __init__(self, model_dir: Path, threads: int):
+    def __init__(self, model_dir: Path, threads: int, extra: tuple[str, ...] = ()):
         self.process = subprocess.Popen([sys.executable, "-m", "deploy.serve", str(model_dir), "--port", "0",
                                          "--no-governor", "--threads", str(threads), "--max-queue", "1000",
-                                         "--model-name", "m"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         "--max-tokens", "100000", "--model-name", "m", *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         text=True, cwd=Path(__file__).resolve().parents[1])
         self.url = json.loads(self.process.stdout.readline())["listening"]
         for _ in range(3000):
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
+                    level = httpx.get(f"{self.url}/v1/nsn/status", timeout=5).json().get("level") or {}
+                    if level.get("runs_on") != "views (level building)":  # measure the rank as it will run
+                        return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -85,10 +91,12 @@ class Server:
         self.process.wait(timeout=120)
 
 
-def stream_once(client: httpx.Client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, list[float]]:
-    """(time to first token in s, gaps between tokens in s) of one streamed completion."""
+def stream_once(client: httpx.Client, url: str, prompt: list[int], max_tokens: int,
+                stamps: list[float] | None = None) -> tuple[float, list[float]]:
+    """(time to first token in s, gaps between tokens in s) of one streamed completion; ``stamps``
+    receives the arrival time of each token."""
     start = time.perf_counter()
-    stamps = []
+    stamps = [] if stamps is None else stamps
     with client.stream("POST", f"{url}/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": max_tokens,
                                                               "temperature": 0, "stream": True, "ignore_eos": True},
                        timeout=600) as response:
@@ -144,6 +152,8 @@ def direct_decode_ms(model_dir: Path, threads: int, prompt: list[int], max_token
     from deploy import NSNSession
 
     session = NSNSession(model_dir, intra_op_threads=threads)
+    session.set_rank(session.default_ceiling()[0])  # the rank the server runs without a governor
+    session.prepare(session.rank, wait=True)  # on its level, as the server runs it once built
     session.generate(prompt, max_new_tokens=4, stop_ids=set())  # warm-up
     prefill, decode = [], []
     for _ in range(repeats):
@@ -153,43 +163,109 @@ def direct_decode_ms(model_dir: Path, threads: int, prompt: list[int], max_token
     return {"prefill_ms": round(statistics.median(prefill), 3), "decode_ms_per_token": round(statistics.median(decode), 3)}
 
 
+def long_prompt_gaps(url: str, prompt: list[int], long_prompt: list[int], streams: int = 4) -> dict:
+    """``streams`` streams run; once each has sent 8 tokens a request with ``long_prompt`` arrives
+    (one token asked). Their gaps: the median over the run, the worst while the long prompt is read
+    (from its arrival to its first token), and their ratio."""
+    stamps = [[] for _ in range(streams)]
+    window = {}
+
+    def run(n):
+        with httpx.Client() as client:
+            stream_once(client, url, prompt, 160, stamps[n])
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(streams)]
+    for thread in threads:
+        thread.start()
+    while min(len(s) for s in stamps) < 8:
+        time.sleep(0.01)
+    window["start"] = time.perf_counter()
+    with httpx.Client() as client:
+        first, _ = stream_once(client, url, long_prompt, 1)
+    window["end"] = window["start"] + first
+    for thread in threads:
+        thread.join()
+    gaps = [(a, b) for s in stamps for a, b in zip(s, s[1:])]
+    during = [b - a for a, b in gaps if b >= window["start"] and a <= window["end"]]  # overlapping the read
+    median = statistics.median(b - a for a, b in gaps)
+    return {"prompt_tokens": len(long_prompt), "streams": streams, "read_s": round(first, 3),
+            "median_gap_ms": round(1e3 * median, 2), "worst_gap_while_reading_ms": round(1e3 * max(during), 2),
+            "worst_over_median": round(max(during) / median, 2)}
+
+
+def context_of(model_dir: Path) -> int:
+    from deploy.text import model_max_length
+
+    return model_max_length(model_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="minilm,decoder")
-    parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=8, help="requests per client at each concurrency")
+    parser.add_argument("--models", default="minilm,decoder",
+                        help="minilm, decoder (the realistic one) and/or paths of decoder exports")
+    parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--long-prompt", type=int, default=2000, help="tokens of the prompt that arrives mid-run "
+                                                                      "(capped by the model's context)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/serve-bench"))
     parser.add_argument("--output", type=Path, default=Path("runs/serve-bench.json"))
     args = parser.parse_args(argv)
     check_output_files({"--output": args.output}, [args.work_dir])
     clients = [int(c) for c in args.clients.split(",")]
-    report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "max_tokens": args.max_tokens}
+    report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "max_tokens": args.max_tokens,
+              "requests_per_client": args.requests}
     prompt = [(7 * i) % 31000 + 5 for i in range(32)]
     for name in args.models.split(","):
         print(f"[{name}] preparing the export (cached)", file=sys.stderr, flush=True)
-        model_dir = minilm_export(args.work_dir) if name == "minilm" else decoder_export(args.work_dir)
-        if name == "decoder":
-            print("[decoder] NSNSession directly", file=sys.stderr, flush=True)
-            report["decoder_direct"] = direct_decode_ms(model_dir, args.threads, prompt, args.max_tokens, 3)
-        server = Server(model_dir, args.threads)
-        try:
-            rows = []
-            for count in clients:
-                print(f"[{name}] {count} client(s)", file=sys.stderr, flush=True)
-                if name == "minilm":
+        if name == "minilm":
+            model_dir = minilm_export(args.work_dir)
+        else:
+            model_dir = decoder_export(args.work_dir) if name == "decoder" else Path(name)
+            name = "decoder" if name == "decoder" else model_dir.resolve().name
+        if name == "minilm":
+            server = Server(model_dir, args.threads)
+            try:
+                rows = []
+                for count in clients:
+                    print(f"[{name}] {count} client(s)", file=sys.stderr, flush=True)
                     one = lambda client: (embed_once(client, server.url, SENTENCES * 8), [])  # noqa: E731
-                else:
-                    one = lambda client: stream_once(client, server.url, prompt, args.max_tokens)  # noqa: E731
-                one(httpx.Client())  # warm-up
-                rows.append(load(count, args.requests, one))
-            report[name] = rows
+                    one(httpx.Client())  # warm-up
+                    rows.append(load(count, args.requests, one))
+                report[name] = rows
+            finally:
+                server.stop()
+            continue
+        print(f"[{name}] NSNSession directly", file=sys.stderr, flush=True)
+        entry = {"direct": direct_decode_ms(model_dir, args.threads, prompt, args.max_tokens, 3)}
+        servers = {"batched": Server(model_dir, args.threads), "no_batching": Server(model_dir, args.threads,
+                                                                                    ("--no-batching",))}
+        try:
+            for mode in servers:
+                entry[mode] = []
+            for count in clients:
+                for mode, server in servers.items():
+                    print(f"[{name}] {count} client(s), {mode}", file=sys.stderr, flush=True)
+                    one = lambda client, url=server.url: stream_once(client, url, prompt, args.max_tokens)  # noqa: E731
+                    one(httpx.Client())  # warm-up
+                    entry[mode].append(load(count, args.requests, one))
+            length = min(args.long_prompt, context_of(model_dir) - 200)
+            long_prompt = [(13 * i) % 31000 + 5 for i in range(length)]
+            for mode, server in servers.items():
+                print(f"[{name}] a {length}-token prompt during 4 streams, {mode}", file=sys.stderr, flush=True)
+                entry[f"long_prompt_{mode}"] = long_prompt_gaps(server.url, prompt, long_prompt)
         finally:
-            server.stop()
-    if "decoder" in report:
-        direct, served = report["decoder_direct"]["decode_ms_per_token"], report["decoder"][0]["inter_token_ms"]["p50"]
-        report["decoder_overhead_one_client"] = round(served / direct - 1, 4)
+            for server in servers.values():
+                server.stop()
+        one_stream = entry["batched"][0]
+        entry["batched_over_one_stream"] = {str(row["clients"]): {
+            "tokens_per_s": round(row["tokens_per_s"] / one_stream["tokens_per_s"], 2),
+            "inter_token_p50": round(row["inter_token_ms"]["p50"] / one_stream["inter_token_ms"]["p50"], 2)}
+            for row in entry["batched"]}
+        entry["overhead_one_client"] = round(one_stream["inter_token_ms"]["p50"] / entry["direct"][
+            "decode_ms_per_token"] - 1, 4)
+        report[name] = entry
     text = json.dumps(report, indent=1)
     atomic_file(args.output, text + "\n")
     print(text)

@@ -131,9 +131,9 @@ def test_steady_steps_never_lay_the_cache_out_again_and_a_leave_drops_unneeded_p
     batcher = Batcher(session)
     long_one = batcher.open([5] * 30, max_new_tokens=8, stop_ids=set())
     others = [batcher.open([7, 8], max_new_tokens=20, stop_ids=set()) for _ in range(3)]
-    batcher.step(lambda s: 16)  # every prompt read (36 tokens, within the 64-token chunk), first tokens out
+    batcher.step(lambda s: 16)  # every prompt read (36 tokens, within one step's chunk), first tokens out
     assert batcher.last_sizes == [] and all(len(s.tokens) == 1 for s in [long_one, *others])
-    batcher.step(lambda s: 16)  # all four join: one layout (each joining cache read once, then the batch's)
+    batcher.step(lambda s: 16)  # all four join one batch (84 padded positions is less than a call's worth)
     assert batcher.last_sizes == [4]
     layouts.clear()
     for _ in range(5):
@@ -145,6 +145,40 @@ def test_steady_steps_never_lay_the_cache_out_again_and_a_leave_drops_unneeded_p
     batcher.step(lambda s: 16)  # the long row leaves: the others' padding goes with it
     (batch,) = batcher.batches
     assert batch.rows == others and batch.width == max(s.length for s in others) < 30  # no padding left
+
+
+def test_a_row_that_would_pad_the_others_too_much_decodes_beside_them_at_the_same_rank(exported):
+    """With room for 20 padded positions per call: three 2-token prompts share a call; a 50-token
+    prompt arriving later (150 padded positions) gets a call of its own at the same rank, while
+    its prompt is read a bounded chunk per step and the three get a token at every step; each
+    request still gets its solo tokens."""
+    session = NSNSession(exported("llama")[0].path.parent)
+    requests = [[7, 8], [9, 4], [3, 3], list(range(5, 55))]
+    expected = [session.generate(p, 40, stop_ids=set()).token_ids for p in requests]
+    batcher = Batcher(session, prefill_chunk=12, padding_per_call=20)
+    short = [batcher.open(p, 40, stop_ids=set(), tag=n) for n, p in enumerate(requests[:3])]
+    got = {n: [] for n in range(4)}
+
+    def step():
+        for stream, outcome in batcher.step(lambda s: 16):
+            got[stream.tag].append(outcome.token)
+
+    for _ in range(3):
+        step()
+    long_one = batcher.open(requests[3], 40, stop_ids=set(), tag=3)
+    while not long_one.tokens:
+        before = [len(got[n]) for n in range(3)]
+        step()
+        assert [len(got[n]) for n in range(3)] == [b + 1 for b in before]  # never stalled by the reading
+        assert long_one.read <= 12 * (len(got[0]) - 3)  # at most one chunk per step
+    step()
+    assert sorted(batcher.last_sizes) == [1, 3]  # two calls at one rank
+    while batcher.streams:
+        step()
+        for stream in [*short, long_one]:
+            if stream.done:
+                batcher.close(stream)
+    assert [got[n] for n in range(4)] == expected
 
 
 def test_a_runtime_that_cannot_batch_is_refused_with_the_reason(exported):
