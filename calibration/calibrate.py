@@ -3,8 +3,9 @@
 Runs without torch, through ``deploy``: an ``NSNSession`` (ONNX Runtime) or an ``NSNEngine``
 (TensorRT). Per rank: FLOPs fraction (from the graph's metadata); latency as median and p90 over
 repetitions interleaved across ranks (so drift and heat affect every rank alike) — decoders:
-prefill of ``prompt_tokens`` and one decode step after ``context_tokens``; encoders: one batch of
-``batch`` sentences; the process's resident memory; power and energy per token when the governor's
+prefill of ``prompt_tokens``, one decode step after ``context_tokens``, and one decode step of 4
+and of the most sequences the runtime batches (``decode_batch_N``, as the server runs them);
+encoders: one batch of ``batch`` sentences; the process's resident memory; power and energy per token when the governor's
 sensors see a power rail or battery draw (``None`` otherwise, never invented); quality on the data —
 cosine to the full rank's embeddings for encoders, 1 / perplexity for decoders. An export without a
 tokenizer is measured on token ids drawn from its vocabulary: cosine to the full rank's embeddings
@@ -22,7 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from deploy.frontier import FRONTIER_VERSION, choose_levels, graph_sha256, mark_pareto, primary_latency, profile_ranges
+from deploy.batch import MAX_STREAMS
+from deploy.frontier import (BATCH_PHASE, FRONTIER_VERSION, choose_levels, graph_sha256, mark_pareto, primary_latency,
+                             profile_ranges)
 from deploy.runtime import decoder_feeds
 
 
@@ -46,6 +49,11 @@ class Calibration:
         self.decoder = runtime.info.task == "text-generation"
         self.rows: dict[int, dict] = {}
         self._reference = None
+        # Decode steps of several sequences at once, as the server batches them: 4 and the most
+        # the runtime takes (a TensorRT engine's --max-batch, else the server's running streams).
+        largest = runtime.max_batch or MAX_STREAMS
+        self.decode_batches = sorted({b for b in (4, largest) if 1 < b <= largest}) if (
+            self.decoder and runtime.supports_batching) else []
         # Without a tokenizer, quality is measured on token ids drawn from the vocabulary.
         self.token_ids = None if runtime.tokenizer is not None else random_token_ids(
             self.vocab_size(), len(texts), min(prompt_tokens, runtime.max_length), seed)
@@ -74,11 +82,30 @@ class Calibration:
         runtime.release_cache(cache)
         context = generator.integers(0, vocab, (1, self.context_tokens)).astype(np.int64)
         _, cache = runtime.decode_step(context, None, 0)
+        rows = runtime.host_cache(cache) if self.decode_batches else []
         start = time.perf_counter()
         _, cache = runtime.decode_step(np.array([[1]], np.int64), cache, self.context_tokens)
         decode_ms = (time.perf_counter() - start) * 1e3
         runtime.release_cache(cache)
-        return {"prefill": prefill_ms, "decode": decode_ms}
+        times = {"prefill": prefill_ms, "decode": decode_ms}
+        for batch in self.decode_batches:
+            times[f"{BATCH_PHASE}{batch}"] = self._batched_step_ms(rows, batch)
+        return times
+
+    def _batched_step_ms(self, rows: list[np.ndarray], batch: int) -> float:
+        """One decode step of ``batch`` sequences of ``context_tokens`` each (after one untimed step
+        that lays their cache out for the runtime)."""
+        runtime, context = self.runtime, self.context_tokens
+        cache = [np.repeat(array, batch, axis=0) for array in rows]
+        ids = np.ones((batch, 1), np.int64)
+        _, cache = runtime.decode_batch(ids, cache, np.ones((batch, context + 1), np.int64),
+                                        np.full((batch, 1), context, np.int64))
+        start = time.perf_counter()
+        _, cache = runtime.decode_batch(ids, cache, np.ones((batch, context + 2), np.int64),
+                                        np.full((batch, 1), context + 1, np.int64))
+        elapsed = (time.perf_counter() - start) * 1e3
+        runtime.release_cache(cache)
+        return elapsed
 
     def vocab_size(self) -> int:
         """Token ids are drawn below this: the model config's vocabulary, else the tokenizer's."""

@@ -45,6 +45,8 @@ MAX_PREFILL_CHUNK = 8192
 # chunk is FIRST_PACED_CHUNK tokens, later ones are sized from the time the previous one took.
 PREFILL_SHARE = 1.5
 FIRST_PACED_CHUNK = 16
+# Generations a server runs at once (each holds a KV cache); more wait in its queue.
+MAX_STREAMS = 16
 # Padded cache positions a stream may add to a batch rather than decode in a call of its own: on
 # SmolLM2 (2 CPU threads) a call's fixed cost (~30 ms) is the cost of ~1,000 cached positions.
 PADDING_PER_CALL = 1024
@@ -95,8 +97,14 @@ class Batch:
         return self.mask.shape[1]
 
     def join(self, streams: list[Stream]) -> None:
-        """Add ``streams``, each holding its own one-row cache (given back): one copy of the batch."""
+        """Add ``streams``, each holding its own one-row cache (given back): one copy of the batch
+        (none when a stream starts a batch alone: its cache becomes the batch's as it is)."""
         runtime, count = self.runtime, len(self.rows)
+        if not count and len(streams) == 1:
+            (stream,) = streams
+            self.cache, stream.cache = stream.cache, None
+            self.mask, self.rows = np.ones((1, stream.length), np.int64), [stream]
+            return
         width = max([self.width] + [stream.length for stream in streams])
         old = runtime.host_cache(self.cache) if count else None
         new = [runtime.host_cache(stream.cache) for stream in streams]
@@ -234,7 +242,10 @@ class Batcher:
         for stream in list(self.reading):
             if budget == 0 or (decode_ms and spent >= target_ms):
                 break
-            size = min(budget, len(stream.prompt_ids) - stream.read, self.chunk if decode_ms else budget)
+            remaining = len(stream.prompt_ids) - stream.read
+            paced = self.chunk if decode_ms else budget
+            # a short rest is read whole: a call's fixed cost (the weights' read) is not worth splitting for
+            size = min(budget, remaining if remaining <= 2 * paced else paced)
             if size == 0:
                 continue
             budget -= size
@@ -262,14 +273,19 @@ class Batcher:
         for stream in placing:
             rank = rank_of(stream)
             added, best = min(((self._added_padding(batch, joining.get(batch, []), stream), batch)
-                               for batch in self.batches if batch.rank == rank), key=lambda pair: pair[0],
-                              default=(None, None))
+                               for batch in self.batches if batch.rank == rank
+                               and self._fits(len(batch.rows) + len(joining.get(batch, [])) + 1)),
+                              key=lambda pair: pair[0], default=(None, None))
             if best is None or added > self.padding_per_call:
                 best = Batch(self.runtime, rank)
                 self.batches.append(best)
             joining.setdefault(best, []).append(stream)
         for batch, streams in joining.items():
             batch.join(streams)
+
+    def _fits(self, rows: int) -> bool:
+        """Whether the runtime takes a batch of ``rows`` (a TensorRT engine's ``--max-batch``)."""
+        return self.runtime.max_batch is None or rows <= self.runtime.max_batch
 
     @staticmethod
     def _shape(rows: list[Stream]) -> tuple[int, int, int]:
@@ -284,7 +300,8 @@ class Batcher:
         failure split one, or once the long row that kept two apart has left)."""
         merged: list[Batch] = []
         for batch in self.batches:
-            into = next((other for other in merged if other.rank == batch.rank and padding(
+            into = next((other for other in merged if other.rank == batch.rank
+                         and self._fits(len(other.rows) + len(batch.rows)) and padding(
                 *self._shape(other.rows + batch.rows)) - padding(*self._shape(other.rows)) - padding(
                 *self._shape(batch.rows)) <= self.padding_per_call), None)
             if into is None:

@@ -14,8 +14,10 @@ Schema (``format_version`` 1)::
                "power_w", "energy_mj_per_token", "quality", "perplexity", "pareto"}, ...],
      "levels": [ranks], "profiles": "1-64,65-192,193-448"}
 
-Quality is always higher-is-better (for decoders, 1 / perplexity). The primary latency of a row is
-decode ms/token for decoders and the batch's ms for encoders. A row is Pareto-optimal when no
+Decoders' phases are ``prefill``, ``decode`` (one sequence) and ``decode_batch_N`` (one step of N
+sequences decoding together, as the server batches them). Quality is always higher-is-better (for
+decoders, 1 / perplexity). The primary latency of a row is decode ms/token for decoders and the
+batch's ms for encoders. A row is Pareto-optimal when no
 other row is at least as fast and at least as good (strictly better in one, or a lower rank);
 without quality (a decoder exported without a tokenizer) a higher rank counts as better.
 """
@@ -58,6 +60,18 @@ def primary_latency(row: dict) -> float:
     latency = row["latency_ms"]
     phase = "decode" if "decode" in latency else next(iter(latency))
     return float(latency[phase]["median"])
+
+
+BATCH_PHASE = "decode_batch_"  # a decode step of that many sequences at once: decode_batch_4, decode_batch_16
+
+
+def latency_by_batch(row: dict) -> dict[int, float]:
+    """A row's median latency per decode batch size: ``{1: primary latency, 4: ..., 16: ...}``."""
+    found = {1: primary_latency(row)}
+    for phase, value in row["latency_ms"].items():
+        if phase.startswith(BATCH_PHASE) and phase[len(BATCH_PHASE):].isdigit():
+            found[int(phase[len(BATCH_PHASE):])] = float(value["median"])
+    return found
 
 
 def mark_pareto(rows: list[dict]) -> list[dict]:

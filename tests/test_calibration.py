@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from calibration.cli import calibrate_command
-from deploy.frontier import choose_levels, mark_pareto, profile_ranges, read_frontier
+from deploy.frontier import choose_levels, latency_by_batch, mark_pareto, profile_ranges, read_frontier
 from deploy.metadata import read_model_info
 
 
@@ -60,7 +60,7 @@ def test_calibrating_an_encoder_writes_a_frontier_the_reader_accepts(encoder_fro
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_decoder_frontier_has_prefill_decode_and_perplexity(exported, tmp_path):
+def test_a_decoder_frontier_has_prefill_decode_batched_decode_and_perplexity(exported, tmp_path):
     result, _ = exported("llama")
     data = tmp_path / "d.txt"
     data.write_text("\n".join(" ".join(f"w{(i * 5 + j) % 90}" for j in range(20)) for i in range(6)))
@@ -71,7 +71,9 @@ def test_a_decoder_frontier_has_prefill_decode_and_perplexity(exported, tmp_path
     frontier = json.loads(run.stdout)
     rows = frontier["rows"]
     assert {1, 16} <= {r["rank"] for r in rows} and len(rows) >= 5  # the geometric ladder, maybe refined
-    assert all(set(r["latency_ms"]) == {"prefill", "decode"} and r["perplexity"] > 1 for r in rows)
+    phases = {"prefill", "decode", "decode_batch_4", "decode_batch_16"}  # one step of 4, and of 16 (the server's most)
+    assert all(set(r["latency_ms"]) == phases and r["perplexity"] > 1 for r in rows)
+    assert all(latency_by_batch(r).keys() == {1, 4, 16} for r in rows)
     assert all(r["quality"] == pytest.approx(1 / r["perplexity"], rel=1e-3) for r in rows)
     assert frontier["quality_metric"] == "1 / perplexity"
 
@@ -123,7 +125,7 @@ def test_tensorrt_profiles_and_governor_levels_come_from_the_frontier(encoder_fr
     policy = policy_from_dict({"levels": {"frontier": str(out)}, "latency": {"target_ms": 1e6}})
     governor = Governor(Quiet(), policy, session, session.info.max_rank, session.info.flops)
     assert governor.levels.ranks == frontier["levels"]
-    assert governor.policies[0].model.samples  # the latency model starts from the calibrated table
+    assert governor.policies[0].model.model(1).samples  # the latency model starts from the calibrated table
 
 
 

@@ -395,6 +395,66 @@ def test_a_policy_frontier_path_is_resolved_against_the_policy_file(tmp_path, mo
     assert policy_from_dict({"levels": {"frontier": "/abs/f.json"}}, base_dir=tmp_path).frontier == "/abs/f.json"
 
 
+def test_the_latency_budget_is_judged_at_the_batch_size_that_runs():
+    """Steps of one sequence take 10-20 ms, steps of eight 25-50 ms (a step's cost as the server
+    batches): a 30 ms budget allows full work at batch 1, and only part of it at batch 8."""
+    from deploy.governor.policy import BudgetPolicy
+
+    policy = BudgetPolicy("latency_ms", 30.0)
+    for work in (0.25, 0.5, 1.0):
+        policy.ceiling(Readings(0, latency_ms=10 + 10 * work, batch=1), work)
+        policy.ceiling(Readings(0, latency_ms=20 + 30 * work, batch=8), work)
+    assert policy.ceiling(Readings(1, latency_ms=20.0, batch=1), 1.0).work == 1.0
+    at_eight = policy.ceiling(Readings(1, latency_ms=50.0, batch=8), 1.0)
+    assert at_eight.work == pytest.approx(1 / 3, abs=0.01) and "at batch 8" in at_eight.reason
+    assert policy.ceiling(Readings(1, latency_ms=50.0, batch=11), 1.0).work == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_the_queue_policy_lowers_work_by_what_the_step_at_this_batch_size_would_save():
+    """Steps of 16 sequences cost 40 + 40 * work ms (the weights' read does not shrink with the
+    rank): to drain 1.5x faster than 1.15x the step must take 1.15 / 1.5 of 80 ms, which needs
+    work 0.53 rather than the proportional rule's 0.77."""
+    from deploy.governor.policy import QueuePolicy
+
+    policy = QueuePolicy(target_s=2.0, horizon_s=10.0)
+    for work in (0.5, 1.0):
+        policy.ceiling(Readings(-1, latency_ms=40 + 40 * work, batch=16), work)
+    policy.ceiling(Readings(0, queue_s=0.0, latency_ms=80.0, batch=16), 1.0)
+    ceiling = policy.ceiling(Readings(1, queue_s=0.5, latency_ms=80.0, batch=16), 1.0)
+    assert ceiling.work == pytest.approx((80 * 1.15 / 1.5 - 40) / 40) and "at batch 16" in ceiling.reason
+
+
+def test_the_governor_reads_the_servers_batch_and_seeds_each_batch_size_from_the_frontier():
+    from deploy.governor.config import policy_from_dict
+    from deploy.governor.loop import Governor
+
+    class Server:  # what the governor reads from nsn-serve's scheduler
+        batch_size, queue_s, last_latency_ms, rank = 8, 0.0, 30.0, 16
+
+        def set_rank(self, rank):
+            self.rank = rank
+
+    def row(rank, one, eight):
+        return {"rank": rank, "flops_fraction": rank / 16, "latency_ms": {
+            "decode": {"median": one, "p90": one}, "decode_batch_8": {"median": eight, "p90": eight}}}
+
+    class Sensors:  # what the loop fills in from the server, passed through as the readings
+        latency_ms = queue_s = batch = None
+
+        def read(self, now):
+            return Readings(now, latency_ms=self.latency_ms, queue_s=self.queue_s, batch=self.batch)
+
+    sensors = Sensors()
+    config = policy_from_dict({"levels": {"ranks": [4, 16]}, "latency": {"target_ms": 40.0}})
+    governor = Governor(sensors, config, Server(), 16, lambda r: 100 * r)
+    governor._seed_from({"rows": [row(4, 10.0, 20.0), row(16, 16.0, 50.0)]}, lambda r: 100 * r)
+    (policy,) = governor.policies
+    assert sorted(policy.model.models) == [1, 8]
+    decision = governor.step(now=0.0)
+    assert sensors.batch == 8 and decision.readings["batch"] == 8
+    assert "at batch 8" in decision.ceilings[0]["reason"]  # judged by the batch-8 model, not batch 1's
+
+
 def test_bursty_load_the_queue_policy_beats_the_best_constant_rank_within_the_latency_target():
     report = simulate(load_scenario(scenario_dir() / "bursty-load.toml"))
     governor, full, oracle = report["runs"][0], report["runs"][1], report["runs"][-1]

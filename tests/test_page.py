@@ -152,6 +152,37 @@ def test_a_prompt_streams_tokens_coloured_by_the_rank_they_ran_at(browser, gover
     assert "ranks first 8" in text(browser, "result") and console_errors(browser) == []
 
 
+def test_concurrent_streams_show_on_the_page_as_a_shared_decode_batch(browser, governed):
+    """Six clients stream at once: the server decodes them in shared calls, and the page's "batch"
+    shows more than one sequence per call (bursts are repeated until a tick has seen one, at most 10)."""
+    import threading
+
+    server, _ = governed
+    open_page(browser, server.url + "/")
+    wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
+    seen = []
+
+    def burst():
+        def one(n):
+            httpx.post(f"{server.url}/v1/completions", json={"prompt": [n + 3, 5], "max_tokens": 100,
+                                                             "ignore_eos": True}, timeout=60)
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            seen.append(text(browser, "batch-now"))
+        for _ in range(5):  # the tick after the burst
+            time.sleep(0.1)
+            seen.append(text(browser, "batch-now"))
+
+    for _ in range(10):
+        burst()
+        if any(value not in ("", "—") and float(value) > 1 for value in seen):
+            break
+    assert any(value not in ("", "—") and float(value) > 1 for value in seen), seen
+    assert console_errors(browser) == []
+
+
 def test_the_override_slider_moves_the_rank_metrics_report(browser, governed):
     server, _ = governed
     open_page(browser, server.url + "/")

@@ -5,6 +5,7 @@ GPU work, against the real thing (tests marked ``tensorrt``)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import gzip
 import inspect
 import json
@@ -315,6 +316,38 @@ def test_a_steady_state_decode_step_allocates_no_device_memory(built):
         PROMPT, max_new_tokens=8, stop_ids=set()).token_ids
     engine.close()
     assert cudart.allocations == {}, "device memory leaked"
+
+
+def test_batched_steps_on_the_engine_give_each_sequence_its_solo_tokens_and_steady_steps_allocate_nothing(built):
+    """Four generations of mixed lengths through ``deploy.batch`` on an engine whose decode profile
+    takes batches up to 4: each gets the tokens ``NSNSession`` gives it alone; once the batch is
+    laid out no step allocates device memory, a leave included (the batch's buffers are reused);
+    nothing leaks."""
+    from deploy.batch import Batcher
+
+    engine, session, cudart = built("llama", "1-5,6-16", dataclasses.replace(BOUNDS, max_batch=4, opt_batch=2))
+    prompts = [PROMPT, [5, 9], [11, 4, 2, 8, 1], [6]]
+    budgets = [16, 6, 16, 16]
+    session.rank = 12
+    expected = [session.generate(p, max_new_tokens=n, stop_ids=set()).token_ids for p, n in zip(prompts, budgets)]
+    batcher = Batcher(engine)
+    streams = [batcher.open(p, n, stop_ids=set(), tag=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    got = {i: [] for i in range(4)}
+    allocated = []  # device allocations per step
+    while batcher.streams:
+        before = cudart.malloc_calls if cudart is not None else 0
+        for stream, step in batcher.step(lambda stream: 12):
+            got[stream.tag].append(step.token)
+            if stream.done:
+                batcher.close(stream)
+        allocated.append(cudart.malloc_calls - before if cudart is not None else 0)
+    assert [got[i] for i in range(4)] == expected
+    # step 1 reads the four prompts (their caches), step 2 lays out the batch (its device cache);
+    # then steady steps, and a leave (the budget-6 one) that reuses the batch's buffers: nothing
+    assert len(allocated) > 10 and set(allocated[2:]) == {0}, allocated
+    engine.close()
+    if cudart is not None:
+        assert cudart.allocations == {}, "device memory leaked"
 
 
 def test_engine_embeddings_match_onnx_runtime(built):

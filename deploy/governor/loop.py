@@ -20,7 +20,7 @@ from typing import Callable
 
 from ..atomic import atomic_file
 from ..external_data import read_regular_text
-from ..frontier import primary_latency
+from ..frontier import latency_by_batch
 from ..metadata import validate_rank, within_dense
 from .config import PolicyConfig
 from .policy import BatteryLadder, BatteryRuntime, BudgetPolicy, Ceiling, Levels, QueuePolicy, ThermalPolicy
@@ -47,7 +47,7 @@ def readings_summary(readings: Readings | None) -> dict:
         return {}
     return {"temps_c": readings.temps_c, "battery_pct": readings.battery_pct, "power_w": readings.power_w,
             "rails_w": readings.rails_w, "latency_ms": readings.latency_ms, "queue_s": readings.queue_s,
-            "invalid": readings.invalid}
+            "batch": readings.batch, "invalid": readings.invalid}
 
 
 def levels_for(config: PolicyConfig, max_rank: int, flops_of_rank: Callable[[int], float]) -> Levels:
@@ -147,13 +147,21 @@ class Governor:
         return policies
 
     def _seed_from(self, frontier: dict, flops_of_rank) -> None:
-        """Start the latency and power models from the calibrated table instead of from nothing."""
+        """Start the latency and power models from the calibrated table instead of from nothing: the
+        latency at each batch size measured (``decode``, ``decode_batch_4``, ...), the power at one."""
         top = flops_of_rank(self.levels.ranks[-1])
         for policy in self.policies:
-            if isinstance(policy, BudgetPolicy):
-                for row in frontier["rows"]:
-                    value = primary_latency(row) if policy.quantity == "latency_ms" else row.get("power_w")
-                    policy.model.add(flops_of_rank(row["rank"]) / top, value)
+            latency = isinstance(policy, QueuePolicy) or getattr(policy, "quantity", None) == "latency_ms"
+            if not (latency or isinstance(policy, BudgetPolicy)):
+                continue
+            model = policy.latency if isinstance(policy, QueuePolicy) else policy.model
+            for row in frontier["rows"]:
+                work = flops_of_rank(row["rank"]) / top
+                if not latency:
+                    model.add(work, row.get("power_w"), 1)
+                    continue
+                for batch, value in latency_by_batch(row).items():
+                    model.add(work, value, batch)
 
     def level_at_most(self, rank: int) -> int:
         """The highest level at or below ``rank`` (the lowest level if none is)."""
@@ -243,6 +251,8 @@ class Governor:
                 self.sensors.latency_ms = self.target.last_latency_ms
             if hasattr(self.target, "queue_s") and hasattr(self.sensors, "queue_s"):  # a server's queue
                 self.sensors.queue_s = self.target.queue_s
+            if hasattr(self.target, "batch_size") and hasattr(self.sensors, "batch"):  # and its batch
+                self.sensors.batch = self.target.batch_size or None
             readings = self.sensors.read(now)
             ceilings = self.ceilings(readings)
             index = self.choose(ceilings, now)

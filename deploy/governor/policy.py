@@ -193,6 +193,35 @@ class BatteryRuntime:
                        average=work is not None)
 
 
+def batch_bucket(batch: int | None) -> int:
+    """Readings group by batch size in powers of two: 1, 2-3, 4-7, 8-15, ..."""
+    return 1 << (max(int(batch or 1), 1).bit_length() - 1)
+
+
+class ByBatch:
+    """One ``LinearByWork`` per batch bucket: how long a step takes (and the power it draws) depends
+    on how many sequences share it as well as on the rank; a server batching 8 streams must not be
+    judged by what one stream costs."""
+
+    def __init__(self):
+        self.models: dict[int, LinearByWork] = {}
+
+    def add(self, work: float, value: float | None, batch: int | None) -> None:
+        self.models.setdefault(batch_bucket(batch), LinearByWork()).add(work, value)
+
+    def model(self, batch: int | None) -> LinearByWork | None:
+        """The model of ``batch``'s bucket, else of the nearest bucket with samples (None: no data)."""
+        bucket = batch_bucket(batch)
+        known = [b for b, model in self.models.items() if model.samples]
+        if not known:
+            return None
+        return self.models[min(known, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), b))]
+
+
+def at_batch(batch: int | None) -> str:
+    return f" at batch {batch}" if batch and batch > 1 else ""
+
+
 @dataclass
 class BudgetPolicy:
     """The largest work fraction whose measured ``quantity`` (power_w or latency_ms) stays within
@@ -200,7 +229,7 @@ class BudgetPolicy:
 
     quantity: str
     budget: float
-    model: LinearByWork = field(default_factory=LinearByWork)
+    model: ByBatch = field(default_factory=ByBatch)  # learned per batch size (``Readings.batch``)
 
     @property
     def name(self) -> str:
@@ -208,13 +237,14 @@ class BudgetPolicy:
 
     def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
         value = readings.power_w if self.quantity == "power_w" else readings.latency_ms
-        self.model.add(applied_work, value)
-        work = self.model.work_within(self.budget)
+        self.model.add(applied_work, value, readings.batch)
+        model = self.model.model(readings.batch)
+        work = model.work_within(self.budget) if model is not None else None
         unit = "W" if self.quantity == "power_w" else "ms"
         if work is None:
             return Ceiling(1.0, f"{self.quantity} budget {self.budget:g} {unit}: no measurement yet")
         shown = "n/a" if value is None else f"{value:.2f}"
-        return Ceiling(work, f"{self.quantity} {shown} {unit}, budget {self.budget:g} {unit}")
+        return Ceiling(work, f"{self.quantity} {shown} {unit}{at_batch(readings.batch)}, budget {self.budget:g} {unit}")
 
 
 @dataclass
@@ -225,24 +255,40 @@ class QueuePolicy:
     ``applied * (1 + g_ok) / (1 + g)`` (throughput rises about as work falls): just enough for the
     load, using the latency the target allows, since quality is concave in rank and running lower
     than needed costs it for nothing. A queue that is empty or shrinking releases the ceiling (the
-    governor climbs back one level per dwell)."""
+    governor climbs back one level per dwell).
+
+    "Throughput rises as work falls" is refined by the step latency learned at the current batch
+    size (``latency``, ``a + b * work`` per batch bucket, seeded from the frontier's
+    ``decode_batch_N``): the queue drains ``(1 + g) / (1 + g_ok)`` times faster only when the
+    step takes that many times less, and a step's fixed part ``a`` (weights read once whatever the
+    rank) does not shrink with the rank, so the ceiling drops further than the proportional rule."""
 
     target_s: float
     horizon_s: float = 10.0
     last: tuple[float, float] | None = None  # (time_s, wait_s) of the previous reading
+    latency: ByBatch = field(default_factory=ByBatch)
     name = "queue"
 
     def ceiling(self, readings: Readings, applied_work: float, step_up_work: float = 1.0) -> Ceiling:
         wait, last = readings.queue_s, self.last
         self.last = None if wait is None else (readings.time_s, wait)
+        self.latency.add(applied_work, readings.latency_ms, readings.batch)
         if wait is None:
             return Ceiling(1.0, "no queue reading")
         growth = 0.0 if last is None else (wait - last[1]) / max(readings.time_s - last[0], 1e-3)
         allowed = (self.target_s - wait) / self.horizon_s
         if growth > allowed and wait > 0:
-            work = applied_work * (1 + max(allowed, -0.5)) / (1 + growth)
+            faster = (1 + growth) / (1 + max(allowed, -0.5))  # how much faster the queue must drain
+            model = self.latency.model(readings.batch)
+            fit = model.coefficients() if model is not None else None
+            if fit is None:
+                work = applied_work / faster
+            else:
+                intercept, slope = fit
+                work = ((intercept + slope * applied_work) / faster - intercept) / slope
             return Ceiling(min(max(work, 0.25 * applied_work), applied_work),
-                           f"requests wait {wait:.1f} s, growing {growth:.2f} s/s (target {self.target_s:g} s)")
+                           f"requests wait {wait:.1f} s, growing {growth:.2f} s/s{at_batch(readings.batch)} "
+                           f"(target {self.target_s:g} s)")
         if growth > 0:
             return Ceiling(applied_work, f"requests wait {wait:.1f} s, growing {growth:.2f} s/s: holding")
         return Ceiling(1.0, f"requests wait {wait:.1f} s")

@@ -35,6 +35,7 @@ class Readings:
     rails_w: dict[str, float | None] = field(default_factory=dict)  # by INA3221 rail label
     latency_ms: float | None = None
     queue_s: float | None = None  # how long the oldest waiting request has waited (a server's queue)
+    batch: int | None = None  # sequences decoded per step (a server's continuous batching)
     invalid: int = 0
 
     @property
@@ -113,7 +114,8 @@ class Rail:
 
 
 class SysfsSensors:
-    """Sensors found under ``root`` (default ``/``). ``latency_ms`` may be set by the runtime."""
+    """Sensors found under ``root`` (default ``/``). ``latency_ms``, ``queue_s`` and ``batch`` may be
+    set by the runtime or the server."""
 
     def __init__(self, root: str | Path = "/"):
         self.root = Path(root)
@@ -125,6 +127,7 @@ class SysfsSensors:
         self.rails = self._rails()
         self.latency_ms: float | None = None
         self.queue_s: float | None = None
+        self.batch: int | None = None
         self.invalid_total = 0
 
     def _thermal_zones(self) -> list[ThermalZone]:
@@ -221,4 +224,5 @@ class SysfsSensors:
             rails[rail.label] = amps * volts if amps is not None and volts is not None else None
         self.invalid_total += invalid
         return Readings(time_s=time.monotonic() if now is None else now, temps_c=temps, rails_w=rails,
-                        latency_ms=self.latency_ms, queue_s=self.queue_s, invalid=invalid, **values)
+                        latency_ms=self.latency_ms, queue_s=self.queue_s, batch=self.batch, invalid=invalid,
+                        **values)

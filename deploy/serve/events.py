@@ -25,6 +25,7 @@ class EventHub:
         self.sensors: dict = {}
         self.notes: list[str] = []
         self._last_tokens: tuple[float, int] | None = None
+        self._last_calls: tuple[int, int] = (0, 0)
 
     def publish(self, state, decision=None) -> dict:
         """Record one tick from the scheduler's state and, with a governor, its ``Decision``."""
@@ -35,11 +36,14 @@ class EventHub:
         if self._last_tokens is not None and now > self._last_tokens[0]:
             rate = (tokens - self._last_tokens[1]) / (now - self._last_tokens[0])
         self._last_tokens = (now, tokens)
+        calls, rows = (scheduler.decode_calls, scheduler.decoded_rows) if scheduler else (0, 0)
+        batch = (rows - self._last_calls[1]) / (calls - self._last_calls[0]) if calls > self._last_calls[0] else 0.0
+        self._last_calls = (calls, rows)
         tick = {"time": time.time(), "ceiling": scheduler.ceiling if scheduler else None,
                 "rank": scheduler.last_rank if scheduler else None, "tokens_per_s": round(rate, 2),
                 "waiting": len(scheduler.waiting) if scheduler else 0,
                 "running": len(scheduler.active) if scheduler else 0,
-                "batch": scheduler.batch_size if scheduler else 0,
+                "batch": round(batch, 2),  # sequences per decode call since the last tick
                 "reason": scheduler.reason if scheduler else "loading",
                 "profile_switches": scheduler.profile_switches if scheduler else None,
                 "level": scheduler.runtime.level_state(scheduler.ceiling) if scheduler else None}

@@ -33,12 +33,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..batch import DEFAULT_PREFILL_CHUNK, Batcher
+from ..batch import DEFAULT_PREFILL_CHUNK, MAX_STREAMS, Batcher
 from ..speculative import Speculation
 
 log = logging.getLogger("nsn.serve")
 
-MAX_ACTIVE = 16  # generations running at once (batched, or in turn); more wait in the queue (each holds a KV cache)
+MAX_ACTIVE = MAX_STREAMS  # generations running at once (batched, or in turn); more wait in the queue
 EMBED_BATCH_INPUTS = 64  # inputs of waiting embedding jobs run in one call
 
 
@@ -124,12 +124,15 @@ class Scheduler:
         # continuous batching, where the runtime can and no job drafts (a round verifies one sequence)
         self.batcher = Batcher(runtime, prefill_chunk) if (
             batching and draft_rank is None and runtime.info.task == "text-generation"
-            and runtime.supports_batching) else None
-        self.batch_size = 0  # sequences decoded in the latest step
+            and runtime.supports_batching and (runtime.max_batch or 2) > 1) else None
+        self.batch_size = 0  # sequences decoded in the latest step (the governor reads it)
+        self.decode_calls = self.decoded_rows = 0  # totals, for the mean batch the page shows
         self.batching = (f"continuous batching: one decode call per rank for every running generation, prompts read "
                          f"{self.batcher.prefill_chunk} tokens per step" if self.batcher is not None else
                          "no batching: " + ("--no-batching" if not batching else "self-speculative decoding verifies "
                                             "one sequence per call" if draft_rank is not None else
+                                            "the engine was built for batch 1 (nsn-trt build --max-batch)"
+                                            if runtime.max_batch == 1 else
                                             f"{type(runtime).__name__} decodes one sequence per call")
                          + "; generations take turns, a token each")
         self.info = runtime.info
@@ -330,6 +333,10 @@ class Scheduler:
             self._finish(job, reason="length")
             return
         self.batch_size = 1
+        self.decode_calls += 1
+        self.decoded_rows += 1
+        if len(job.tokens) > 0:  # a decode step (the first token's call read the prompt)
+            self.last_latency_ms = step.latency_ms
         self._emit_token(job, step)
 
     def _batched_step(self) -> None:
@@ -339,8 +346,13 @@ class Scheduler:
                 self._begin(job)
                 self._isolated([job], lambda job=job: setattr(job, "stream", self.batcher.open(
                     job.prompt_ids, job.max_tokens, **job.sampling, tag=job)))
+        start = time.perf_counter()
         outcomes = self.batcher.step(lambda stream: self.rank_for(stream.tag))
         self.batch_size = sum(self.batcher.last_sizes)
+        self.decode_calls += len(self.batcher.last_sizes)
+        self.decoded_rows += self.batch_size
+        if self.batch_size:  # what each running stream waited for its token (the governor's latency)
+            self.last_latency_ms = (time.perf_counter() - start) * 1e3
         if self.metrics is not None:
             for size in self.batcher.last_sizes:
                 self.metrics.batched(size)
@@ -354,7 +366,7 @@ class Scheduler:
 
     def _emit_token(self, job: Job, step) -> None:
         now = time.monotonic()
-        self.last_latency_ms, self.last_rank = step.latency_ms, step.rank
+        self.last_rank = step.rank
         self.tokens_total += 1
         job.tokens.append(step.token)
         job.ranks.append(step.rank)

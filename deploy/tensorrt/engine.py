@@ -117,6 +117,7 @@ class NSNEngine(NSNRuntime):
         self._rank_value = np.zeros(1, np.int64)  # TensorRT reads it at every enqueue: kept for our lifetime
         self._staging: dict[str, DeviceBuffer] = {}
         self._outputs: dict[str, DeviceBuffer] = {}
+        self._batch_caches: list[DeviceKVCache] = []  # device caches of batches, kept for the next layout
         self.active_profile: int | None = None
         self.profile_switches = 0
         self.load_text_files(self.model_dir, max_length=self.plan.bounds.max_seq)  # within the profiles
@@ -241,19 +242,55 @@ class NSNEngine(NSNRuntime):
         """One decoder call. The generation's cache is allocated once, at prefill, for the engine's
         maximum context; every later step writes into it and allocates nothing."""
         if cache is None:
-            cache = DeviceKVCache(self.cuda, {name: self.input_shapes[name] for name in self.input_names
-                                              if name.startswith("past_key_values.")},
-                                  self.output_names[1:], token_ids.shape[0], self.plan.bounds.max_context,
-                                  self.dtypes)
-        feeds = decoder_feeds(self.input_shapes, token_ids, cache.past() if past_length else None, past_length)
+            cache = self._new_cache(token_ids.shape[0])
+        return self._call(token_ids, cache, past_length, "prefill" if past_length == 0 else "decode")
+
+    @property
+    def supports_batching(self) -> bool:
+        return "position_ids" in self.input_shapes
+
+    def decode_batch(self, token_ids: np.ndarray, cache, attention_mask: np.ndarray, position_ids: np.ndarray):
+        """A batched decode step (``deploy.batch``) within the decode profile's batch range
+        (``--max-batch``). The batch's cache lives on the device in buffers sized for ``max_batch``
+        rows and the maximum context: a cache laid out on the host (after a sequence joined or left)
+        is uploaded into such buffers, reused from earlier batches, and every later step writes into
+        them and allocates nothing."""
+        rows, width = attention_mask.shape[0], attention_mask.shape[1] - 1
+        device = cache
+        if not isinstance(cache, DeviceKVCache):  # laid out on the host after a join or leave
+            device = self._batch_caches.pop() if self._batch_caches else self._new_cache(self.max_batch, pooled=True)
+        try:
+            if device is not cache:
+                device.upload(cache, rows, width)
+            return self._call(token_ids, device, width, "decode", attention_mask, position_ids)
+        except BaseException:
+            if device is not cache:  # the batch keeps its host layout; these buffers go back to the pool
+                self.release_cache(device)
+            raise
+
+    def host_cache(self, cache) -> list[np.ndarray]:
+        if isinstance(cache, DeviceKVCache):
+            return [tensor.numpy() for tensor in cache.past()]
+        return super().host_cache(cache)
+
+    def _new_cache(self, rows: int, pooled: bool = False) -> "DeviceKVCache":
+        return DeviceKVCache(self.cuda, {name: self.input_shapes[name] for name in self.input_names
+                                         if name.startswith("past_key_values.")},
+                             self.output_names[1:], rows, self.plan.bounds.max_context, self.dtypes, pooled)
+
+    def _call(self, token_ids: np.ndarray, cache: "DeviceKVCache", past_length: int, phase: str,
+              attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None):
+        feeds = decoder_feeds(self.input_shapes, token_ids, cache.past() if past_length else None, past_length,
+                              attention_mask, position_ids)
         logits_name = self.output_names[0]
         vocab = list(self.engine.get_tensor_shape(logits_name))[-1]
         logits_bytes = token_ids.size * max(int(vocab), 1) * self.dtypes[logits_name].itemsize
         destinations = {logits_name: self._output_buffer(logits_name, logits_bytes), **cache.destinations()}
         try:
-            self.run_device(feeds, "prefill" if past_length == 0 else "decode", destinations)
+            self.run_device(feeds, phase, destinations)
         except BaseException:
-            cache.free()
+            if not cache.pooled:  # a generation's cache ends with its failed call; a batch keeps its own
+                cache.free()
             raise
         cache.advance(past_length + token_ids.shape[1])
         shape = tuple(int(d) for d in self.context.get_tensor_shape(logits_name))
@@ -262,35 +299,54 @@ class NSNEngine(NSNRuntime):
         return logits, cache
 
     def release_cache(self, cache) -> None:
-        if cache is not None:
-            cache.free()
+        """A generation's cache is freed; a batch's goes back to the pool for the next layout."""
+        if isinstance(cache, DeviceKVCache):
+            if cache.pooled:
+                if cache not in self._batch_caches:
+                    self._batch_caches.append(cache)
+            else:
+                cache.free()
 
     def close(self) -> None:
         """Free the device memory this engine owns (also done when it is garbage collected)."""
         for buffer in [*self._staging.values(), *self._outputs.values()]:
             buffer.free()
+        for cache in self._batch_caches:
+            cache.free()
+        self._batch_caches.clear()
         self._staging.clear()
         self._outputs.clear()
         self.cuda.close()
 
 
 class DeviceKVCache:
-    """One generation's KV cache on the device: two buffers per cache tensor, each sized for the
-    engine's maximum context, used in turn (TensorRT's inputs and outputs may not alias). Allocated
-    once; a decode step reads one buffer of each pair and writes the other."""
+    """A KV cache on the device for up to ``capacity`` rows: two buffers per cache tensor, each sized
+    for that many rows at the engine's maximum context, used in turn (TensorRT's inputs and outputs
+    may not alias). Allocated once; a decode step reads one buffer of each pair and writes the
+    other. ``pooled``: a batch's cache, which the engine keeps for reuse instead of freeing."""
 
-    def __init__(self, cuda, past_shapes: dict[str, list], present_names: list[str], batch: int, max_context: int,
-                 dtypes: dict):
-        self.past_names, self.present_names = list(past_shapes), present_names
-        self.layouts = [(batch, int(shape[1]), int(shape[3]), dtypes[name]) for name, shape in past_shapes.items()]
-        self.pairs = [tuple(DeviceBuffer(cuda, b * heads * max_context * dim * dtype.itemsize) for _ in range(2))
-                      for b, heads, dim, dtype in self.layouts]
+    def __init__(self, cuda, past_shapes: dict[str, list], present_names: list[str], capacity: int, max_context: int,
+                 dtypes: dict, pooled: bool = False):
+        self.cuda, self.past_names, self.present_names = cuda, list(past_shapes), present_names
+        self.capacity, self.rows, self.pooled = capacity, capacity, pooled
+        self.layouts = [(int(shape[1]), int(shape[3]), dtypes[name]) for name, shape in past_shapes.items()]
+        self.pairs = [tuple(DeviceBuffer(cuda, capacity * heads * max_context * dim * dtype.itemsize) for _ in range(2))
+                      for heads, dim, dtype in self.layouts]
         self.current, self.length = 0, 0
 
     def past(self) -> list[DeviceTensor]:
         """The cache so far, as the next call's ``past_key_values.*`` inputs."""
-        return [DeviceTensor(pair[self.current], (b, heads, self.length, dim), dtype)
-                for pair, (b, heads, dim, dtype) in zip(self.pairs, self.layouts)]
+        return [DeviceTensor(pair[self.current], (self.rows, heads, self.length, dim), dtype)
+                for pair, (heads, dim, dtype) in zip(self.pairs, self.layouts)]
+
+    def upload(self, arrays: list[np.ndarray], rows: int, length: int) -> None:
+        """Fill the cache from host arrays of ``rows`` rows and ``length`` positions (a batch's layout)."""
+        if rows > self.capacity:
+            raise ValueError(f"a batch of {rows} sequences is above the engine's --max-batch {self.capacity}")
+        for pair, array, (_, _, dtype) in zip(self.pairs, arrays, self.layouts):
+            self.cuda.to_device(np.ascontiguousarray(array, dtype=dtype), pair[self.current])
+        self.cuda.synchronize()  # the host arrays may go once this returns
+        self.rows, self.length = rows, length
 
     def destinations(self) -> dict[str, DeviceBuffer]:
         """Where the next call writes ``present.*``: the other buffer of each pair."""

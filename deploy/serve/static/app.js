@@ -157,6 +157,7 @@ function renderTick(tick) {
   $("last-rank").textContent = tick.rank == null ? "—" : String(tick.rank);
   $("tps-now").textContent = String(tick.tokens_per_s);
   $("queue-now").textContent = String(tick.waiting);
+  $("batch-now").textContent = tick.batch ? String(tick.batch) : "—";
   $("policy-now").textContent = tick.policy || (page.status && !page.status.governor ? "none (no governor)" : "none");
   $("profiles").hidden = tick.profile_switches == null;
   $("profile-switches").textContent = String(tick.profile_switches ?? 0);
