@@ -331,7 +331,8 @@ def test_batched_steps_on_the_engine_give_each_sequence_its_solo_tokens_and_stea
     session.rank = 12
     expected = [session.generate(p, max_new_tokens=n, stop_ids=set()).token_ids for p, n in zip(prompts, budgets)]
     batcher = Batcher(engine)
-    streams = [batcher.open(p, n, stop_ids=set(), tag=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        batcher.open(p, n, stop_ids=set(), tag=i)
     got = {i: [] for i in range(4)}
     allocated = []  # device allocations per step
     while batcher.streams:
