@@ -49,6 +49,7 @@ class Calibration:
         self.decoder = runtime.info.task == "text-generation"
         self.rows: dict[int, dict] = {}
         self._reference = None
+        self.speculative: dict | None = None  # measure_drafts' findings
         # Decode steps of several sequences at once, as the server batches them: 4 and the most
         # the runtime takes (a TensorRT engine's --max-batch, else the server's running streams).
         largest = runtime.max_batch or MAX_STREAMS
@@ -229,6 +230,56 @@ class Calibration:
         self.measure_latency(sorted(self.rows),
                              progress=lambda r: report(f"latency at rank {r}: {self.rows[r]['latency_ms']}"))
 
+    # ---- self-speculative decoding: which rank drafts best -------------------------------------
+    def measure_drafts(self, tokens: int = 32, k: int = 4, progress: Callable[[str], None] | None = None) -> dict:
+        """For each measured rank below the top, as a draft for the top rank: the share of drafted
+        tokens the top rank keeps and the tokens/s against plain decoding, greedy, on the texts'
+        first ``prompt_tokens`` (held out from nothing: these are the calibration texts, not the
+        training data). Plain and drafted runs alternate. The best draft is named when it is
+        faster than plain decoding; else ``draft_rank`` is None and ``why`` says so."""
+        from deploy.speculative import Speculation
+
+        runtime, top = self.runtime, self.runtime.info.max_rank
+        prompts = self._draft_prompts()
+        runtime.rank = top
+        runtime.prepare(top, wait=True)
+        candidates = []
+        for draft in [rank for rank in sorted(self.rows) if rank < top]:
+            runtime.prepare_draft(draft, wait=True)
+            plain_s = drafted_s = 0.0
+            drafted = accepted = 0
+            for prompt in prompts:
+                start = time.perf_counter()
+                runtime.generate(prompt, max_new_tokens=tokens, stop_ids=set())
+                plain_s += time.perf_counter() - start
+                speculation = Speculation(draft, k, auto_off=False)
+                start = time.perf_counter()
+                runtime.generate(prompt, max_new_tokens=tokens, stop_ids=set(), speculative=speculation)
+                drafted_s += time.perf_counter() - start
+                drafted, accepted = drafted + speculation.drafted, accepted + speculation.accepted
+            candidates.append({"draft_rank": draft, "acceptance": round(accepted / max(drafted, 1), 3),
+                               "speedup": round(plain_s / drafted_s, 3)})
+            if progress:
+                progress(f"draft rank {draft}: acceptance {candidates[-1]['acceptance']}, "
+                         f"{candidates[-1]['speedup']}x plain")
+        best = max(candidates, key=lambda c: c["speedup"], default=None)
+        found = {"target_rank": top, "k": k, "tokens": tokens, "candidates": candidates, "draft_rank": None}
+        if best is not None and best["speedup"] > 1:
+            found.update(draft_rank=best["draft_rank"], acceptance=best["acceptance"], speedup=best["speedup"])
+        else:
+            found["why"] = ("no rank below the top to draft with" if best is None else
+                            f"no draft rank is faster than plain decoding (best: rank {best['draft_rank']}, "
+                            f"{best['speedup']}x, acceptance {best['acceptance']})")
+        self.speculative = found
+        return found
+
+    def _draft_prompts(self, count: int = 2) -> list[list[int]]:
+        if self.token_ids is not None:
+            return [ids[: self.prompt_tokens] for ids in self.token_ids[:count]]
+        tokenizer = self.runtime.tokenizer
+        encoded = [tokenizer.encode(text).ids[: self.prompt_tokens] for text in self.texts]
+        return [ids for ids in encoded if ids][:count]
+
     def frontier(self, model_path, backend: dict) -> dict:
         rows = mark_pareto([self.rows[r] for r in sorted(self.rows)])
         levels = choose_levels(rows)
@@ -245,6 +296,7 @@ class Calibration:
                                              if self.decoder else {"batch": self.batch})},
             "quality_metric": self.quality_metric, "rows": rows, "levels": levels,
             "profiles": profile_ranges(levels, info.max_rank),
+            **({"speculative": self.speculative} if self.speculative is not None else {}),
         }
 
 

@@ -193,9 +193,12 @@ def bench_command(shape, work_dir, threads, prefill_tokens, cache_tokens, decode
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="quality against latency and FLOPs, levels and profile ranges marked (needs matplotlib)")
 @click.option("--json", "as_json", is_flag=True, help="print the frontier instead of a table")
+@click.option("--drafts/--no-drafts", default=True,
+              help="decoders on ONNX Runtime: time each measured rank as a self-speculative draft for the top rank "
+                   "and name the best one in the frontier (nsn-serve then drafts with it)")
 @user_errors
 def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts, batch, prompt_tokens,
-                      context_tokens, repeats, threads, output_path, plot_path, as_json):
+                      context_tokens, repeats, threads, output_path, plot_path, as_json, drafts):
     """Measure EXPORT_DIR across ranks on this device; write frontier.json (and a plot)."""
     from tqdm import tqdm
 
@@ -237,7 +240,10 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
         sensors = None
     calibration = Calibration(runtime, sample[:texts], batch, prompt_tokens, context_tokens, repeats, sensors)
     with tqdm(desc="calibrating", unit="step", file=sys.stderr) as bar:
-        calibration.run(rank_list, budget_s, progress=lambda message: (bar.update(), bar.set_postfix_str(message[:60])))
+        progress = lambda message: (bar.update(), bar.set_postfix_str(message[:60]))  # noqa: E731
+        calibration.run(rank_list, budget_s, progress=progress)
+        if drafts and calibration.decoder and runtime.supports_speculation:
+            calibration.measure_drafts(progress=progress)
     frontier = calibration.frontier(model_path, backend)
     atomic_file(output_path, json.dumps(frontier, indent=1, allow_nan=False) + "\n")
     if plot_path is not None:
@@ -248,6 +254,11 @@ def calibrate_command(export_dir, engine_dir, data_path, ranks, budget_s, texts,
         click.echo(json.dumps(frontier, indent=1))
         return
     click.echo(frontier_markdown(frontier))
+    speculative = frontier.get("speculative")
+    if speculative is not None:
+        click.echo(f"\nself-speculative drafts for rank {speculative['target_rank']}: " + (
+            f"rank {speculative['draft_rank']} ({speculative['speedup']}x plain decoding, acceptance "
+            f"{speculative['acceptance']})" if speculative["draft_rank"] else speculative["why"]))
     click.echo(f"\nwrote {output_path}: levels {frontier['levels']}, TensorRT profiles {frontier['profiles']}",
                err=True)
 

@@ -251,6 +251,7 @@ def speculative_report(model_dir: Path, draft_rank: int, ranks: list[int] | None
     for rank in levels:
         session.set_rank(rank)
         session.prepare(rank, wait=True)
+        session.prepare_draft(draft_rank, wait=True)  # the draft on its own level, as the server runs it
         progress(f"rank {rank}: {tokens} tokens, plain and drafted by rank {draft_rank}, {rounds} rounds")
         speeds: dict[str, list[float]] = {"plain": [], "speculative": [], "speculative, never off": []}
         counts = {}

@@ -12,7 +12,9 @@ Schema (``format_version`` 1)::
      "quality_metric": "cosine to the full rank's embeddings" | "1 / perplexity" | null,
      "rows": [{"rank", "flops_fraction", "latency_ms": {phase: {"median", "p90"}}, "rss_mb",
                "power_w", "energy_mj_per_token", "quality", "perplexity", "pareto"}, ...],
-     "levels": [ranks], "profiles": "1-64,65-192,193-448"}
+     "levels": [ranks], "profiles": "1-64,65-192,193-448",
+     "speculative": {"target_rank", "draft_rank" (or null, with "why"), "k", "tokens", "acceptance",
+                     "speedup", "candidates": [{"draft_rank", "acceptance", "speedup"}, ...]} (decoders)}
 
 Decoders' phases are ``prefill``, ``decode`` (one sequence) and ``decode_batch_N`` (one step of N
 sequences decoding together, as the server batches them). Quality is always higher-is-better (for
@@ -135,6 +137,18 @@ FRONTIER_SCHEMA = Table({
     }), min_len=1),
     "levels": ListOf(Number(1, 1_000_000, integer=True), min_len=1, max_len=1024),
     "profiles": Text(pattern=PROFILES_SYNTAX, example="1-64,65-192,193-448"),
+    # self-speculative decoding: the best draft rank for the top rank, or None and why
+    "speculative": optional(Table({
+        "target_rank": Number(1, 1_000_000, integer=True),
+        "draft_rank": optional(Number(1, 1_000_000, integer=True)),
+        "k": Number(1, 64, integer=True),
+        "tokens": Number(1, 1_000_000, integer=True),
+        "acceptance": optional(Number(0, 1)),
+        "speedup": optional(Number(0, 1e6)),
+        "why": optional(Text()),
+        "candidates": ListOf(Table({"draft_rank": Number(1, 1_000_000, integer=True), "acceptance": Number(0, 1),
+                                    "speedup": Number(0, 1e6)}), max_len=1024),
+    })),
 })
 
 

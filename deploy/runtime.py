@@ -126,6 +126,10 @@ class NSNRuntime:
         """Get ready to run ``rank`` at its best (``NSNSession`` builds its level); a no-op here."""
         validate_rank(rank, self.info.max_rank)
 
+    def prepare_draft(self, rank: int, wait: bool = False):
+        """Get a speculative draft rank ready beside the governed one (``NSNSession``: its own level)."""
+        validate_rank(rank, self.info.max_rank)
+
     def level_flops(self, rank: int, context_length: int = 0) -> int:
         """FLOPs per token at ``rank`` as this runtime runs it (here: the factors' at every rank)."""
         return self.info.flops(rank, context_length)
@@ -251,6 +255,7 @@ class NSNRuntime:
         return self.tokenizer.decode(token_ids)
 
     supports_speculation = False  # a runtime with decode_positions and truncate_cache can verify drafts
+    max_draft_tokens: int | None = None  # drafts one verify call may hold (None: no limit)
 
     def generate_steps(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -266,10 +271,14 @@ class NSNRuntime:
         not below the current rank run plainly."""
         sampling, stops = self.generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_ids)
         if speculative is not None and not self.supports_speculation:
-            raise ValueError(f"speculative decoding runs on ONNX Runtime (NSNSession) for now; "
-                             f"{type(self).__name__} cannot verify drafts: generate without it")
+            raise ValueError(f"{type(self).__name__} cannot verify drafts here (a TensorRT engine needs decode "
+                             f"profiles built with nsn-trt build --draft-tokens K); generate without speculative")
         if speculative is not None:
             check_speculation(speculative.draft_rank, speculative.k, self.info.max_rank)
+            if self.max_draft_tokens is not None:  # what one verify call may hold (an engine's profiles)
+                speculative.max_k = min(speculative.max_k, self.max_draft_tokens)
+                speculative.k = min(speculative.k, speculative.max_k)
+            self.prepare_draft(speculative.draft_rank)  # its level builds beside; the views draft meanwhile
         return self._steps(prompt_ids, max_new_tokens, sampling, seed, stops, speculative)
 
     def generation_options(self, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,

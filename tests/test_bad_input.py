@@ -336,6 +336,8 @@ CASES = [
     Case("trt-plan-opt-seq-above-max", trt_command, ["plan", "{ws}/export", "--opt-seq", "900"], 2,
          ("--opt-seq 900", "--max-seq 512"), ("export",)),
     Case("trt-plan-no-export", trt_command, ["plan", "{ws}/nothing"], 1, ("nothing", "model.onnx"), ()),
+    Case("trt-plan-too-many-draft-tokens", trt_command, ["plan", "{ws}/export", "--draft-tokens", "17"], 2,
+         ("--draft-tokens", "17 is not in the range 0<=x<=16"), ("export",)),
     Case("trt-check-mask-export", trt_command, ["check", "{ws}/mask"], 1, ("flows into data", "--rank-mode slice"),
          ("mask",)),
     Case("trt-check-old-tensorrt", trt_command, ["check", "{ws}/export", "--trt-version", "8.6"], 1,

@@ -74,6 +74,13 @@ def test_a_decoder_frontier_has_prefill_decode_batched_decode_and_perplexity(exp
     phases = {"prefill", "decode", "decode_batch_4", "decode_batch_16"}  # one step of 4, and of 16 (the server's most)
     assert all(set(r["latency_ms"]) == phases and r["perplexity"] > 1 for r in rows)
     assert all(latency_by_batch(r).keys() == {1, 4, 16} for r in rows)
+    speculative = frontier["speculative"]  # every rank below the top timed as a draft for it
+    assert speculative["target_rank"] == 16 and [c["draft_rank"] for c in speculative["candidates"]] == [
+        r["rank"] for r in rows if r["rank"] < 16]
+    best = max(speculative["candidates"], key=lambda c: c["speedup"])
+    assert (speculative["draft_rank"] == best["draft_rank"]) if best["speedup"] > 1 else (
+        speculative["draft_rank"] is None and "no draft rank is faster" in speculative["why"])
+    assert read_frontier(tmp_path / "f.json")["speculative"] == speculative
     assert all(r["quality"] == pytest.approx(1 / r["perplexity"], rel=1e-3) for r in rows)
     assert frontier["quality_metric"] == "1 / perplexity"
 

@@ -340,3 +340,23 @@ def test_a_governor_without_a_trip_point_says_thermal_control_is_off(browser, se
     assert "governor on, thermal control off" in text(browser, "status-line")
     wait_for(lambda: text(browser, "policy-now") == "none", "the first tick")
     assert "thermal control off" in browser.find_element("id", "notes").get_attribute("textContent")
+
+
+def test_tokens_drafted_by_a_lower_rank_and_kept_are_outlined_in_the_playground(browser, serve, exported):
+    """Served with self-speculative decoding (rank 15 drafts for 16): the outlined tokens are the
+    ones the draft proposed and the target kept, as many as the response's ``nsn.speculative``
+    says were accepted, and the result line says so."""
+    server = serve([exported("llama")[0].path.parent, "--no-governor", "--speculative", "15"])
+    open_page(browser, server.url + "/")
+    wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
+    browser.find_element("id", "prompt").send_keys("w1 w2 w3")
+    browser.find_element("id", "max-tokens").clear()
+    browser.find_element("id", "max-tokens").send_keys("40")
+    browser.find_element("id", "send").click()
+    nsn = json.loads(wait_for(lambda: browser.find_element("id", "result-nsn").get_attribute("textContent"),
+                              "the response's nsn object"))
+    spec = nsn["speculative"]
+    outlined = browser.find_elements("css selector", "#output .token.drafted")
+    assert spec["draft_rank"] == 15 and spec["accepted"] > 0 and len(outlined) == spec["accepted"]
+    assert outlined[0].value_of_css_property("outline-style") == "solid"
+    assert "drafted by rank 15" in text(browser, "result") and console_errors(browser) == []

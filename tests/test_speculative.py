@@ -133,6 +133,46 @@ def test_the_server_drafts_with_a_low_rank_and_answers_what_it_answers_without(s
     assert drafting.metric("nsn:spec_decode_num_accepted_tokens_total") == report["accepted"]
 
 
+def test_with_a_draft_rank_a_lone_request_drafts_and_concurrent_ones_are_batched_all_with_their_own_text(
+        serve, exported):
+    """``--speculative``: a generation that starts while nothing else runs drafts (one sequence per
+    round pays when the device is idle); generations that start beside others decode in shared calls
+    instead. Every one answers what it answers alone."""
+    import threading
+
+    import httpx
+
+    export = exported("llama")[0].path.parent
+    session = NSNSession(export)
+    expected = {n: session.generate([n + 3, 7, 9], max_new_tokens=60).token_ids for n in range(5)}
+    server = serve([export, "--no-governor", "--model-name", "tiny", "--speculative", "15"])
+    notes = httpx.get(f"{server.url}/v1/nsn/status", timeout=10).json()["notes"]
+    assert any("continuous batching" in note and "rank 15 drafts for a generation that starts alone" in note
+               for note in notes)
+    results = {}
+
+    def one(n):
+        body = httpx.post(f"{server.url}/v1/completions", json={"prompt": [n + 3, 7, 9], "max_tokens": 60,
+                                                                "temperature": 0}, timeout=60).json()
+        results[n] = body
+
+    alone = threading.Thread(target=one, args=(0,))
+    alone.start()
+    alone.join()
+    together = threading.Barrier(4)
+    threads = [threading.Thread(target=lambda n=n: (together.wait(timeout=30), one(n))) for n in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for body in results.values():
+        assert set(body["nsn"]["token_ranks"]) == {16}
+    assert "speculative" in results[0]["nsn"]  # it started alone: it drafted
+    assert sum("speculative" not in results[n]["nsn"] for n in range(1, 5)) >= 3  # they shared calls
+    texts = {n: session.reply_text(expected[n]) for n in range(5)}
+    assert {n: body["choices"][0]["text"] for n, body in results.items()} == texts
+
+
 def test_the_speculative_benchmark_times_both_ways_at_each_level_above_the_draft(exported, tmp_path):
     import json
 
@@ -151,3 +191,38 @@ def test_the_speculative_benchmark_times_both_ways_at_each_level_above_the_draft
         assert 0 <= row["acceptance"] <= 1 and isinstance(row["switched_off"], bool)
     again = CliRunner().invoke(bench_command, ["--from-json", str(out)])
     assert again.exit_code == 0 and "| 16 |" in again.stdout and "draft rank 8" in again.stdout
+
+
+def test_a_frontier_that_names_a_draft_rank_turns_drafting_on_in_nsn_serve(serve, exported, tmp_path):
+    """nsn-calibrate times each rank as a draft and names the best one when it pays; nsn-serve under
+    a policy with that frontier drafts with it, no flag needed. (The tiny model's timings are noise,
+    so the frontier's findings are set here: what is tested is that the server follows them.)"""
+    import json
+
+    from click.testing import CliRunner
+
+    from calibration.cli import calibrate_command
+
+    export = exported("llama")[0].path.parent
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90}" for j in range(12)) for i in range(4)))
+    frontier_path = tmp_path / "frontier.json"
+    run = CliRunner().invoke(calibrate_command, [str(export), "--ranks", "8,15,16", "--repeats", "1", "--data",
+                                                 str(data), "--prompt-tokens", "8", "--context-tokens", "8",
+                                                 "--output", str(frontier_path)])
+    assert run.exit_code == 0, run.output
+    assert "self-speculative drafts for rank 16" in run.output
+    frontier = json.loads(frontier_path.read_text())
+    assert [c["draft_rank"] for c in frontier["speculative"]["candidates"]] == [8, 15]
+    frontier["speculative"].pop("why", None)
+    frontier["speculative"].update(draft_rank=15, acceptance=0.9, speedup=1.3)
+    frontier.update(levels=[8, 16], profiles="1-8,9-16")  # the tiny model's timings are noise: fix the levels too
+    frontier_path.write_text(json.dumps(frontier))
+    (tmp_path / "sysfs").mkdir()
+    (tmp_path / "p.toml").write_text('[levels]\nfrontier = "frontier.json"\n')
+    server = serve([export, "--policy", tmp_path / "p.toml", "--sysfs-root", tmp_path / "sysfs", "--model-name", "t"])
+    answer = server.client().completions.create(model="t", prompt="w1 w2 w3", max_tokens=24, temperature=0)
+    nsn = answer.model_extra["nsn"]
+    assert nsn["speculative"]["draft_rank"] == 15 and set(nsn["token_ranks"]) == {16}
+    session = NSNSession(export)
+    assert answer.choices[0].text == session.reply_text(session.generate("w1 w2 w3", max_new_tokens=24).token_ids)

@@ -351,6 +351,48 @@ def test_batched_steps_on_the_engine_give_each_sequence_its_solo_tokens_and_stea
         assert cudart.allocations == {}, "device memory leaked"
 
 
+def test_an_engine_built_to_verify_drafts_decodes_speculatively_with_the_plain_tokens_and_no_allocation(built):
+    """``--draft-tokens 4``: the decode profiles take 1-5 new tokens, so a round verifies its drafts
+    in one call; greedy output equals plain decoding (ONNX Runtime's), for drafts in the target's
+    profile range and in another; rounds after the first allocate no device memory (rejected
+    drafts are cut off by copies on the device); nothing leaks."""
+    from deploy.speculative import Speculation
+
+    engine, session, cudart = built("llama", "1-5,6-16", dataclasses.replace(BOUNDS, draft_tokens=4))
+    decode = engine.plan.profile_for(12, "decode")
+    assert decode.shapes["input_ids"][0][1] == 1 and decode.shapes["input_ids"][2][1] == 5
+    assert engine.supports_speculation and engine.max_draft_tokens == 4
+    for target, draft in ((16, 11), (12, 3), (16, 15)):
+        engine.rank = session.rank = target
+        plain = session.generate(PROMPT, max_new_tokens=30, stop_ids=set()).token_ids
+        speculation = Speculation(draft, 4, max_k=8, auto_off=False)
+        steps = engine.generate_steps(PROMPT, max_new_tokens=30, stop_ids=set(), speculative=speculation)
+        tokens, allocated = [], []  # device allocations made while each token was produced
+        while True:
+            before = cudart.malloc_calls if cudart is not None else 0
+            step = next(steps, None)
+            if step is None:
+                break
+            tokens.append(step.token)
+            allocated.append((cudart.malloc_calls - before) if cudart is not None else 0)
+        assert tokens == plain, (target, draft)
+        assert speculation.drafted > 0 and speculation.max_k == 4  # capped by the engine's profiles
+        if cudart is not None:
+            assert sum(allocated[4:]) == 0, allocated
+    engine.close()
+    if cudart is not None:
+        assert cudart.allocations == {}, "device memory leaked"
+
+
+def test_an_engine_without_draft_profiles_refuses_speculation_saying_how_to_build_one(built):
+    from deploy.speculative import Speculation
+
+    engine, _, _ = built("llama", "1-5,6-16")
+    with pytest.raises(ValueError, match="nsn-trt build --draft-tokens"):
+        engine.generate(PROMPT, max_new_tokens=4, speculative=Speculation(3, 4))
+    engine.close()
+
+
 def test_engine_embeddings_match_onnx_runtime(built):
     engine, session, _ = built("bert", "1-8,9-16", ShapeBounds(max_batch=4, max_seq=64, opt_seq=16))
     texts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10"]

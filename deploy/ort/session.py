@@ -118,6 +118,8 @@ class NSNSession(NSNRuntime):
         self.view_model = view_model  # the graph the views feed (None without views): levels are built from it
         self.pairs = factor_pairs(view_model.graph, self.views) if view_model is not None else []
         self.levels = Levels(self._build_level) if self.views and levels is not False else None
+        # a speculative draft rank's own level, beside the governed one (its factors are small)
+        self.draft_levels = Levels(self._build_level) if self.levels is not None else None
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = NSNModelInfo.from_props(props, source=str(self.model_path))
         view_names = {view.name for view in self.views}
@@ -138,6 +140,11 @@ class NSNSession(NSNRuntime):
         """Ask for ``rank``'s level (no-op without levels); ``wait`` blocks until it is built."""
         rank = validate_rank(rank, self.info.max_rank)
         return self.levels.prepare(rank, wait) if self.levels is not None else None
+
+    def prepare_draft(self, rank: int, wait: bool = False) -> Level | None:
+        """Ask for a speculative draft rank's level, kept beside the governed rank's (no-op without levels)."""
+        rank = validate_rank(rank, self.info.max_rank)
+        return self.draft_levels.prepare(rank, wait) if self.draft_levels is not None else None
 
     def level_flops(self, rank: int, context_length: int = 0) -> int:
         """FLOPs per token as this session runs ``rank`` once its level is built: the products save
@@ -204,7 +211,8 @@ class NSNSession(NSNRuntime):
                   else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
         if rank is None:
             rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
-        level = self.last_level = self.levels.ready(rank) if self.levels is not None else None
+        level = self.last_level = (self.levels.ready(rank) or self.draft_levels.ready(rank)
+                                   if self.levels is not None else None)
         if level is not None:
             return level.session.run_with_ort_values(outputs or self.output_names, {**values, **level.feeds})
         return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds(rank)})

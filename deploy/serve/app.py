@@ -344,7 +344,10 @@ def create_app(state: ServerState, load=None, unload=None, max_body_bytes: int =
             while True:
                 event, payload = await events.get()
                 if event == "token":
-                    yield chunk(payload["text"], nsn={"rank": payload["rank"], "token": payload["token"]}, first=first)
+                    nsn = {"rank": payload["rank"], "token": payload["token"]}
+                    if payload.get("drafted"):  # proposed by the speculative draft rank and kept
+                        nsn["drafted"] = True
+                    yield chunk(payload["text"], nsn=nsn, first=first)
                     first = False
                 elif event == "error":
                     yield "data: " + json.dumps({"error": {"message": payload["message"], "type": "server_error",

@@ -186,7 +186,10 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
 
     runtime = runtime or open_runtime(model_dir, intra_op_threads=threads, levels=levels)
     if draft_rank is not None and not runtime.supports_speculation:
-        raise ValueError(f"--speculative runs on ONNX Runtime for now; {runtime_label(runtime)} cannot verify drafts")
+        raise ValueError(f"--speculative: {runtime_label(runtime)} cannot verify drafts (build the engine with "
+                         f"nsn-trt build --draft-tokens K, or serve without --speculative)")
+    if draft_rank is None and policy is not None and policy.frontier and runtime.supports_speculation:
+        draft_rank = frontier_draft(policy.frontier, runtime)
     scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics, draft_rank=draft_rank,
                           batching=batching, prefill_chunk=prefill_chunk)
     state.scheduler = scheduler
@@ -222,6 +225,20 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     state.events.notes = [*state.events.notes, scheduler.batching]
     scheduler.start()
     state.ready = True
+
+
+def frontier_draft(path, runtime) -> int | None:
+    """The draft rank the frontier names for self-speculative decoding (``nsn-calibrate`` found it
+    faster than plain decoding on this device), if any."""
+    from ..frontier import read_frontier
+
+    found = read_frontier(path, getattr(runtime, "model_path", None)).get("speculative") or {}
+    draft = found.get("draft_rank")
+    if draft is not None and draft < runtime.info.max_rank:
+        log.info("self-speculative decoding: rank %d drafts (%sx plain decoding in %s)", draft, found.get("speedup"),
+                 path)
+        return draft
+    return None
 
 
 def governor_reason(decision, governor) -> str:

@@ -121,20 +121,22 @@ class Scheduler:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.runtime, self.max_queue, self.metrics, self.max_active = runtime, max_queue, metrics, max_active
         self.draft_rank, self.draft_tokens = draft_rank, draft_tokens  # self-speculative decoding, when set
-        # continuous batching, where the runtime can and no job drafts (a round verifies one sequence)
+        # continuous batching, where the runtime can; with a draft rank, a generation that starts alone
+        # drafts instead (a speculative round verifies one sequence: it pays when the device is idle)
         self.batcher = Batcher(runtime, prefill_chunk) if (
-            batching and draft_rank is None and runtime.info.task == "text-generation"
+            batching and runtime.info.task == "text-generation"
             and runtime.supports_batching and (runtime.max_batch or 2) > 1) else None
         self.batch_size = 0  # sequences decoded in the latest step (the governor reads it)
         self.decode_calls = self.decoded_rows = 0  # totals, for the mean batch the page shows
+        drafting = f"; rank {draft_rank} drafts for " if draft_rank is not None else ""
         self.batching = (f"continuous batching: one decode call per rank for every running generation, prompts read "
-                         f"{self.batcher.prefill_chunk} tokens per step" if self.batcher is not None else
-                         "no batching: " + ("--no-batching" if not batching else "self-speculative decoding verifies "
-                                            "one sequence per call" if draft_rank is not None else
+                         f"{self.batcher.prefill_chunk} tokens per step"
+                         + (drafting and drafting + "a generation that starts alone") if self.batcher is not None else
+                         "no batching: " + ("--no-batching" if not batching else
                                             "the engine was built for batch 1 (nsn-trt build --max-batch)"
                                             if runtime.max_batch == 1 else
                                             f"{type(runtime).__name__} decodes one sequence per call")
-                         + "; generations take turns, a token each")
+                         + "; generations take turns, a token each" + (drafting and drafting + "each"))
         self.info = runtime.info
         self.ceiling, why = runtime.default_ceiling()
         self.reason = f"no governor: {why}"
@@ -171,6 +173,8 @@ class Scheduler:
     # ---- what routes call ------------------------------------------------------------------------------
     def start(self) -> None:
         self.runtime.prepare(self.ceiling)
+        if self.draft_rank is not None:
+            self.runtime.prepare_draft(self.draft_rank)
         self._thread.start()
 
     def rank_for(self, job: Job) -> int:
@@ -241,10 +245,9 @@ class Scheduler:
             if embeds:
                 self._isolated(embeds, lambda: self._embed(embeds))
             if self.batcher is not None:
-                self._isolated(list(self.active), self._batched_step)
-            else:
-                for job in list(self.active):
-                    self._isolated([job], lambda: self._step(job))
+                self._isolated([job for job in self.active if job.steps is None], self._batched_step)
+            for job in [job for job in self.active if job.steps is not None or self.batcher is None]:
+                self._isolated([job], lambda: self._step(job))  # alone: no batching, or drafting
             with self.condition:
                 self._gauges()
                 self.condition.notify_all()
@@ -316,17 +319,21 @@ class Scheduler:
             self.metrics.queued(job.started_s - job.created_s)
         job.text = TextStream(self.runtime.tokenizer, job.stop)
 
+    def _start_alone(self, job: Job) -> None:
+        """Start a generation that runs by itself (``generate_steps``), drafting when a draft rank is set."""
+        self._begin(job)
+        if self.draft_rank is not None:
+            job.speculation = Speculation(self.draft_rank, self.draft_tokens)
+        job.steps = self.runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling,
+                                                speculative=job.speculation)
+
     def _step(self, job: Job) -> None:
         """One token of one job, alone (no batching)."""
         if self._dropped(job):
             return
         runtime = self.runtime
         if job.steps is None:
-            self._begin(job)
-            if self.draft_rank is not None:
-                job.speculation = Speculation(self.draft_rank, self.draft_tokens)
-            job.steps = runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling,
-                                               speculative=job.speculation)
+            self._start_alone(job)
         runtime.rank = self.rank_for(job)
         step = next(job.steps, None)
         if step is None:  # max_tokens reached on the previous step
@@ -342,7 +349,10 @@ class Scheduler:
     def _batched_step(self) -> None:
         """One step of every active job: one decode call per rank, and a chunk of new prompts."""
         for job in list(self.active):
-            if not self._dropped(job) and job.stream is None:
+            if not self._dropped(job) and job.stream is None and job.steps is None:
+                if self.draft_rank is not None and len(self.active) == 1 and not self.batcher.streams:
+                    self._isolated([job], lambda job=job: self._start_alone(job))  # alone on the device: it
+                    continue  # drafts, and runs by itself to its end (the loop steps it)
                 self._begin(job)
                 self._isolated([job], lambda job=job: setattr(job, "stream", self.batcher.open(
                     job.prompt_ids, job.max_tokens, **job.sampling, tag=job)))
@@ -375,7 +385,7 @@ class Scheduler:
             self.metrics.token(first=len(job.tokens) == 1, since_s=now - (job.token_times[-2] if len(
                 job.token_times) > 1 else job.created_s), rank=step.rank)
         delta = job.text.add(job.tokens[:-1] if step.stop else job.tokens)
-        job.emit("token", {"text": delta, "token": step.token, "rank": step.rank})
+        job.emit("token", {"text": delta, "token": step.token, "rank": step.rank, "drafted": step.drafted})
         if job.text.stopped or step.stop:
             self._finish(job, reason="stop")
         elif len(job.tokens) >= job.max_tokens:

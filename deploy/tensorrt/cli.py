@@ -13,6 +13,7 @@ import click
 
 from ..cli import MAX_NEW_TOKENS, parse_ranks, ranks_to_run, user_errors
 from ..external_data import model_file
+from ..speculative import MAX_DRAFT_TOKENS
 from .plan import ShapeBounds
 
 MAX_TOKENS = 1 << 20  # a million tokens: beyond any context a device engine is built for
@@ -31,15 +32,18 @@ def profile_options(command):
         click.option("--opt-seq", default=64, type=click.IntRange(1, MAX_TOKENS), help="typical prompt / input length"),
         click.option("--opt-context", default=256, type=click.IntRange(1, MAX_TOKENS),
                      help="typical context when decoding"),
+        click.option("--draft-tokens", default=0, type=click.IntRange(0, MAX_DRAFT_TOKENS),
+                     help="self-speculative decoding: decode profiles verify up to this many drafts (and one more "
+                          "token) in a call; 0: one token per decode call"),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def bounds_from(max_batch, max_seq, max_context, opt_seq, opt_context) -> ShapeBounds:
+def bounds_from(max_batch, max_seq, max_context, opt_seq, opt_context, draft_tokens=0) -> ShapeBounds:
     return ShapeBounds(max_batch=max_batch, max_seq=max_seq, max_context=max_context, opt_seq=opt_seq,
-                       opt_context=opt_context)
+                       opt_context=opt_context, draft_tokens=draft_tokens)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -60,11 +64,12 @@ def trt_command():
 @profile_options
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def plan_command(export_dir, profiles, max_batch, max_seq, max_context, opt_seq, opt_context, as_json):
+def plan_command(export_dir, profiles, max_batch, max_seq, max_context, opt_seq, opt_context, draft_tokens, as_json):
     """Print the optimization profiles EXPORT_DIR's engine would have (no TensorRT needed)."""
     from .plan import plan_for_export, plan_json
 
-    plan = plan_for_export(export_dir, profiles, bounds_from(max_batch, max_seq, max_context, opt_seq, opt_context))
+    plan = plan_for_export(export_dir, profiles, bounds_from(max_batch, max_seq, max_context, opt_seq,
+                                                                 opt_context, draft_tokens))
     if as_json:
         click.echo(plan_json(plan))
         return
@@ -108,8 +113,8 @@ def check_command(export_dir, trt_version, as_json):
 @click.option("--opt-level", default=3, type=click.IntRange(0, 5), help="trtexec --builderOptimizationLevel")
 @click.option("--overwrite", is_flag=True, help="replace an existing engine directory")
 @user_errors
-def build_command(export_dir, output_path, profiles, max_batch, max_seq, max_context, opt_seq, opt_context, fp16,
-                  workspace_mib, timing_cache, opt_level, overwrite):
+def build_command(export_dir, output_path, profiles, max_batch, max_seq, max_context, opt_seq, opt_context,
+                  draft_tokens, fp16, workspace_mib, timing_cache, opt_level, overwrite):
     """Build ONE engine for EXPORT_DIR with a prefill and a decode profile per rank range."""
     from tqdm import tqdm
 
@@ -120,7 +125,8 @@ def build_command(export_dir, output_path, profiles, max_batch, max_seq, max_con
     from ..metadata import read_model_info
 
     check_output(output_path, [export_dir], overwrite)
-    plan = plan_for_export(export_dir, profiles, bounds_from(max_batch, max_seq, max_context, opt_seq, opt_context))
+    plan = plan_for_export(export_dir, profiles, bounds_from(max_batch, max_seq, max_context, opt_seq,
+                                                                 opt_context, draft_tokens))
     if read_model_info(export_dir).weights == "int8":
         click.echo("warning: this is an int8 export (DequantizeLinear of rank-sliced int8 factors); TensorRT builds "
                    "of int8 exports are not verified yet: if the build fails or runs in fp32, build the fp32 export "

@@ -66,6 +66,12 @@ class Cuda:
         self.call(self.rt.cudaMemcpyAsync(array.ctypes.data, buffer.ptr, array.nbytes,
                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
 
+    def copy(self, target: "DeviceBuffer", target_offset: int, source: "DeviceBuffer", source_offset: int,
+             nbytes: int) -> None:
+        """``nbytes`` from ``source`` to ``target`` on the device, at byte offsets (stream-ordered)."""
+        self.call(self.rt.cudaMemcpyAsync(target.ptr + target_offset, source.ptr + source_offset, nbytes,
+                                          self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream))
+
     def synchronize(self) -> None:
         self.call(self.rt.cudaStreamSynchronize(self.stream))
 

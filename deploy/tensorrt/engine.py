@@ -29,6 +29,7 @@ from ..external_data import confined_path, read_json_object
 from ..metadata import NSNModelInfo
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
 from ..schema import ListOf, MapOf, Number, Pair, Table, Text, check, optional
+from ..speculative import MAX_DRAFT_TOKENS
 from .build import ENGINE_FILE, MANIFEST_FILE, MANIFEST_VERSION, import_tensorrt, make_logger, tensorrt_version
 from .cuda import Cuda, DeviceBuffer, DeviceTensor
 from .plan import PHASES, EnginePlan, ShapeBounds
@@ -51,7 +52,8 @@ MANIFEST_SCHEMA = Table({
         "format_version": Number(1, 1, integer=True),
         "task": Text(choices=tuple(PHASES)),
         "max_rank": Number(1, 1_000_000, integer=True),
-        "bounds": Table({name: Number(1, 2**31 - 1, integer=True) for name in ShapeBounds.__dataclass_fields__}),
+        "bounds": Table({**{name: Number(1, 2**31 - 1, integer=True) for name in ShapeBounds.__dataclass_fields__},
+                         "draft_tokens": optional(Number(0, MAX_DRAFT_TOKENS, integer=True), 0)}),
         "ranges": ListOf(RANGE, min_len=1, max_len=1024),
         "profiles": ListOf(Table({"index": Number(0, 4096, integer=True), "phase": Text(choices=("prefill", "decode",
                                                                                                 "encode")),
@@ -179,12 +181,14 @@ class NSNEngine(NSNRuntime):
         return buffer
 
     def run_device(self, feeds: dict, phase: str, destinations: dict[str, DeviceBuffer] | None = None,
-                   ) -> dict[str, DeviceTensor]:
-        """Run at the current rank; ``feeds`` are numpy arrays or ``DeviceTensor``s. Outputs named in
-        ``destinations`` are written there (buffers the caller owns, checked to be large enough);
-        every other output gets a new device buffer, returned, that the caller frees."""
+                   rank: int | None = None) -> dict[str, DeviceTensor]:
+        """Run at the current rank (or ``rank``, a speculative draft's); ``feeds`` are numpy arrays or
+        ``DeviceTensor``s. Outputs named in ``destinations`` are written there (buffers the caller
+        owns, checked to be large enough); every other output gets a new device buffer, returned,
+        that the caller frees."""
         destinations = destinations or {}
-        rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
+        if rank is None:
+            rank = self.last_rank = self._rank  # read once: a governor thread may change it meanwhile
         profile = self._select_profile(rank, phase)
         context = self.context
         host_inputs = []
@@ -279,7 +283,8 @@ class NSNEngine(NSNRuntime):
                              self.output_names[1:], rows, self.plan.bounds.max_context, self.dtypes, pooled)
 
     def _call(self, token_ids: np.ndarray, cache: "DeviceKVCache", past_length: int, phase: str,
-              attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None):
+              attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
+              rank: int | None = None, every_position: bool = False):
         feeds = decoder_feeds(self.input_shapes, token_ids, cache.past() if past_length else None, past_length,
                               attention_mask, position_ids)
         logits_name = self.output_names[0]
@@ -287,16 +292,42 @@ class NSNEngine(NSNRuntime):
         logits_bytes = token_ids.size * max(int(vocab), 1) * self.dtypes[logits_name].itemsize
         destinations = {logits_name: self._output_buffer(logits_name, logits_bytes), **cache.destinations()}
         try:
-            self.run_device(feeds, phase, destinations)
+            self.run_device(feeds, phase, destinations, rank)
         except BaseException:
             if not cache.pooled:  # a generation's cache ends with its failed call; a batch keeps its own
                 cache.free()
             raise
         cache.advance(past_length + token_ids.shape[1])
         shape = tuple(int(d) for d in self.context.get_tensor_shape(logits_name))
-        logits = DeviceTensor(destinations[logits_name], shape, self.dtypes[logits_name]).numpy()[:, -1]
+        logits = DeviceTensor(destinations[logits_name], shape, self.dtypes[logits_name]).numpy()
+        logits = logits[0] if every_position else logits[:, -1]
         warn_if_not_finite(logits, "logits")
         return logits, cache
+
+    # ---- self-speculative decoding (an engine built with --draft-tokens) ---------------------------------
+    @property
+    def supports_speculation(self) -> bool:
+        return self.info.task == "text-generation" and self.plan.bounds.draft_tokens > 0
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Drafts a verify call may hold: the decode profiles take ``1 + draft_tokens`` new tokens."""
+        return self.plan.bounds.draft_tokens
+
+    def decode_positions(self, token_ids: np.ndarray, cache: "DeviceKVCache | None", past_length: int,
+                         rank: int | None = None):
+        """One call on one sequence, at the current rank or ``rank``: the logits of every new position
+        and the cache (allocated once, at prefill, like ``decode_step``'s)."""
+        if cache is None:
+            cache = self._new_cache(token_ids.shape[0])
+        return self._call(token_ids, cache, past_length, "prefill" if past_length == 0 else "decode", rank=rank,
+                          every_position=True)
+
+    def truncate_cache(self, cache: "DeviceKVCache", length: int) -> "DeviceKVCache":
+        """The cache cut back to its first ``length`` positions (rejected drafts dropped): copied on
+        the device into the other buffer of each pair, no allocation."""
+        cache.truncate(length)
+        return cache
 
     def release_cache(self, cache) -> None:
         """A generation's cache is freed; a batch's goes back to the pool for the next layout."""
@@ -353,6 +384,18 @@ class DeviceKVCache:
         return {name: pair[1 - self.current] for name, pair in zip(self.present_names, self.pairs)}
 
     def advance(self, length: int) -> None:
+        self.current, self.length = 1 - self.current, length
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions: each (row, head) block moves, on the device, from the
+        current buffer to the other one at the shorter stride; then the other one is current."""
+        if length >= self.length:
+            return
+        for pair, (heads, dim, dtype) in zip(self.pairs, self.layouts):
+            source, target = pair[self.current], pair[1 - self.current]
+            row = dim * dtype.itemsize
+            for block in range(self.rows * heads):
+                self.cuda.copy(target, block * length * row, source, block * self.length * row, length * row)
         self.current, self.length = 1 - self.current, length
 
     def free(self) -> None:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..metadata import NSNModelInfo, OptionValueError
+from ..speculative import MAX_DRAFT_TOKENS
 
 PLAN_FORMAT_VERSION = 1
 PHASES = {"text-generation": ("prefill", "decode"), "feature-extraction": ("encode",)}
@@ -50,11 +51,15 @@ class ShapeBounds:
     opt_seq: int = 64
     opt_context: int = 256
     opt_batch: int = 1
+    draft_tokens: int = 0  # self-speculative decoding: decode profiles take up to 1 + draft_tokens new tokens
 
     def check(self, task: str) -> None:
         for name in ("max_batch", "max_seq", "max_context", "opt_seq", "opt_context", "opt_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.draft_tokens, int) or not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise OptionValueError(f"--draft-tokens must be an integer in [0, {MAX_DRAFT_TOKENS}], got "
+                                   f"{self.draft_tokens!r}")
         if not self.opt_batch <= self.max_batch:
             raise OptionValueError(f"opt batch {self.opt_batch} is above --max-batch {self.max_batch}; lower it")
         if not self.opt_seq <= self.max_seq:
@@ -184,8 +189,8 @@ def dimension_values(phase: str, bounds: ShapeBounds) -> dict[str, tuple[int, in
     if phase == "prefill":
         return {"batch_size": batch, "sequence_length": (1, bounds.opt_seq, bounds.max_seq),
                 "past_sequence_length": (0, 0, 0)}
-    if phase == "decode":
-        return {"batch_size": batch, "sequence_length": (1, 1, 1),
+    if phase == "decode":  # one new token, or a speculative round's drafts and the token after them
+        return {"batch_size": batch, "sequence_length": (1, 1, 1 + bounds.draft_tokens),
                 "past_sequence_length": (1, bounds.opt_context, bounds.max_context - 1)}
     return {"batch_size": batch, "sequence_length": (1, bounds.opt_seq, bounds.max_seq)}
 

@@ -296,13 +296,13 @@ function rankColor(rank) {
   return "hsl(" + Math.round(share * 220) + ", 70%, 82%)"; // red (low rank) to blue (full rank)
 }
 
-function addToken(text, rank, seen) {
+function addToken(text, rank, seen, drafted) {
   const span = document.createElement("span");
-  span.className = "token";
+  span.className = drafted ? "token drafted" : "token";
   span.textContent = text;
   span.dataset.rank = String(rank);
   span.style.backgroundColor = rankColor(rank);
-  span.title = "rank " + rank;
+  span.title = "rank " + rank + (drafted ? " · drafted by a lower rank and kept" : "");
   $("output").appendChild(span);
   if (!seen.has(rank)) {
     seen.add(rank);
@@ -337,6 +337,11 @@ function showResult(nsn, usage) {
   const parts = ["ranks first " + ranks.first + ", last " + ranks.last + ", min " + ranks.min + ", mean " + ranks.mean,
     "FLOPs " + Math.round((nsn.flops_fraction || 0) * 100) + " % of dense", "governor: " + nsn.governor];
   if (usage) parts.push(usage.completion_tokens + " tokens");
+  if (nsn.speculative) {
+    const spec = nsn.speculative;
+    parts.push("drafted by rank " + spec.draft_rank + ": " + spec.accepted + " of " + spec.drafted + " kept (outlined)"
+      + (spec.switched_off ? ", then switched off" : ""));
+  }
   if (nsn.note) parts.push(nsn.note);
   say($("result"), parts.join(" · "));
   $("result-nsn").textContent = JSON.stringify(nsn);
@@ -383,7 +388,7 @@ async function complete(text) {
     const choice = chunk.choices && chunk.choices[0];
     if (!choice) continue;
     const piece = chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
-    if (choice.finish_reason == null && chunk.nsn) addToken(piece, chunk.nsn.rank, seen);
+    if (choice.finish_reason == null && chunk.nsn) addToken(piece, chunk.nsn.rank, seen, chunk.nsn.drafted);
     else if (piece) addToken(piece, chunk.nsn && chunk.nsn.ranks ? chunk.nsn.ranks.last : page.maxRank, seen);
     if (choice.finish_reason != null) final = chunk.nsn;
   }
