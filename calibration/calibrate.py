@@ -5,11 +5,13 @@ Runs without torch, through ``deploy``: an ``NSNSession`` (ONNX Runtime) or an `
 repetitions interleaved across ranks (so drift and heat affect every rank alike) — decoders:
 prefill of ``prompt_tokens``, one decode step after ``context_tokens``, and one decode step of 4
 and of the most sequences the runtime batches (``decode_batch_N``, as the server runs them);
-encoders: one batch of ``batch`` sentences; the process's resident memory; power and energy per token when the governor's
-sensors see a power rail or battery draw (``None`` otherwise, never invented); quality on the data —
-cosine to the full rank's embeddings for encoders, 1 / perplexity for decoders. An export without a
-tokenizer is measured on token ids drawn from its vocabulary: cosine to the full rank's embeddings
-(encoders), agreement with the full rank's next-token choice (decoders); ``quality_metric`` says which.
+encoders: one batch of ``batch`` sentences; the process's resident memory; power and energy per
+token when the governor's sensors see a power rail or battery draw (``None`` otherwise, never
+invented); quality on the data — cosine to the full rank's embeddings for encoders, 1 / perplexity
+for decoders. An export without a tokenizer is measured on token ids drawn from its vocabulary:
+cosine to the full rank's embeddings (encoders), agreement with the full rank's next-token choice
+(decoders); ``quality_metric`` says which. Decoders on ONNX Runtime also time each measured rank
+as a self-speculative draft for the top rank (``measure_drafts``).
 """
 
 from __future__ import annotations

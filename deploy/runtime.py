@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np

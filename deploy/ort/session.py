@@ -51,7 +51,8 @@ def load_session(model_path: Path, source: str | bytes, options, providers: list
 
 def external_weights_folder(options, folder: Path) -> None:
     """A graph loaded from memory finds its external weight file in ``folder``."""
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(folder).resolve()))
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(folder).resolve()))
 
 
 def session_options(intra_op_threads: int | None):

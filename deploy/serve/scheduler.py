@@ -6,9 +6,10 @@ Requests never touch the runtime. A route submits a ``Job`` and reads its events
 - generations are batched continuously (``deploy.batch``): at each step every active generation
   that runs at the same rank decodes in one call, and prompts are read in chunks between steps,
   so a long prompt does not stall the streams; a request joins or leaves between two steps and a
-  token is sent as soon as it is decoded. Without batching (``--no-batching``, self-speculative
-  decoding, a runtime that cannot batch) generations interleave token by token, round robin, each
-  with its own KV cache;
+  token is sent as soon as it is decoded. Without batching (``--no-batching``, a runtime that
+  cannot batch) generations interleave token by token, round robin, each with its own KV cache;
+- with a draft rank (self-speculative decoding), a generation that starts while nothing else runs
+  drafts and runs by itself (a round verifies one sequence); the others are batched;
 - embedding jobs waiting together are run together, grouped by the rank they may run at;
 - before every step the rank is set to ``min(ceiling, job.max_rank)``: the governor moves the
   device's ceiling (``set_rank``, the governor's one interface), a request may only ask for less,
@@ -128,15 +129,15 @@ class Scheduler:
             and runtime.supports_batching and (runtime.max_batch or 2) > 1) else None
         self.batch_size = 0  # sequences decoded in the latest step (the governor reads it)
         self.decode_calls = self.decoded_rows = 0  # totals, for the mean batch the page shows
-        drafting = f"; rank {draft_rank} drafts for " if draft_rank is not None else ""
-        self.batching = (f"continuous batching: one decode call per rank for every running generation, prompts read "
-                         f"{self.batcher.prefill_chunk} tokens per step"
-                         + (drafting and drafting + "a generation that starts alone") if self.batcher is not None else
-                         "no batching: " + ("--no-batching" if not batching else
-                                            "the engine was built for batch 1 (nsn-trt build --max-batch)"
-                                            if runtime.max_batch == 1 else
-                                            f"{type(runtime).__name__} decodes one sequence per call")
-                         + "; generations take turns, a token each" + (drafting and drafting + "each"))
+        if self.batcher is not None:
+            note = (f"continuous batching: one decode call per rank for every running generation, prompts read "
+                    f"up to {self.batcher.prefill_chunk} tokens per step")
+            drafts = "a generation that starts alone"
+        else:
+            why = ("--no-batching" if not batching else "the engine was built for batch 1 (nsn-trt build --max-batch)"
+                   if runtime.max_batch == 1 else f"{type(runtime).__name__} decodes one sequence per call")
+            note, drafts = f"no batching ({why}): generations take turns, a token each", "each generation"
+        self.batching = note + (f"; rank {draft_rank} drafts for {drafts}" if draft_rank is not None else "")
         self.info = runtime.info
         self.ceiling, why = runtime.default_ceiling()
         self.reason = f"no governor: {why}"
