@@ -96,15 +96,17 @@ def stream_once(client: httpx.Client, url: str, prompt: list[int], max_tokens: i
     """(time to first token in s, gaps between tokens in s) of one streamed completion; ``stamps``
     receives the arrival time of each token."""
     start = time.perf_counter()
-    stamps = [] if stamps is None else stamps
+    own: list[float] = []
     with client.stream("POST", f"{url}/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": max_tokens,
                                                               "temperature": 0, "stream": True, "ignore_eos": True},
                        timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: {") and '"finish_reason": null' in line:
-                stamps.append(time.perf_counter())
-    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+                own.append(time.perf_counter())
+                if stamps is not None:  # as they arrive (a caller may watch it)
+                    stamps.append(own[-1])
+    return own[0] - start, [b - a for a, b in zip(own, own[1:])]
 
 
 def embed_once(client: httpx.Client, url: str, texts: list[str]) -> float:
@@ -116,17 +118,22 @@ def embed_once(client: httpx.Client, url: str, texts: list[str]) -> float:
 
 
 def load(clients: int, per_client: int, one) -> dict:
-    """``clients`` threads, each doing ``per_client`` requests in turn; ``one(client)`` returns the
-    request's (latency, gaps)."""
-    results, errors = [], []
+    """``clients`` threads, each doing ``per_client`` requests in turn; ``one(client, stamps)`` returns
+    the request's (latency, gaps) and appends each token's arrival time to ``stamps``. Tokens/s is
+    given over the whole run and over its steady part, while every client has a request in flight
+    (from the last client's first request to the first client's last answer: the ramp and the tail,
+    where fewer streams run, left out)."""
+    results, errors, stamps, spans = [], [], [], []
 
     def worker():
+        begin = time.perf_counter()
         with httpx.Client() as client:
             for _ in range(per_client):
                 try:
-                    results.append(one(client))
+                    results.append(one(client, stamps))
                 except Exception as error:  # counted, reported
                     errors.append(repr(error))
+        spans.append((begin, time.perf_counter()))
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -144,6 +151,9 @@ def load(clients: int, per_client: int, one) -> dict:
         report["inter_token_ms"] = {"p50": round(1e3 * percentile(gaps, 0.5), 2),
                                     "p99": round(1e3 * percentile(gaps, 0.99), 2)}
         report["tokens_per_s"] = round(len(gaps + first) / elapsed, 2)
+        low, high = max(a for a, _ in spans), min(b for _, b in spans)
+        if high > low:
+            report["tokens_per_s_steady"] = round(sum(low <= t <= high for t in stamps) / (high - low), 2)
     return report
 
 
@@ -233,8 +243,8 @@ def main(argv=None) -> int:
                 rows = []
                 for count in clients:
                     print(f"[{name}] {count} client(s)", file=sys.stderr, flush=True)
-                    one = lambda client: (embed_once(client, server.url, SENTENCES * 8), [])  # noqa: E731
-                    one(httpx.Client())  # warm-up
+                    one = lambda client, stamps: (embed_once(client, server.url, SENTENCES * 8), [])  # noqa: E731
+                    one(httpx.Client(), [])  # warm-up
                     rows.append(load(count, args.requests, one))
                 report[name] = rows
             finally:
@@ -250,8 +260,9 @@ def main(argv=None) -> int:
             for count in clients:
                 for mode, server in servers.items():
                     print(f"[{name}] {count} client(s), {mode}", file=sys.stderr, flush=True)
-                    one = lambda client, url=server.url: stream_once(client, url, prompt, args.max_tokens)  # noqa: E731
-                    one(httpx.Client())  # warm-up
+                    one = lambda client, stamps, url=server.url: stream_once(  # noqa: E731
+                        client, url, prompt, args.max_tokens, stamps)
+                    one(httpx.Client(), [])  # warm-up
                     entry[mode].append(load(count, args.requests, one))
             length = min(args.long_prompt, context_of(model_dir) - 200)
             long_prompt = [(13 * i) % 31000 + 5 for i in range(length)]
@@ -262,8 +273,11 @@ def main(argv=None) -> int:
             for server in servers.values():
                 server.stop()
         one_stream = entry["batched"][0]
+        steady = "tokens_per_s_steady"
         entry["batched_over_one_stream"] = {str(row["clients"]): {
             "tokens_per_s": round(row["tokens_per_s"] / one_stream["tokens_per_s"], 2),
+            **({"tokens_per_s_steady": round(row[steady] / one_stream[steady], 2)}
+               if steady in row and steady in one_stream else {}),
             "inter_token_p50": round(row["inter_token_ms"]["p50"] / one_stream["inter_token_ms"]["p50"], 2)}
             for row in entry["batched"]}
         entry["overhead_one_client"] = round(one_stream["inter_token_ms"]["p50"] / entry["direct"][

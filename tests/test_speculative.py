@@ -226,3 +226,23 @@ def test_a_frontier_that_names_a_draft_rank_turns_drafting_on_in_nsn_serve(serve
     assert nsn["speculative"]["draft_rank"] == 15 and set(nsn["token_ranks"]) == {16}
     session = NSNSession(export)
     assert answer.choices[0].text == session.reply_text(session.generate("w1 w2 w3", max_new_tokens=24).token_ids)
+
+
+def test_the_identity_check_script_compares_drafted_and_plain_tokens_on_an_export(exported, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "speculative_identity.py"
+    export = exported("llama")[0].path.parent
+    out = tmp_path / "identity.json"
+    run = subprocess.run([sys.executable, str(script), str(export), "--pairs", "3:16,15:16", "--tokens", "40",
+                          "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["all_identical"] and len(report["rows"]) == 4 and "4 of 4 runs identical" in run.stdout
+    bad = subprocess.run([sys.executable, str(script), str(export), "--pairs", "16:3", "--output",
+                          str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "'16:3' is not DRAFT:TARGET with DRAFT < TARGET" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
