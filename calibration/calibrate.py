@@ -265,7 +265,8 @@ class Calibration:
                 progress(f"draft rank {draft}: acceptance {candidates[-1]['acceptance']}, "
                          f"{candidates[-1]['speedup']}x plain")
         best = max(candidates, key=lambda c: c["speedup"], default=None)
-        found = {"target_rank": top, "k": k, "tokens": tokens, "candidates": candidates, "draft_rank": None}
+        found = {"target_rank": top, "k": k, "tokens": tokens, "candidates": candidates, "draft_rank": None,
+                 "acceptance": None, "speedup": None, "why": None}
         if best is not None and best["speedup"] > 1:
             found.update(draft_rank=best["draft_rank"], acceptance=best["acceptance"], speedup=best["speedup"])
         else:

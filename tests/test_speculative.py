@@ -214,8 +214,7 @@ def test_a_frontier_that_names_a_draft_rank_turns_drafting_on_in_nsn_serve(serve
     assert "self-speculative drafts for rank 16" in run.output
     frontier = json.loads(frontier_path.read_text())
     assert [c["draft_rank"] for c in frontier["speculative"]["candidates"]] == [8, 15]
-    frontier["speculative"].pop("why", None)
-    frontier["speculative"].update(draft_rank=15, acceptance=0.9, speedup=1.3)
+    frontier["speculative"].update(draft_rank=15, acceptance=0.9, speedup=1.3, why=None)
     frontier.update(levels=[8, 16], profiles="1-8,9-16")  # the tiny model's timings are noise: fix the levels too
     frontier_path.write_text(json.dumps(frontier))
     (tmp_path / "sysfs").mkdir()
