@@ -17,6 +17,12 @@ profile switch is a stream-ordered call; its cost on a Jetson is measured by
 
 The KV cache stays in device memory across rank and profile switches: ``decode_step`` returns it
 as ``DeviceTensor``s and takes ownership of the cache passed in (freed once consumed).
+
+Batched decode steps (``decode_batch``, for ``deploy.batch``: decode profiles built with
+``--max-batch N``) keep a batch's cache in device buffers sized for N rows, pooled and reused when
+sequences join or leave. Self-speculative decoding (``decode_positions``, ``truncate_cache``: decode
+profiles built with ``--draft-tokens K``) verifies up to K drafts in one call and cuts rejected ones
+off with device-to-device copies. Neither allocates device memory per step.
 """
 
 from __future__ import annotations
