@@ -492,13 +492,10 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
             timings.append((time.perf_counter() - start) * 1e3)
         return embeddings, round(statistics.median(timings), 2)
 
-    def cosine(embeddings: np.ndarray) -> float:
-        return cosine_to(embeddings, dense)
-
     session = NSNSession(export_dir)
     baseline = dense_embedder(dense_path, session)
     embeddings, latency = timed(lambda: baseline(texts))
-    rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
+    rows = [{"rank": "dense", "flops_fraction": 1.0, "ort_latency_ms": latency, "cosine_to_dense": cosine_to(embeddings, dense),
              "retrieval_top1": round(top1_accuracy(lambda batch: np.concatenate(
                  [baseline(batch[i:i + 64]) for i in range(0, len(batch), 64)]), pairs), 3)}]
     for rank_value in rank_list:
@@ -506,8 +503,8 @@ def quickstart_command(output_path, llm, model_path, sentences, ranks, repeats, 
         session.prepare(rank_value, wait=True)  # its level: what nsn-serve runs once the governor holds a rank
         # one batch of every sentence, as the dense baseline runs them
         embeddings, latency = timed(lambda: session.embed(texts, normalize=False, batch_size=max(1, len(texts))))
-        rows.append({"rank": rank_value, "flops_fraction": round(session.level_flops(rank_value) / session.info.dense_flops, 4),
-                     "ort_latency_ms": latency, "cosine_to_dense": cosine(embeddings),
+        rows.append({"rank": rank_value, "flops_fraction": session.level_fraction(rank_value),
+                     "ort_latency_ms": latency, "cosine_to_dense": cosine_to(embeddings, dense),
                      "retrieval_top1": round(top1_accuracy(session.embed, pairs), 3)})
     progress(f"ran {len(texts)} sentences per call on {session.providers[0]}")
     if as_json:

@@ -88,8 +88,8 @@ def llm_quickstart(output_path: Path, model_path: Path | None, ranks: list[int],
         session.rank = rank_value
         session.prepare(rank_value, wait=True)  # its level: what nsn-serve runs once the governor holds a rank
         progress(f"measuring rank {rank_value}")
-        rows.append(row(rank_value, round(session.level_flops(rank_value) / session.info.dense_flops, 4),
-                        onnx_scorer(session), nsn_generate, dense_tokens)[0])
+        rows.append(row(rank_value, session.level_fraction(rank_value), onnx_scorer(session), nsn_generate,
+                        dense_tokens)[0])
     state = (f"the checkpoint {model_path}" if trained else
              "UNTRAINED (two-sided data-aware start): low ranks need multi-rank distillation (scripts/distill_llm.py)")
     notes = (f"model: {state}.\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 from .extras import MissingExtraError, require_extra
-from .speculative import MAX_DRAFT_TOKENS, Speculation
 from .metadata import OptionValueError, validate_rank
 from .runtime import MAX_TEMPERATURE, MIN_TEMPERATURE
+from .speculative import MAX_DRAFT_TOKENS, Speculation
 from .tensorrt.cuda import CudaError, TensorRTUnavailable
 
 

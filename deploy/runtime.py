@@ -134,6 +134,10 @@ class NSNRuntime:
         """FLOPs per token at ``rank`` as this runtime runs it (here: the factors' at every rank)."""
         return self.info.flops(rank, context_length)
 
+    def level_fraction(self, rank: int) -> float:
+        """``level_flops(rank)`` against the dense model's FLOPs per token, rounded to 4 places."""
+        return round(self.level_flops(rank) / self.info.dense_flops, 4)
+
     def level_state(self, rank: int | None = None) -> dict:
         """What runs ``rank`` (default: the current one); this runtime has no materialised levels."""
         return {"rank": self._rank if rank is None else rank, "levels": "off"}

@@ -68,10 +68,6 @@ class Speculation:
         if self.auto_off and self.rounds >= ROUNDS_BEFORE_OFF and self.speculative_ms > self.plain_ms:
             self.off = True
 
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
-
 
 def check_speculation(draft_rank, k, max_rank: int) -> tuple[int, int]:
     """``(draft_rank, k)`` validated: a draft rank in ``[1, max_rank - 1]``, ``k`` in ``[1, 16]``."""

@@ -30,6 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.atomic import atomic_file, check_output_files  # noqa: E402
+from deploy.text import model_max_length  # noqa: E402
 
 SENTENCES = ["Robots adapt their compute to the battery.", "The governor lowers the rank when the device is hot.",
              "A lower rank is a smaller, faster model.", "Every rank of a nested subspace network is valid."]
@@ -178,7 +179,6 @@ def long_prompt_gaps(url: str, prompt: list[int], long_prompt: list[int], stream
     (one token asked). Their gaps: the median before it arrived and over the whole run, the worst
     while the long prompt is read (from its arrival to its first token), and the ratios."""
     stamps = [[] for _ in range(streams)]
-    window = {}
 
     def run(n):
         with httpx.Client() as client:
@@ -189,27 +189,20 @@ def long_prompt_gaps(url: str, prompt: list[int], long_prompt: list[int], stream
         thread.start()
     while min(len(s) for s in stamps) < 16:
         time.sleep(0.01)
-    window["start"] = time.perf_counter()
+    arrived = time.perf_counter()
     with httpx.Client() as client:
         first, _ = stream_once(client, url, long_prompt, 1)
-    window["end"] = window["start"] + first
     for thread in threads:
         thread.join()
     gaps = [(a, b) for s in stamps for a, b in zip(s, s[1:])]
-    during = [b - a for a, b in gaps if b >= window["start"] and a <= window["end"]]  # overlapping the read
-    before = statistics.median(b - a for a, b in gaps if b < window["start"])
+    during = [b - a for a, b in gaps if b >= arrived and a <= arrived + first]  # overlapping the read
+    before = statistics.median(b - a for a, b in gaps if b < arrived)
     median = statistics.median(b - a for a, b in gaps)
     return {"prompt_tokens": len(long_prompt), "streams": streams, "read_s": round(first, 3),
             "median_gap_before_ms": round(1e3 * before, 2), "median_gap_ms": round(1e3 * median, 2),
             "worst_gap_while_reading_ms": round(1e3 * max(during), 2),
             "worst_over_median": round(max(during) / median, 2), "worst_over_median_before": round(
                 max(during) / before, 2)}
-
-
-def context_of(model_dir: Path) -> int:
-    from deploy.text import model_max_length
-
-    return model_max_length(model_dir)
 
 
 def main(argv=None) -> int:
@@ -234,10 +227,6 @@ def main(argv=None) -> int:
         print(f"[{name}] preparing the export (cached)", file=sys.stderr, flush=True)
         if name == "minilm":
             model_dir = minilm_export(args.work_dir)
-        else:
-            model_dir = decoder_export(args.work_dir) if name == "decoder" else Path(name)
-            name = "decoder" if name == "decoder" else model_dir.resolve().name
-        if name == "minilm":
             server = Server(model_dir, args.threads)
             try:
                 rows = []
@@ -250,6 +239,8 @@ def main(argv=None) -> int:
             finally:
                 server.stop()
             continue
+        model_dir = decoder_export(args.work_dir) if name == "decoder" else Path(name)
+        name = name if name == "decoder" else model_dir.resolve().name
         print(f"[{name}] NSNSession directly", file=sys.stderr, flush=True)
         entry = {"direct": direct_decode_ms(model_dir, args.threads, prompt, args.max_tokens, 3)}
         servers = {"batched": Server(model_dir, args.threads), "no_batching": Server(model_dir, args.threads,
@@ -264,7 +255,7 @@ def main(argv=None) -> int:
                         client, url, prompt, args.max_tokens, stamps)
                     one(httpx.Client(), [])  # warm-up
                     entry[mode].append(load(count, args.requests, one))
-            length = min(args.long_prompt, context_of(model_dir) - 200)
+            length = min(args.long_prompt, model_max_length(model_dir) - 200)
             long_prompt = [(13 * i) % 31000 + 5 for i in range(length)]
             for mode, server in servers.items():
                 print(f"[{name}] a {length}-token prompt during 4 streams, {mode}", file=sys.stderr, flush=True)

@@ -40,12 +40,12 @@ def run(batcher: Batcher, requests: list[dict], rank_of=None, arrive_every: int 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_each_request_gets_its_solo_tokens_through_mixed_lengths_chunks_joins_and_leaves(exported, arch):
     session = NSNSession(exported(arch)[0].path.parent)
-    requests = [{"prompt_ids": p, "max_new_tokens": int(n)} for p, n in zip(prompts(9), [40, 3, 25, 1, 60, 12, 30, 7, 45])]
+    budgets = [40, 3, 25, 1, 60, 12, 30, 7, 45]
+    requests = [{"prompt_ids": p, "max_new_tokens": n} for p, n in zip(prompts(9), budgets)]
     requests[4].update(do_sample=True, temperature=0.8, top_k=20, seed=7)  # a sampled one, reproducible by its seed
     requests[6].update(do_sample=True, top_p=0.9, seed=11)
-    expected = [session.generate(r["prompt_ids"], r["max_new_tokens"], stop_ids=set(), do_sample=r.get("do_sample", False),
-                                 temperature=r.get("temperature", 1.0), top_k=r.get("top_k", 0), top_p=r.get("top_p", 1.0),
-                                 seed=r.get("seed")).token_ids for r in requests]
+    expected = [session.generate(r["prompt_ids"], stop_ids=set(), **{k: v for k, v in r.items() if k != "prompt_ids"})
+                .token_ids for r in requests]
     sizes = []
     batcher = Batcher(session, prefill_chunk=8)  # prompts up to 40 tokens: read over several steps
     assert run(batcher, requests, on_step=lambda step, streams: sizes.append(batcher.last_sizes)) == expected

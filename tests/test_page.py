@@ -132,17 +132,23 @@ def test_the_timeline_follows_the_device_as_it_heats_and_the_shown_rank_drops(br
     assert console_errors(browser) == []
 
 
+def send_prompt(driver, prompt: str, max_tokens: int, max_rank: int | None = None) -> dict:
+    """Type a prompt in the playground, send it, and return the response's ``nsn`` object."""
+    driver.find_element("id", "prompt").send_keys(prompt)
+    if max_rank is not None:
+        driver.find_element("id", "max-rank").send_keys(str(max_rank))
+    driver.find_element("id", "max-tokens").clear()
+    driver.find_element("id", "max-tokens").send_keys(str(max_tokens))
+    driver.find_element("id", "send").click()
+    return json.loads(wait_for(lambda: driver.find_element("id", "result-nsn").get_attribute("textContent"),
+                               "the response's nsn object"))
+
+
 def test_a_prompt_streams_tokens_coloured_by_the_rank_they_ran_at(browser, governed):
     server, _ = governed
     open_page(browser, server.url + "/")
     wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
-    browser.find_element("id", "prompt").send_keys("w1 w2 w3 <script>alert(1)</script>")
-    browser.find_element("id", "max-rank").send_keys("8")
-    browser.find_element("id", "max-tokens").clear()
-    browser.find_element("id", "max-tokens").send_keys("12")
-    browser.find_element("id", "send").click()
-    nsn = json.loads(wait_for(lambda: browser.find_element("id", "result-nsn").get_attribute("textContent"),
-                              "the response's nsn object"))
+    nsn = send_prompt(browser, "w1 w2 w3 <script>alert(1)</script>", 12, max_rank=8)
     spans = browser.find_elements("css selector", "#output .token")
     assert [int(s.get_attribute("data-rank")) for s in spans] == nsn["token_ranks"] and set(nsn["token_ranks"]) == {8}
     legend = {int(s.get_attribute("data-rank")): s.value_of_css_property("background-color")
@@ -349,13 +355,7 @@ def test_tokens_drafted_by_a_lower_rank_and_kept_are_outlined_in_the_playground(
     server = serve([exported("llama")[0].path.parent, "--no-governor", "--speculative", "15"])
     open_page(browser, server.url + "/")
     wait_for(lambda: text(browser, "rank-now") == "16", "the first tick")
-    browser.find_element("id", "prompt").send_keys("w1 w2 w3")
-    browser.find_element("id", "max-tokens").clear()
-    browser.find_element("id", "max-tokens").send_keys("40")
-    browser.find_element("id", "send").click()
-    nsn = json.loads(wait_for(lambda: browser.find_element("id", "result-nsn").get_attribute("textContent"),
-                              "the response's nsn object"))
-    spec = nsn["speculative"]
+    spec = send_prompt(browser, "w1 w2 w3", 40)["speculative"]
     outlined = browser.find_elements("css selector", "#output .token.drafted")
     assert spec["draft_rank"] == 15 and spec["accepted"] > 0 and len(outlined) == spec["accepted"]
     assert outlined[0].value_of_css_property("outline-style") == "solid"

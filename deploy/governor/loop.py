@@ -151,17 +151,16 @@ class Governor:
         latency at each batch size measured (``decode``, ``decode_batch_4``, ...), the power at one."""
         top = flops_of_rank(self.levels.ranks[-1])
         for policy in self.policies:
-            latency = isinstance(policy, QueuePolicy) or getattr(policy, "quantity", None) == "latency_ms"
-            if not (latency or isinstance(policy, BudgetPolicy)):
+            if isinstance(policy, QueuePolicy):
+                model, quantity = policy.latency, "latency_ms"
+            elif isinstance(policy, BudgetPolicy):
+                model, quantity = policy.model, policy.quantity
+            else:
                 continue
-            model = policy.latency if isinstance(policy, QueuePolicy) else policy.model
             for row in frontier["rows"]:
-                work = flops_of_rank(row["rank"]) / top
-                if not latency:
-                    model.add(work, row.get("power_w"), 1)
-                    continue
-                for batch, value in latency_by_batch(row).items():
-                    model.add(work, value, batch)
+                measured = latency_by_batch(row) if quantity == "latency_ms" else {1: row.get("power_w")}
+                for batch, value in measured.items():
+                    model.add(flops_of_rank(row["rank"]) / top, value, batch)
 
     def level_at_most(self, rank: int) -> int:
         """The highest level at or below ``rank`` (the lowest level if none is)."""

@@ -229,8 +229,14 @@ class NSNSession(NSNRuntime):
     def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int):
         """One decoder call (``cache`` None at prefill): returns ``(logits of the last position, new
         cache)``; the cache stays as ONNX Runtime values for the next call."""
-        values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, past_length))
-        logits = values[0].numpy()[:, -1]
+        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, past_length))
+
+    def _decoded(self, feeds: dict, rank: int | None = None, every_position: bool = False):
+        """One decoder call: the logits of the last position of each row (or of every position of the
+        one row), checked to be finite, and the new cache as ONNX Runtime values."""
+        values = self.run_values(feeds, rank=rank)
+        logits = values[0].numpy()
+        logits = logits[0] if every_position else logits[:, -1]
         warn_if_not_finite(logits, "logits")
         return logits, values[1:]
 
@@ -239,11 +245,8 @@ class NSNSession(NSNRuntime):
         return "position_ids" in self.input_shapes
 
     def decode_batch(self, token_ids: np.ndarray, cache, attention_mask: np.ndarray, position_ids: np.ndarray):
-        values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, attention_mask.shape[1] - 1,
-                                               attention_mask, position_ids))
-        logits = values[0].numpy()[:, -1]
-        warn_if_not_finite(logits, "logits")
-        return logits, values[1:]
+        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, attention_mask.shape[1] - 1,
+                                           attention_mask, position_ids))
 
     def host_cache(self, cache) -> list[np.ndarray]:
         return [value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value) for value in cache]
@@ -253,10 +256,7 @@ class NSNSession(NSNRuntime):
     def decode_positions(self, token_ids: np.ndarray, cache: list | None, past_length: int, rank: int | None = None):
         """One decoder call on one sequence: ``(logits of every new position, new cache)``, at the
         current rank or ``rank``."""
-        values = self.run_values(decoder_feeds(self.input_shapes, token_ids, cache, past_length), rank=rank)
-        logits = values[0].numpy()[0]
-        warn_if_not_finite(logits, "logits")
-        return logits, values[1:]
+        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, past_length), rank, every_position=True)
 
     @staticmethod
     def truncate_cache(cache: list, length: int) -> list:

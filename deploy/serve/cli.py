@@ -178,8 +178,8 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
     """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
     200 after this."""
     from ..governor.cli import thermal_control
-    from ..runtime import open_runtime
     from ..governor.loop import Governor
+    from ..runtime import open_runtime
     from ..text import load_tokenizer
     from .chat import ChatTemplate
     from .scheduler import Scheduler
