@@ -83,7 +83,8 @@ def prepare_graphs(shape: str, work_dir: Path, ranks_for: Callable, opset: int =
 
     from deploy.metadata import NSNModelInfo
 
-    key = hashlib.sha256(json.dumps([SHAPES[shape], opset, 3], sort_keys=True).encode()).hexdigest()[:10]
+    # the last number changes when the export's graphs do (4: grouped attention)
+    key = hashlib.sha256(json.dumps([SHAPES[shape], opset, 4], sort_keys=True).encode()).hexdigest()[:10]
     root = Path(work_dir) / f"{shape}-{key}"
 
     @functools.cache

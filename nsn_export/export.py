@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from .architectures import SUPPORTED_ARCHITECTURES, TARGETS
+from .attention import grouped
 from deploy.atomic import atomic_directory, check_output
 from .checkpoint import TOKENIZER_FILES
 from .flops import attention_flops_per_token, model_flops
@@ -240,7 +241,7 @@ def run_optimum_export(model, config, path: Path, opset: int) -> tuple[list[str]
     from optimum.exporters.onnx.convert import export_pytorch
 
     try:
-        with warnings.catch_warnings(), quiet_logger("torch.onnx"), quiet_logger("optimum"):
+        with warnings.catch_warnings(), quiet_logger("torch.onnx"), quiet_logger("optimum"), grouped(model):
             warnings.simplefilter("ignore")  # tracer warnings about the rank-dependent slice are expected
             return export_pytorch(model, config, opset, path)
     except torch.onnx.errors.UnsupportedOperatorError as error:

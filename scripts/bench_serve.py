@@ -56,7 +56,7 @@ def minilm_export(work: Path) -> Path:
 
 
 def decoder_export(work: Path) -> Path:
-    out = work / "decoder-onnx"
+    out = work / "decoder-onnx-2"  # the number changes when the export's graph does (2: grouped attention)
     if not (out / "model.onnx").is_file():
         import nsn_export as nsn
         from calibration.bench import build_dense_model

@@ -203,3 +203,51 @@ def test_the_export_carries_the_checkpoints_chat_template(tmp_path):
     template = ChatTemplate.from_model_dir(result.path.parent)
     assert template is not None and template.render([{"role": "user", "content": "w1"}]) == "<user>w1"
     assert (result.path.parent / "tokenizer_config.json").is_file()
+
+
+def left_padded_causal_mask(lengths: list[int], queries: int, keys: int) -> torch.Tensor:
+    """Eager attention's additive mask for left-padded rows: causal, padding hidden (a padded query
+    row sees nothing at all, which a softmax must survive)."""
+    minimum = torch.finfo(torch.float32).min
+    mask = torch.full((len(lengths), 1, queries, keys), minimum)
+    for row, length in enumerate(lengths):
+        for query in range(queries):
+            key_end = keys - queries + query + 1
+            mask[row, 0, query, max(keys - length, 0):key_end] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize("arch,softcap", [("llama", None), ("qwen2", None), ("gemma", None), ("llama", 30.0)])
+def test_grouped_attention_equals_eager_attention(arch, softcap):
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as eager_with_softcap
+    from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+
+    from nsn_export.attention import grouped_attention
+
+    module = tiny_model(arch).model.layers[0].self_attn
+    heads, kv_heads, dim = 4, 2, module.head_dim
+    generator = torch.Generator().manual_seed(0)
+    for queries, keys in ((5, 5), (1, 9), (3, 12)):
+        q = torch.randn(3, heads, queries, dim, generator=generator)
+        k, v = (torch.randn(3, kv_heads, keys, dim, generator=generator) for _ in range(2))
+        mask = left_padded_causal_mask([keys, keys - 2, 1], queries, keys)
+        if softcap is None:
+            expected, _ = eager(module, q, k, v, mask, scaling=module.scaling)
+        else:
+            expected, _ = eager_with_softcap(module, q, k, v, mask, scaling=module.scaling, softcap=softcap)
+        actual, _ = grouped_attention(module, q, k, v, mask, scaling=module.scaling, softcap=softcap)
+        assert actual.shape == expected.shape == (3, queries, heads, dim)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_graph_reads_the_grouped_cache_without_copying_its_heads(exported):
+    """The query heads of a group share one matmul against the stored key/value heads: no Expand of
+    the cache in any layer (eager attention's repeat_kv copies every KV head per query head, every
+    step), and the model keeps its own attention implementation after the export."""
+    result, model = exported("llama")
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    attention_ops = [node.op_type for node in graph.node if "self_attn" in node.name]
+    assert "MatMul" in attention_ops and "Softmax" in attention_ops
+    assert "Expand" not in attention_ops and "IsNaN" not in attention_ops
+    assert model.config._attn_implementation == "sdpa"  # as loaded; the checks ran it so
+    assert all(check.passed for check in result.checks)

@@ -63,6 +63,32 @@ def test_a_level_gives_the_outputs_of_the_weight_views_at_every_rank(exported, a
     assert 0 in seen_products and max(seen_products) > 0  # both kinds of layer were exercised
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_decoder_level_computes_logits_only_for_the_positions_a_call_wants(exported, arch):
+    """A prompt's last position (decode_step), every new position (decode_positions, speculative
+    verification) or every position (run): each the views' logits, to rounding."""
+    from deploy.ort.levels import LOGITS_POSITIONS
+
+    result, _ = exported(arch)
+    views = NSNSession(result.path.parent, rank=12, levels=False)
+    levels = NSNSession(result.path.parent, rank=12)
+    level = levels.prepare(12, wait=True)
+    assert level.logits_positions and LOGITS_POSITIONS in {i.name for i in level.session.get_inputs()}
+    prompt = np.array([[4, 8, 15, 16, 23, 42]])
+    every, _ = views.decode_positions(prompt, None, 0)
+    assert every.shape[0] == 6
+    last, cache = levels.decode_step(prompt, None, 0)
+    assert levels.last_level is level and last.shape == (1, every.shape[1])
+    np.testing.assert_allclose(last[0], every[-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(levels.decode_positions(prompt, None, 0)[0], every, rtol=1e-4, atol=1e-5)
+    full = levels.run(decoder_feeds(levels.input_shapes, prompt))["logits"]
+    assert full.shape[1] == 6
+    np.testing.assert_allclose(full[0], every, rtol=1e-4, atol=1e-5)
+    step, _ = levels.decode_step(np.array([[7]]), cache, 6)
+    np.testing.assert_allclose(step, views.decode_step(np.array([[7]]), views.decode_step(prompt, None, 0)[1], 6)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_a_layer_runs_its_product_exactly_where_the_factors_cost_at_least_the_dense_weight(exported):
     result, _ = exported("llama")
     session = NSNSession(result.path.parent)

@@ -130,6 +130,12 @@ def factor_pairs(graph: onnx.GraphProto, views: list[RankView]) -> list[FactorPa
     return pairs
 
 
+# A decoder level's extra input: the logits of how many last positions a call wants. A prompt
+# chunk needs only the last one; the LM head over every position of a 256-token chunk is a fifth of
+# SmolLM2's prefill (49,152 x 576 per position) and 50 MB of logits to copy out.
+LOGITS_POSITIONS = "nsn.logits_positions"
+
+
 @dataclass
 class LevelGraph:
     """A view graph rewritten for one rank: the serialized graph and its constants, by name."""
@@ -138,6 +144,7 @@ class LevelGraph:
     graph: bytes
     constants: dict[str, np.ndarray] = field(repr=False)
     products: int  # layers that run their product
+    logits_positions: bool = False  # the graph reads LOGITS_POSITIONS
 
     @property
     def constant_bytes(self) -> int:
@@ -216,7 +223,27 @@ def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[
         entry = tensor.external_data.add()
         entry.key, entry.value = "location", IN_MEMORY
         graph.initializer.append(tensor)
-    return LevelGraph(rank, model.SerializeToString(), constants, products)
+    sliced = logits_of_last_positions(graph)
+    return LevelGraph(rank, model.SerializeToString(), constants, products, sliced)
+
+
+def logits_of_last_positions(graph: onnx.GraphProto) -> bool:
+    """Give a decoder graph the ``LOGITS_POSITIONS`` input: its LM head (the ``MatMul`` that writes
+    ``logits``) reads only that many last positions of the final hidden states. False (graph
+    unchanged) where ``logits`` comes from anything else."""
+    at = next((index for index, node in enumerate(graph.node) if "logits" in node.output), None)
+    if at is None or graph.node[at].op_type != "MatMul":
+        return False
+    head = graph.node[at]
+    hidden, start, end, axis = (f"{LOGITS_POSITIONS}.{part}" for part in ("hidden", "start", "end", "axis"))
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max]), end),
+                              onnx.numpy_helper.from_array(np.array([1]), axis)])
+    graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_POSITIONS, onnx.TensorProto.INT64, [1]))
+    graph.node.insert(at, onnx.helper.make_node("Slice", [head.input[0], start, end, axis], [hidden],
+                                                name=f"{LOGITS_POSITIONS}.Slice"))
+    graph.node.insert(at, onnx.helper.make_node("Neg", [LOGITS_POSITIONS], [start], name=f"{LOGITS_POSITIONS}.Neg"))
+    head.input[0] = hidden
+    return True
 
 
 # MatMulNBits computes in int8 (accuracy level 4), rounding its activations with one scale per block
@@ -249,6 +276,7 @@ class Level:
     constant_bytes: int
     build_s: float
     keep: list = field(default_factory=list, repr=False)  # the OrtValues the session reads
+    logits_positions: bool = False  # its graph reads LOGITS_POSITIONS
 
 
 class Levels:

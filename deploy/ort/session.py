@@ -15,7 +15,7 @@ from ..extras import check_single_onnxruntime, import_extra
 from ..external_data import load_graph, model_file
 from ..metadata import NSNModelInfo, validate_rank
 from ..runtime import NSNRuntime, decoder_feeds, warn_if_not_finite
-from .levels import Level, Levels, factor_pairs, level_graph
+from .levels import LOGITS_POSITIONS, Level, Levels, factor_pairs, level_graph
 from .views import RankView, to_view_graph, views_at
 
 ort = import_extra("onnxruntime", "cpu", "ONNX Runtime (NSNSession, nsn-run, nsn-calibrate)")
@@ -185,7 +185,7 @@ class NSNSession(NSNRuntime):
         inputs = {i.name for i in session.get_inputs()}
         feeds = {"rank": ort.OrtValue.ortvalue_from_numpy(np.array(rank, np.int64))} if "rank" in inputs else {}
         return Level(rank, session, feeds, graph.products, graph.constant_bytes,
-                     time.perf_counter() - start, keep=values)
+                     time.perf_counter() - start, keep=values, logits_positions=graph.logits_positions)
 
     @property
     def providers(self) -> list[str]:
@@ -205,9 +205,12 @@ class NSNSession(NSNRuntime):
             self._view_cache[rank] = feeds
         return feeds
 
-    def run_values(self, feeds: dict, outputs: list[str] | None = None, rank: int | None = None) -> list[ort.OrtValue]:
+    def run_values(self, feeds: dict, outputs: list[str] | None = None, rank: int | None = None,
+                   last_logits: int | None = None) -> list[ort.OrtValue]:
         """Run at the current rank (or ``rank``, a speculative draft's); ``feeds`` are numpy arrays or
-        ``OrtValue``s (passed through, so a KV cache returned by one call feeds the next without a copy)."""
+        ``OrtValue``s (passed through, so a KV cache returned by one call feeds the next without a copy).
+        ``last_logits``: a decoder's logits are wanted for that many last positions only (a level
+        computes just those; the views compute all of them)."""
         values = {name: value if isinstance(value, ort.OrtValue)
                   else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
         if rank is None:
@@ -215,6 +218,9 @@ class NSNSession(NSNRuntime):
         level = self.last_level = (self.levels.ready(rank) or self.draft_levels.ready(rank)
                                    if self.levels is not None else None)
         if level is not None:
+            if level.logits_positions:
+                wanted = last_logits or values["input_ids"].shape()[1]
+                values[LOGITS_POSITIONS] = ort.OrtValue.ortvalue_from_numpy(np.array([wanted], np.int64))
             return level.session.run_with_ort_values(outputs or self.output_names, {**values, **level.feeds})
         return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds(rank)})
 
@@ -234,7 +240,7 @@ class NSNSession(NSNRuntime):
     def _decoded(self, feeds: dict, rank: int | None = None, every_position: bool = False):
         """One decoder call: the logits of the last position of each row (or of every position of the
         one row), checked to be finite, and the new cache as ONNX Runtime values."""
-        values = self.run_values(feeds, rank=rank)
+        values = self.run_values(feeds, rank=rank, last_logits=None if every_position else 1)
         logits = values[0].numpy()
         logits = logits[0] if every_position else logits[:, -1]
         warn_if_not_finite(logits, "logits")
