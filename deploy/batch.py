@@ -1,8 +1,8 @@
 """Continuous batching: the generations that run at one rank decode in one call.
 
 Decode on a CPU or a Jetson is bound by memory bandwidth: one call for eight sequences reads the
-weights once and costs far less than eight calls (SmolLM2-135M, ONNX Runtime, 2 threads: 27 ms for
-one sequence's step, 38 ms for eight). The server's scheduler says who may run at which rank
+weights once and costs far less than eight calls (SmolLM2-135M, ONNX Runtime, 2 threads: 23 ms for
+one sequence's step, 29-30 ms for eight). The server's scheduler says who may run at which rank
 (``Batcher.step(rank_of)``); this module decides how they share calls.
 
 How, on the graph as exported (no custom attention operator): the sequences of a ``Batch`` share
@@ -41,15 +41,17 @@ from .text import check_token_ids
 DEFAULT_PREFILL_CHUNK = 256
 MAX_PREFILL_CHUNK = 8192
 # While streams decode, a step's prompt reading takes about this many times the step's decoding
-# (a 2,000-token prompt on SmolLM2: the streams' worst gap 2.3x their median over the run, ~6x their
-# gap before it came, docs/SERVING.md); the first paced chunk is FIRST_PACED_CHUNK tokens, later
-# ones are sized from the time the previous one took.
+# (a 2,000-token prompt on SmolLM2: the streams' worst gap 1.2-1.3x their median over the run,
+# 3.1-3.2x their gap before it came, docs/SERVING.md); the first paced chunk is FIRST_PACED_CHUNK
+# tokens, later ones are sized from the time the previous one took.
 PREFILL_SHARE = 1.5
 FIRST_PACED_CHUNK = 16
 # Generations a server runs at once (each holds a KV cache); more wait in its queue.
 MAX_STREAMS = 16
 # Padded cache positions a stream may add to a batch rather than decode in a call of its own: on
-# SmolLM2 (2 CPU threads) a call's fixed cost (~30 ms) is the cost of ~1,000 cached positions.
+# SmolLM2 (2 CPU threads) a call's fixed cost (~30 ms) was the cost of ~1,000 cached positions
+# when the graph copied every key/value head per query head; with grouped attention a position
+# costs less, so this is now on the cautious side (not measured again).
 PADDING_PER_CALL = 1024
 
 
