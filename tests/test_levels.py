@@ -81,7 +81,9 @@ def test_a_decoder_level_computes_logits_only_for_the_positions_a_call_wants(exp
     assert levels.last_level is level and last.shape == (1, every.shape[1])
     np.testing.assert_allclose(last[0], every[-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(levels.decode_positions(prompt, None, 0)[0], every, rtol=1e-4, atol=1e-5)
-    full = levels.run(decoder_feeds(levels.input_shapes, prompt))["logits"]
+    feeds = decoder_feeds(levels.input_shapes, prompt)
+    assert levels.run_values(feeds, ["logits"], last_logits=1)[0].shape() == [1, 1, every.shape[1]]  # one row computed
+    full = levels.run(feeds)["logits"]
     assert full.shape[1] == 6
     np.testing.assert_allclose(full[0], every, rtol=1e-4, atol=1e-5)
     step, _ = levels.decode_step(np.array([[7]]), cache, 6)
