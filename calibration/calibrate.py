@@ -16,6 +16,7 @@ as a self-speculative draft for the top rank (``measure_drafts``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import random
@@ -280,8 +281,8 @@ class Calibration:
         if self.token_ids is not None:
             return [ids[: self.prompt_tokens] for ids in self.token_ids[:count]]
         tokenizer = self.runtime.tokenizer
-        encoded = [tokenizer.encode(text).ids[: self.prompt_tokens] for text in self.texts]
-        return [ids for ids in encoded if ids][:count]
+        encoded = (tokenizer.encode(text).ids[: self.prompt_tokens] for text in self.texts)
+        return list(itertools.islice((ids for ids in encoded if ids), count))
 
     def frontier(self, model_path, backend: dict) -> dict:
         rows = mark_pareto([self.rows[r] for r in sorted(self.rows)])

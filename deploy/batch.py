@@ -248,9 +248,7 @@ class Batcher:
             remaining = len(stream.prompt_ids) - stream.read
             paced = self.chunk if decode_ms else budget
             # a short rest is read whole: a call's fixed cost (the weights' read) is not worth splitting for
-            size = min(budget, remaining if remaining <= 2 * paced else paced)
-            if size == 0:
-                continue
+            size = min(budget, remaining if remaining <= 2 * paced else paced)  # >= 1: prompts are never empty
             budget -= size
             outcome, elapsed_ms = self._read(stream, size, rank_of(stream))
             spent += elapsed_ms

@@ -62,15 +62,11 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, eager_mask)
 
 
-def uses_grouped_attention(model) -> bool:
-    return getattr(model.config, "model_type", None) in GROUPED_ARCHITECTURES
-
-
 @contextlib.contextmanager
 def grouped(model):
     """Trace ``model`` with ``grouped_attention`` (architectures outside GROUPED_ARCHITECTURES as
     they are); the model's own attention is restored afterwards."""
-    if not uses_grouped_attention(model):
+    if getattr(model.config, "model_type", None) not in GROUPED_ARCHITECTURES:
         yield
         return
     register()

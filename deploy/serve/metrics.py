@@ -23,8 +23,8 @@ class Metrics:
         def counter(name, doc, extra=()):
             return Counter(name, doc, ["model_name", *extra], registry=registry)
 
-        def histogram(name, doc):
-            return Histogram(name, doc, ["model_name"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        def histogram(name, doc, buckets=LATENCY_BUCKETS_S):
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=registry)
 
         # vLLM's names
         self.running = gauge("nsn:num_requests_running", "Requests being decoded")
@@ -39,8 +39,8 @@ class Metrics:
         self.queue_time = histogram("nsn:request_queue_time_seconds", "Time a request waited before it ran")
         self.spec_drafted = counter("nsn:spec_decode_num_draft_tokens", "Tokens the speculative draft rank proposed")
         self.spec_accepted = counter("nsn:spec_decode_num_accepted_tokens", "Drafted tokens the target rank kept")
-        self.batch_size = Histogram("nsn:decode_batch_size", "Sequences decoded in one call (continuous batching)",
-                                    ["model_name"], buckets=BATCH_BUCKETS, registry=registry)
+        self.batch_size = histogram("nsn:decode_batch_size", "Sequences decoded in one call (continuous batching)",
+                                    BATCH_BUCKETS)
         # ours
         self.rank = gauge("nsn:rank", "The rank the latest token or batch ran at")
         self.rank_ceiling = gauge("nsn:rank_ceiling", "The device's rank ceiling set by the governor")

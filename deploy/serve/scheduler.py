@@ -328,6 +328,11 @@ class Scheduler:
         job.steps = self.runtime.generate_steps(job.prompt_ids, job.max_tokens, **job.sampling,
                                                 speculative=job.speculation)
 
+    def _open_stream(self, job: Job) -> None:
+        """Start a generation in the batcher: its prompt is read from the next step on."""
+        self._begin(job)
+        job.stream = self.batcher.open(job.prompt_ids, job.max_tokens, **job.sampling, tag=job)
+
     def _step(self, job: Job) -> None:
         """One token of one job, alone (no batching)."""
         if self._dropped(job):
@@ -354,9 +359,7 @@ class Scheduler:
                 if self.draft_rank is not None and len(self.active) == 1 and not self.batcher.streams:
                     self._isolated([job], lambda job=job: self._start_alone(job))  # alone on the device: it
                     continue  # drafts, and runs by itself to its end (the loop steps it)
-                self._begin(job)
-                self._isolated([job], lambda job=job: setattr(job, "stream", self.batcher.open(
-                    job.prompt_ids, job.max_tokens, **job.sampling, tag=job)))
+                self._isolated([job], lambda job=job: self._open_stream(job))
         start = time.perf_counter()
         outcomes = self.batcher.step(lambda stream: self.rank_for(stream.tag))
         self.batch_size = sum(self.batcher.last_sizes)
