@@ -48,11 +48,12 @@ PREFILL_SHARE = 1.5
 FIRST_PACED_CHUNK = 16
 # Generations a server runs at once (each holds a KV cache); more wait in its queue.
 MAX_STREAMS = 16
-# Padded cache positions a stream may add to a batch rather than decode in a call of its own: on
-# SmolLM2 (2 CPU threads) a call's fixed cost (~30 ms) was the cost of ~1,000 cached positions
-# when the graph copied every key/value head per query head; with grouped attention a position
-# costs less, so this is now on the cautious side (not measured again).
-PADDING_PER_CALL = 1024
+# Padded cache positions a stream may add to a batch rather than decode in a call of its own. A
+# call's fixed cost (the weights' read) against a padded position's (copied with the cache and
+# attended over), SmolLM2 on 2 CPU threads, four short rows and one long row, one padded call vs
+# two calls: long row of 1,000 (3,900 padded) 43.9 vs 49.8 ms; of 1,200 beside rows of 200 (4,000)
+# 48.0 vs 53.0; of 2,000 (7,200-7,900) 58.6-63.4 vs 54.1-59.8. Break-even near 6,000; kept below.
+PADDING_PER_CALL = 4096
 
 
 def check_prefill_chunk(value) -> int:
@@ -178,8 +179,9 @@ class Batcher:
 
     Where streams go: a stream joins the batch at its rank that its length pads least, if that adds
     at most ``padding_per_call`` cache positions; else it starts a batch of its own. A row of 2,000
-    positions padding four of 200 would make their call eight times as costly (SmolLM2: 316 ms
-    instead of 39 + 42 ms for two calls), because every padded position is copied and attended over.
+    positions padding four of 200 makes their call cost more than two calls (SmolLM2: 63 ms against
+    60), because every padded position is copied and attended over; a row of 1,200 does not (48 ms
+    against 53).
 
     How fast prompts are read: at most ``prefill_chunk`` tokens per step; and while other streams
     decode, a step's reading is paced to take about ``PREFILL_SHARE`` times that step's decoding
@@ -327,7 +329,8 @@ class Batcher:
         ids = np.array([stream.prompt_ids[stream.read:stream.read + chunk]], np.int64)
         start = time.perf_counter()
         try:
-            logits, stream.cache = self.runtime.decode_step(ids, stream.cache, stream.read)
+            last = stream.read + chunk == len(stream.prompt_ids)  # only the last chunk's logits are read
+            logits, stream.cache = self.runtime.decode_step(ids, stream.cache, stream.read, logits=last)
         except Exception as error:  # this stream's alone: the caller reports it
             stream.cache = None  # a runtime that fails a call has released what it was given
             self.close(stream)

@@ -164,8 +164,10 @@ class NSNRuntime:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def decode_step(self, token_ids: np.ndarray, cache, past_length: int):
-        """One decoder call (``cache`` None at prefill): ``(logits of the last position, new cache)``."""
+    def decode_step(self, token_ids: np.ndarray, cache, past_length: int, logits: bool = True):
+        """One decoder call (``cache`` None at prefill): ``(logits of the last position, new cache)``.
+        ``logits=False``: nobody reads them (a prompt chunk before the last); a runtime may skip the
+        LM head and return None for them."""
         raise NotImplementedError
 
     def release_cache(self, cache) -> None:

@@ -37,9 +37,11 @@ def run(batcher: Batcher, requests: list[dict], rank_of=None, arrive_every: int 
     return [tokens[n] for n in range(len(requests))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_each_request_gets_its_solo_tokens_through_mixed_lengths_chunks_joins_and_leaves(exported, arch):
+@pytest.mark.parametrize("arch, level", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_each_request_gets_its_solo_tokens_through_mixed_lengths_chunks_joins_and_leaves(exported, arch, level):
     session = NSNSession(exported(arch)[0].path.parent)
+    if level:  # on the rank's level, as a server runs: a prompt chunk before the last computes no logits
+        session.prepare(session.info.max_rank, wait=True)
     budgets = [40, 3, 25, 1, 60, 12, 30, 7, 45]
     requests = [{"prompt_ids": p, "max_new_tokens": n} for p, n in zip(prompts(9), budgets)]
     requests[4].update(do_sample=True, temperature=0.8, top_k=20, seed=7)  # a sampled one, reproducible by its seed
@@ -50,6 +52,7 @@ def test_each_request_gets_its_solo_tokens_through_mixed_lengths_chunks_joins_an
     batcher = Batcher(session, prefill_chunk=8)  # prompts up to 40 tokens: read over several steps
     assert run(batcher, requests, on_step=lambda step, streams: sizes.append(batcher.last_sizes)) == expected
     assert max(max(s, default=0) for s in sizes) >= 4  # they did share calls
+    assert (session.last_level is not None) == level
 
 
 def test_a_stop_token_ends_a_request_and_the_rest_run_on(exported):

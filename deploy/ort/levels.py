@@ -229,19 +229,27 @@ def level_graph(view_model: onnx.ModelProto, views: list[RankView], pairs: list[
 
 def logits_of_last_positions(graph: onnx.GraphProto) -> bool:
     """Give a decoder graph the ``LOGITS_POSITIONS`` input: its LM head (the ``MatMul`` that writes
-    ``logits``) reads only that many last positions of the final hidden states. False (graph
-    unchanged) where ``logits`` comes from anything else."""
+    ``logits``) reads only that many last positions of the final hidden states (none: no logits,
+    for a prompt chunk that is not the last). False (graph unchanged) where ``logits`` comes from
+    anything else."""
     at = next((index for index, node in enumerate(graph.node) if "logits" in node.output), None)
     if at is None or graph.node[at].op_type != "MatMul":
         return False
     head = graph.node[at]
-    hidden, start, end, axis = (f"{LOGITS_POSITIONS}.{part}" for part in ("hidden", "start", "end", "axis"))
+    hidden, length, start, end, axis = (f"{LOGITS_POSITIONS}.{part}" for part in ("hidden", "length", "start", "end",
+                                                                                   "axis"))
     graph.initializer.extend([onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max]), end),
                               onnx.numpy_helper.from_array(np.array([1]), axis)])
     graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_POSITIONS, onnx.TensorProto.INT64, [1]))
     graph.node.insert(at, onnx.helper.make_node("Slice", [head.input[0], start, end, axis], [hidden],
                                                 name=f"{LOGITS_POSITIONS}.Slice"))
-    graph.node.insert(at, onnx.helper.make_node("Neg", [LOGITS_POSITIONS], [start], name=f"{LOGITS_POSITIONS}.Neg"))
+    # start = positions - wanted: the positions are the shape's entry at ``axis`` ([1]), by Shape then
+    # Gather (Shape's own start/end attributes need opset 15; exports may be 14)
+    shape = f"{LOGITS_POSITIONS}.shape"
+    graph.node.insert(at, onnx.helper.make_node("Sub", [length, LOGITS_POSITIONS], [start],
+                                                name=f"{LOGITS_POSITIONS}.Sub"))
+    graph.node.insert(at, onnx.helper.make_node("Gather", [shape, axis], [length], name=f"{LOGITS_POSITIONS}.Gather"))
+    graph.node.insert(at, onnx.helper.make_node("Shape", [head.input[0]], [shape], name=f"{LOGITS_POSITIONS}.Shape"))
     head.input[0] = hidden
     return True
 

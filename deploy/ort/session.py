@@ -219,7 +219,7 @@ class NSNSession(NSNRuntime):
                                    if self.levels is not None else None)
         if level is not None:
             if level.logits_positions:
-                wanted = last_logits or values["input_ids"].shape()[1]
+                wanted = values["input_ids"].shape()[1] if last_logits is None else last_logits
                 values[LOGITS_POSITIONS] = ort.OrtValue.ortvalue_from_numpy(np.array([wanted], np.int64))
             return level.session.run_with_ort_values(outputs or self.output_names, {**values, **level.feeds})
         return self.session.run_with_ort_values(outputs or self.output_names, {**values, **self.rank_feeds(rank)})
@@ -232,15 +232,18 @@ class NSNSession(NSNRuntime):
         """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""
         return dict(zip(outputs or self.output_names, self.run_raw(feeds, outputs)))
 
-    def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int):
+    def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int, logits: bool = True):
         """One decoder call (``cache`` None at prefill): returns ``(logits of the last position, new
-        cache)``; the cache stays as ONNX Runtime values for the next call."""
-        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, past_length))
+        cache)``; the cache stays as ONNX Runtime values for the next call. ``logits=False`` (a
+        prompt chunk before the last): None for the logits, which a level does not compute."""
+        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, past_length), wanted=logits)
 
-    def _decoded(self, feeds: dict, rank: int | None = None, every_position: bool = False):
+    def _decoded(self, feeds: dict, rank: int | None = None, every_position: bool = False, wanted: bool = True):
         """One decoder call: the logits of the last position of each row (or of every position of the
         one row), checked to be finite, and the new cache as ONNX Runtime values."""
-        values = self.run_values(feeds, rank=rank, last_logits=None if every_position else 1)
+        values = self.run_values(feeds, rank=rank, last_logits=None if every_position else 1 if wanted else 0)
+        if not wanted:
+            return None, values[1:]
         logits = values[0].numpy()
         logits = logits[0] if every_position else logits[:, -1]
         warn_if_not_finite(logits, "logits")
