@@ -88,11 +88,13 @@ class Stream:
 
 class Batch:
     """Sequences that decode together at ``rank``: one KV cache with a row per sequence, each row
-    right-aligned (its padding on the left), and the attention mask that hides the padding."""
+    right-aligned (its padding on the left), and the attention mask that hides the padding. A
+    sequence that leaves frees its row (``None`` in ``rows``) and the next to join takes it, as
+    llama.cpp's slots are taken: neither lays the cache out again."""
 
     def __init__(self, runtime, rank: int):
         self.runtime, self.rank = runtime, rank
-        self.rows: list[Stream] = []
+        self.rows: list[Stream | None] = []  # None: a free row (hidden by the mask, its output unread)
         self.cache = None
         self.mask = np.zeros((0, 0), np.int64)
 
@@ -100,63 +102,97 @@ class Batch:
     def width(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def streams(self) -> list[Stream]:
+        return [row for row in self.rows if row is not None]
+
     def join(self, streams: list[Stream]) -> None:
-        """Add ``streams``, each holding its own one-row cache (given back): one copy of the batch
-        (none when a stream starts a batch alone: its cache becomes the batch's as it is)."""
-        runtime, count = self.runtime, len(self.rows)
-        if not count and len(streams) == 1:
-            (stream,) = streams
+        """Add ``streams``, each holding its own one-row cache (given back). A stream no longer than
+        the batch takes a free row, written in place where the runtime lets the cache be written
+        (``writable_cache``: ONNX Runtime's); the others make the batch be laid out again (one copy,
+        none when a stream starts a batch alone: its cache becomes the batch's as it is)."""
+        streams = list(streams)
+        views = self.runtime.writable_cache(self.cache) if self.cache is not None else None
+        free = [index for index, row in enumerate(self.rows) if row is None]
+        for stream in [stream for stream in streams if stream.length <= self.width] if views else []:
+            if not free:
+                break
+            index = free.pop(0)
+            for view, own in zip(views, self.runtime.host_cache(stream.cache)):
+                view[index, :, self.width - stream.length:] = own[0]
+            self.mask[index] = 0
+            self.mask[index, self.width - stream.length:] = 1
+            self.runtime.release_cache(stream.cache)
+            stream.cache, self.rows[index] = None, stream
+            streams.remove(stream)
+        if streams:
+            self._lay_out(streams)
+
+    def _lay_out(self, joining: list[Stream], free: int = 0) -> None:
+        """The cache laid out again (one copy) with the running rows, ``joining`` and ``free`` free
+        rows; columns that are padding in every row dropped."""
+        runtime, live = self.runtime, [index for index, row in enumerate(self.rows) if row is not None]
+        if not live and len(joining) == 1:
+            (stream,) = joining
             self.cache, stream.cache = stream.cache, None
             self.mask, self.rows = np.ones((1, stream.length), np.int64), [stream]
             return
-        width = max([self.width] + [stream.length for stream in streams])
-        old = runtime.host_cache(self.cache) if count else None
-        new = [runtime.host_cache(stream.cache) for stream in streams]
+        rows = [self.rows[index] for index in live] + joining
+        lengths = [row.length for row in rows]
+        rows += [None] * free
+        width, kept = max(lengths), max(lengths[:len(live)], default=0)
+        old = runtime.host_cache(self.cache) if live else None
+        new = [runtime.host_cache(stream.cache) for stream in joining]
         layers = []
-        for layer, sample in enumerate(new[0]):
-            array = np.zeros((count + len(streams), sample.shape[1], width, sample.shape[3]), sample.dtype)
-            if old is not None:
-                array[:count, :, width - self.width:] = old[layer]
-            for index, (stream, host) in enumerate(zip(streams, new)):
-                array[count + index, :, width - stream.length:] = host[layer][0]
+        for layer, sample in enumerate(old or new[0]):
+            array = np.zeros((len(rows), sample.shape[1], width, sample.shape[3]), sample.dtype)
+            if old is not None:  # the running rows, right-aligned as they were: one block
+                array[:len(live), :, width - kept:] = old[layer][live, :, self.width - kept:]
+            for index, (stream, host) in enumerate(zip(joining, new), start=len(live)):
+                array[index, :, width - stream.length:] = host[layer][0]
             layers.append(array)
-        mask = np.zeros((count + len(streams), width), np.int64)
-        mask[:count, width - self.width:] = self.mask
-        for index, stream in enumerate(streams):
-            mask[count + index, width - stream.length:] = 1
-        for stream in streams:
+        mask = np.zeros((len(rows), width), np.int64)  # a free row's stays zero
+        for index, length in enumerate(lengths):
+            mask[index, width - length:] = 1
+        for stream in joining:
             runtime.release_cache(stream.cache)
             stream.cache = None
-        if old is not None:
+        if self.cache is not None:
             runtime.release_cache(self.cache)
-        self.cache, self.mask, self.rows = layers, mask, self.rows + list(streams)
+        self.cache, self.mask, self.rows = layers, mask, rows
 
     def take(self, streams: list[Stream]) -> None:
-        """Remove ``streams``; each one still running gets its row back as its own cache. The rest
-        is laid out again (one copy), without columns that are padding in every row left."""
-        host = self.runtime.host_cache(self.cache)
-        width = self.width
+        """Remove ``streams``; each one still running gets its row back as its own cache (a copy of
+        the row). Their rows are freed for the next streams to join. The batch is laid out again only
+        when more of its rows are free than used (the free ones dropped), or when the columns that
+        no row needs any more hold more positions than its rows use (trimmed, the free rows kept):
+        the copies stay few however often streams come and go."""
+        host = None
         for stream in streams:
+            index = self.rows.index(stream)
             if not stream.done:
-                index = self.rows.index(stream)
-                stream.cache = [np.ascontiguousarray(array[index:index + 1, :, width - stream.length:])
+                host = host or self.runtime.host_cache(self.cache)
+                stream.cache = [np.ascontiguousarray(array[index:index + 1, :, self.width - stream.length:])
                                 for array in host]
-        keep = [index for index, row in enumerate(self.rows) if row not in streams]
-        self.runtime.release_cache(self.cache)
-        if keep:
-            trim = width - max(self.rows[index].length for index in keep)
-            self.cache = [array[keep, :, trim:] for array in host]  # a copy (indexed by a list)
-            self.mask = self.mask[keep, trim:]
-        else:
-            self.cache, self.mask = None, np.zeros((0, 0), np.int64)
-        self.rows = [self.rows[index] for index in keep]
+            self.rows[index] = None
+            self.mask[index] = 0
+        live = self.streams
+        if not live:
+            self.runtime.release_cache(self.cache)
+            self.cache, self.mask, self.rows = None, np.zeros((0, 0), np.int64), []
+            return
+        free = len(self.rows) - len(live)
+        if free > len(live):
+            self._lay_out([])
+        elif (self.width - max(row.length for row in live)) * len(self.rows) > sum(row.length for row in live):
+            self._lay_out([], free)
 
     def step(self) -> np.ndarray:
-        """One call: each row's last token in, one row of logits per sequence out."""
+        """One call: each row's last token in, one row of logits per row out (a free row's unread)."""
         rows = self.rows
-        ids = np.array([[stream.tokens[-1]] for stream in rows], np.int64)
-        positions = np.array([[stream.length] for stream in rows], np.int64)
-        mask = np.concatenate([self.mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        ids = np.array([[0 if stream is None else stream.tokens[-1]] for stream in rows], np.int64)
+        positions = np.array([[0 if stream is None else stream.length] for stream in rows], np.int64)
+        mask = np.concatenate([self.mask, np.ones((len(rows), 1), np.int64)], axis=1)  # a free row sees itself
         self.runtime.rank = self.rank
         logits, self.cache = self.runtime.decode_batch(ids, self.cache, mask, positions)
         self.mask = mask
@@ -222,7 +258,7 @@ class Batcher:
 
     @property
     def streams(self) -> int:
-        return len(self.reading) + sum(len(batch.rows) for batch in self.batches)
+        return len(self.reading) + sum(len(batch.streams) for batch in self.batches)
 
     def step(self, rank_of: Callable[[Stream], int]) -> list[Outcome]:
         """One step: streams that finished or changed rank leave their batch and those ready join
@@ -266,18 +302,18 @@ class Batcher:
         for stream in placing:
             self.reading.remove(stream)
         for batch in self.batches:
-            leaving = [stream for stream in batch.rows if stream.done or rank_of(stream) != batch.rank]
+            leaving = [stream for stream in batch.streams if stream.done or rank_of(stream) != batch.rank]
             if leaving:
                 batch.take(leaving)
                 placing += [stream for stream in leaving if not stream.done]
-        self.batches = [batch for batch in self.batches if batch.rows]
+        self.batches = [batch for batch in self.batches if batch.streams]
         self._merge()
         joining: dict[Batch, list[Stream]] = {}
         for stream in placing:
             rank = rank_of(stream)
             added, best = min(((self._added_padding(batch, joining.get(batch, []), stream), batch)
                                for batch in self.batches if batch.rank == rank
-                               and self._fits(len(batch.rows) + len(joining.get(batch, [])) + 1)),
+                               and self._fits(len(batch.streams) + len(joining.get(batch, [])) + 1)),
                               key=lambda pair: pair[0], default=(None, None))
             if best is None or added > self.padding_per_call:
                 best = Batch(self.runtime, rank)
@@ -295,7 +331,7 @@ class Batcher:
         return len(rows), max((row.length for row in rows), default=0), sum(row.length for row in rows)
 
     def _added_padding(self, batch: Batch, planned: list[Stream], stream: Stream) -> int:
-        rows = batch.rows + planned
+        rows = batch.streams + planned
         return padding(*self._shape(rows + [stream])) - padding(*self._shape(rows))
 
     def _merge(self) -> None:
@@ -304,13 +340,13 @@ class Batcher:
         merged: list[Batch] = []
         for batch in self.batches:
             into = next((other for other in merged if other.rank == batch.rank
-                         and self._fits(len(other.rows) + len(batch.rows)) and padding(
-                *self._shape(other.rows + batch.rows)) - padding(*self._shape(other.rows)) - padding(
-                *self._shape(batch.rows)) <= self.padding_per_call), None)
+                         and self._fits(len(other.streams) + len(batch.streams)) and padding(
+                *self._shape(other.streams + batch.streams)) - padding(*self._shape(other.streams)) - padding(
+                *self._shape(batch.streams)) <= self.padding_per_call), None)
             if into is None:
                 merged.append(batch)
             else:
-                rows = list(batch.rows)
+                rows = batch.streams
                 batch.take(rows)
                 into.join(rows)
         self.batches = merged
@@ -343,7 +379,7 @@ class Batcher:
         return self._emit(stream, logits[0], stream.prefill_ms), elapsed_ms
 
     def _decode(self, batch: Batch) -> list[Outcome]:
-        rows = list(batch.rows)
+        rows = batch.streams
         start = time.perf_counter()
         try:
             logits = batch.step()
@@ -363,4 +399,5 @@ class Batcher:
             return outcomes
         latency_ms = (time.perf_counter() - start) * 1e3
         self.last_sizes.append(len(rows))
-        return [(stream, self._emit(stream, logits[index], latency_ms)) for index, stream in enumerate(rows)]
+        return [(stream, self._emit(stream, logits[index], latency_ms)) for index, stream in enumerate(batch.rows)
+                if stream is not None]

@@ -189,6 +189,11 @@ class NSNRuntime:
         """A cache as numpy arrays, to lay out again when sequences join or leave a batch."""
         return [np.asarray(value) for value in cache]
 
+    def writable_cache(self, cache) -> list[np.ndarray] | None:
+        """A batch's cache as numpy arrays that write into it, so a sequence joins a free row in
+        place; None where it lives elsewhere (a device) and must be laid out again."""
+        return None
+
     # ---- encoders -------------------------------------------------------------------------
     def embed(self, texts: list[str] | str | list[list[int]], normalize: bool = True, max_length: int | None = None,
               batch_size: int = 32) -> np.ndarray:

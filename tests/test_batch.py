@@ -89,7 +89,7 @@ def test_requests_at_different_ranks_decode_in_one_call_per_rank_and_follow_a_mo
     batcher = Batcher(session, prefill_chunk=8192)  # every prompt read at step 0, so token i comes at step i
     calls = []
     original = batcher._decode
-    batcher._decode = lambda batch: (calls.append((batch.rank, len(batch.rows))), original(batch))[1]
+    batcher._decode = lambda batch: (calls.append((batch.rank, len(batch.streams))), original(batch))[1]
     streams = [batcher.open(p, 40, stop_ids=set(), tag=n) for n, p in enumerate(requests)]
     got = {n: [] for n in range(6)}
     for step in range(40):
@@ -145,9 +145,52 @@ def test_steady_steps_never_lay_the_cache_out_again_and_a_leave_drops_unneeded_p
     while not long_one.done:
         batcher.step(lambda s: 16)
     batcher.close(long_one)
-    batcher.step(lambda s: 16)  # the long row leaves: the others' padding goes with it
+    batcher.step(lambda s: 16)  # the long row leaves: the others' padding goes with it, its row stays free
     (batch,) = batcher.batches
-    assert batch.rows == others and batch.width == max(s.length for s in others) < 30  # no padding left
+    assert batch.rows == [*others, None] and batch.width == max(s.length for s in others) < 30  # no padding left
+    for stream in others[:2]:
+        batcher.close(stream)
+    batcher.step(lambda s: 16)  # more rows free than used: the free ones go
+    assert batch.rows == others[2:] and batch.mask.tolist() == [[1] * batch.width]
+
+
+def test_a_stream_that_leaves_frees_its_row_and_the_next_one_takes_it_in_place(exported, monkeypatch):
+    """Four streams share a call; the first to finish frees its row without the cache being laid out
+    again; a stream that arrives then takes that row (written in place) and a free row's output is
+    never read: every stream gets its solo tokens, and no layout happens after the first."""
+    session = NSNSession(exported("llama")[0].path.parent)
+    layouts = []
+    original = Batch._lay_out
+    monkeypatch.setattr(Batch, "_lay_out", lambda self, joining: (layouts.append(len(joining)), original(
+        self, joining))[1])
+    requests = [([7, 8, 9], 4), ([9, 4, 1], 30), ([3, 3, 5], 30), ([6, 2, 8], 30), ([4, 4], 12)]
+    expected = [session.generate(p, n, stop_ids=set()).token_ids for p, n in requests]
+    batcher = Batcher(session)
+    streams = [batcher.open(p, n, stop_ids=set(), tag=i) for i, (p, n) in enumerate(requests[:4])]
+    got = {i: [] for i in range(5)}
+
+    def step():
+        for stream, outcome in batcher.step(lambda s: 16):
+            got[stream.tag].append(outcome.token)
+            if stream.done:
+                batcher.close(stream)
+
+    step()  # the four prompts read, first tokens out
+    step()  # they join one batch: its one layout
+    assert layouts == [4] and batcher.last_sizes == [4]
+    while not streams[0].done:
+        step()
+    step()  # the first leaves: its row is freed, nothing laid out
+    (batch,) = batcher.batches
+    assert batch.rows[0] is None and batch.rows[1:] == streams[1:] and layouts == [4]
+    assert batcher.last_sizes == [3]
+    streams.append(batcher.open(*requests[4], stop_ids=set(), tag=4))
+    step()  # its prompt read
+    step()  # it takes the free row, in place
+    assert batch.rows == [streams[4], *streams[1:4]] and layouts == [4] and batcher.last_sizes == [4]
+    while batcher.streams:
+        step()
+    assert [got[i] for i in range(5)] == expected
 
 
 def test_a_row_that_would_pad_the_others_too_much_decodes_beside_them_at_the_same_rank(exported):

@@ -412,9 +412,9 @@ def test_a_failure_while_running_one_generation_ends_that_one_alone(decoder_dir,
             if any((int(p), int(t)) == fault for t, p in zip(token_ids[:, -1], position_ids[:, -1])):
                 raise RuntimeError("injected fault")
 
-        def decode_step(self, token_ids, cache, past_length):
+        def decode_step(self, token_ids, cache, past_length, **options):
             self.check(token_ids, np.array([[past_length + token_ids.shape[1] - 1]]))
-            return super().decode_step(token_ids, cache, past_length)
+            return super().decode_step(token_ids, cache, past_length, **options)
 
         def decode_batch(self, token_ids, cache, attention_mask, position_ids):
             self.check(token_ids, position_ids)

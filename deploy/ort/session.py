@@ -260,6 +260,16 @@ class NSNSession(NSNRuntime):
     def host_cache(self, cache) -> list[np.ndarray]:
         return [value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value) for value in cache]
 
+    def writable_cache(self, cache) -> list[np.ndarray] | None:
+        """The cache's own memory as numpy arrays: a layout built here (numpy), or ONNX Runtime's
+        outputs where ``OrtValue.numpy()`` views them (it does in the versions tested; where it
+        copies, None, and a joining sequence lays the batch out again)."""
+        arrays = self.host_cache(cache)
+        if all(isinstance(value, np.ndarray) or array.ctypes.data == value.data_ptr()
+               for value, array in zip(cache, arrays)) and all(array.flags.writeable for array in arrays):
+            return arrays
+        return None
+
     supports_speculation = True
 
     def decode_positions(self, token_ids: np.ndarray, cache: list | None, past_length: int, rank: int | None = None):
