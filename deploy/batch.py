@@ -10,8 +10,14 @@ one KV cache with a row each, left-padded to the longest; the attention mask hid
 padding and ``position_ids`` carry each row's own positions, so every row computes what it would
 alone, to rounding (greedy output is token-identical; the tests check it). A decode call appends
 one column for every row; the graph concatenates past and present, so each call copies the cache
-in any case. A sequence that joins or leaves lays the cache out again once (one copy, dropping
-padding that no row needs any more), never at every step.
+in any case. Rows are slots, as llama.cpp's are: a sequence that leaves frees its row (the mask
+hides it; its output is not read) and the next sequence to join takes it, its own cache written
+into the row in place. The cache is laid out again (one copy) only when a joining sequence is
+longer than the batch is wide, when more rows are free than used, or when columns no row needs
+any more hold more positions than the rows use; never at every step. (SmolLM2, 16 streams of
+32 + 32 tokens arriving in turn, in one process: layouts 128 -> 22, their time 2.4 -> 0.3 s of
+~10 s.) On a runtime whose cache lives on a device (TensorRT) a leave frees a row the same way,
+and a join lays the cache out again.
 
 Rows of very different lengths would pad each other: a stream that would pad a batch by more than
 a call's worth of positions decodes in a batch of its own at the same rank (``Batcher``).
@@ -112,12 +118,10 @@ class Batch:
         (``writable_cache``: ONNX Runtime's); the others make the batch be laid out again (one copy,
         none when a stream starts a batch alone: its cache becomes the batch's as it is)."""
         streams = list(streams)
-        views = self.runtime.writable_cache(self.cache) if self.cache is not None else None
         free = [index for index, row in enumerate(self.rows) if row is None]
-        for stream in [stream for stream in streams if stream.length <= self.width] if views else []:
-            if not free:
-                break
-            index = free.pop(0)
+        views = self.runtime.writable_cache(self.cache) if free else None
+        fitting = [stream for stream in streams if stream.length <= self.width] if views is not None else []
+        for index, stream in zip(free, fitting):
             for view, own in zip(views, self.runtime.host_cache(stream.cache)):
                 view[index, :, self.width - stream.length:] = own[0]
             self.mask[index] = 0
