@@ -161,8 +161,8 @@ def test_a_stream_that_leaves_frees_its_row_and_the_next_one_takes_it_in_place(e
     session = NSNSession(exported("llama")[0].path.parent)
     layouts = []
     original = Batch._lay_out
-    monkeypatch.setattr(Batch, "_lay_out", lambda self, joining: (layouts.append(len(joining)), original(
-        self, joining))[1])
+    monkeypatch.setattr(Batch, "_lay_out", lambda self, joining, *free: (layouts.append(len(joining)), original(
+        self, joining, *free))[1])
     requests = [([7, 8, 9], 4), ([9, 4, 1], 30), ([3, 3, 5], 30), ([6, 2, 8], 30), ([4, 4], 12)]
     expected = [session.generate(p, n, stop_ids=set()).token_ids for p, n in requests]
     batcher = Batcher(session)

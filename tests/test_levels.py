@@ -89,7 +89,8 @@ def test_a_decoder_level_computes_logits_only_for_the_positions_a_call_wants(exp
     step, _ = levels.decode_step(np.array([[7]]), cache, 6)
     np.testing.assert_allclose(step, views.decode_step(np.array([[7]]), views.decode_step(prompt, None, 0)[1], 6)[0],
                                rtol=1e-4, atol=1e-5)
-    # a prompt chunk before the last: no logits computed, and the cache it leaves reads on the same
+    # a prompt chunk before the last: no logits computed, and the rest of the prompt read on its cache
+    # gives the same last logits
     assert levels.run_values(feeds, ["logits"], last_logits=0)[0].shape() == [1, 0, every.shape[1]]
     none, head = levels.decode_step(prompt[:, :4], None, 0, logits=False)
     assert none is None
