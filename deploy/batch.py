@@ -47,9 +47,10 @@ from .text import check_token_ids
 DEFAULT_PREFILL_CHUNK = 256
 MAX_PREFILL_CHUNK = 8192
 # While streams decode, a step's prompt reading takes about this many times the step's decoding
-# (a 2,000-token prompt on SmolLM2: the streams' worst gap 1.2-1.3x their median over the run,
-# 3.1-3.2x their gap before it came, docs/SERVING.md); the first paced chunk is FIRST_PACED_CHUNK
-# tokens, later ones are sized from the time the previous one took.
+# (a 2,000-token prompt during four streams on SmolLM2: their worst gap 1.3-2.3x their median over
+# the run, 3.3-5.5x their gap before it came; 1.0 and 1.25 measured too: the worst gap barely
+# lower, the prompt read in 27 s and 14-15 s against 9-13 s; docs/SERVING.md). The first paced
+# chunk is FIRST_PACED_CHUNK tokens, later ones are sized from the time the previous one took.
 PREFILL_SHARE = 1.5
 FIRST_PACED_CHUNK = 16
 # Generations a server runs at once (each holds a KV cache); more wait in its queue.
