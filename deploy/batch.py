@@ -48,7 +48,7 @@ DEFAULT_PREFILL_CHUNK = 256
 MAX_PREFILL_CHUNK = 8192
 # While streams decode, a step's prompt reading takes about this many times the step's decoding
 # (a 2,000-token prompt during four streams on SmolLM2: their worst gap 1.3-2.3x their median over
-# the run, 3.3-5.5x their gap before it came; 1.0 and 1.25 measured too: the worst gap barely
+# the run, 3.4-5.5x their gap before it came; 1.0 and 1.25 measured too: the worst gap barely
 # lower, the prompt read in 27 s and 14-15 s against 9-13 s; docs/SERVING.md). The first paced
 # chunk is FIRST_PACED_CHUNK tokens, later ones are sized from the time the previous one took.
 PREFILL_SHARE = 1.5
