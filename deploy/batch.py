@@ -48,9 +48,10 @@ DEFAULT_PREFILL_CHUNK = 256
 MAX_PREFILL_CHUNK = 8192
 # While streams decode, a step's prompt reading takes about this many times the step's decoding
 # (a 2,000-token prompt during four streams on SmolLM2: their worst gap 1.3-2.3x their median over
-# the run, 3.4-5.5x their gap before it came; 1.0 and 1.25 measured too: the worst gap barely
-# lower, the prompt read in 27 s and 14-15 s against 9-13 s; docs/SERVING.md). The first paced
-# chunk is FIRST_PACED_CHUNK tokens, later ones are sized from the time the previous one took.
+# the run, 3.4-5.5x their gap before it came; in one process, 1.0 / 1.25 / 1.5 gave a worst gap
+# of 2.8-3.0x / 3.1-3.6x / 3.3-3.9x the gap before and read the prompt in 27 / 14-15 / 9-13 s;
+# docs/SERVING.md). The first paced chunk is FIRST_PACED_CHUNK tokens, later ones are sized from
+# the time the previous one took.
 PREFILL_SHARE = 1.5
 FIRST_PACED_CHUNK = 16
 # Generations a server runs at once (each holds a KV cache); more wait in its queue.
