@@ -34,6 +34,7 @@ ends (with the exception as its outcome); the others carry on.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,6 +55,9 @@ MAX_PREFILL_CHUNK = 8192
 # the time the previous one took.
 PREFILL_SHARE = 1.5
 FIRST_PACED_CHUNK = 16
+# A prompt at least this long is read beside the decode steps, on the reader's own thread, while
+# other streams decode (``Batcher(reader=...)``); shorter ones are read between steps.
+BESIDE_PROMPT = 256
 # Generations a server runs at once (each holds a KV cache); more wait in its queue.
 MAX_STREAMS = 16
 # Padded cache positions a stream may add to a batch rather than decode in a call of its own. A
@@ -193,14 +197,15 @@ class Batch:
         elif (self.width - max(row.length for row in live)) * len(self.rows) > sum(row.length for row in live):
             self._lay_out([], free)
 
-    def step(self) -> np.ndarray:
-        """One call: each row's last token in, one row of logits per row out (a free row's unread)."""
-        rows = self.rows
+    def step(self, runtime=None) -> np.ndarray:
+        """One call (on ``runtime``, default the batch's): each row's last token in, one row of logits
+        per row out (a free row's unread)."""
+        runtime, rows = runtime or self.runtime, self.rows
         ids = np.array([[0 if stream is None else stream.tokens[-1]] for stream in rows], np.int64)
         positions = np.array([[0 if stream is None else stream.length] for stream in rows], np.int64)
         mask = np.concatenate([self.mask, np.ones((len(rows), 1), np.int64)], axis=1)  # a free row sees itself
-        self.runtime.rank = self.rank
-        logits, self.cache = self.runtime.decode_batch(ids, self.cache, mask, positions)
+        runtime.rank = self.rank
+        logits, self.cache = runtime.decode_batch(ids, self.cache, mask, positions)
         self.mask = mask
         return logits
 
@@ -231,7 +236,7 @@ class Batcher:
     tokens stays within about ``1 + PREFILL_SHARE`` times its usual gap however long the prompt."""
 
     def __init__(self, runtime, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 padding_per_call: int = PADDING_PER_CALL):
+                 padding_per_call: int = PADDING_PER_CALL, reader=None):
         if not runtime.supports_batching:
             raise ValueError(f"{type(runtime).__name__} cannot run batched decode steps (its graph needs a "
                              f"position_ids input); serve it one sequence at a time")
@@ -241,6 +246,11 @@ class Batcher:
         self.reading: list[Stream] = []  # oldest first
         self.batches: list[Batch] = []
         self.last_sizes: list[int] = []  # the rows of each decode call of the latest step
+        # a long prompt's chunks are read by ``reader`` (a second runtime of the same model, on one
+        # thread of its own) at the same time as the decode steps, one chunk in flight at a time
+        self.reader = reader
+        self._beside = ThreadPoolExecutor(1, thread_name_prefix="nsn-prompt") if reader is not None else None
+        self.in_flight: "tuple[Stream, int, int, Future] | None" = None  # (stream, chunk, rank, its call)
 
     def open(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -258,21 +268,25 @@ class Batcher:
         stream.done = True
         if stream in self.reading:
             self.reading.remove(stream)
+        if self.in_flight is not None and self.in_flight[0] is stream:
+            return  # its cache is being read; released when the call returns
         if stream.cache is not None:
             self.runtime.release_cache(stream.cache)
             stream.cache = None
 
     @property
     def streams(self) -> int:
-        return len(self.reading) + sum(len(batch.streams) for batch in self.batches)
+        in_flight = self.in_flight is not None and self.in_flight[0] not in self.reading  # closed, not yet back
+        return len(self.reading) + sum(len(batch.streams) for batch in self.batches) + in_flight
 
     def step(self, rank_of: Callable[[Stream], int]) -> list[Outcome]:
         """One step: streams that finished or changed rank leave their batch and those ready join
         one (``rank_of(stream)``: the rank it may run at now), one decode call per batch, then
         prompt tokens. Returns each new token, or the exception that ended a stream."""
+        outcomes: list[Outcome] = self._collect_beside()
         self._regroup(rank_of)
-        outcomes: list[Outcome] = []
         self.last_sizes = []
+        self._start_beside(rank_of)
         start = time.perf_counter()
         for batch in list(self.batches):
             outcomes += self._decode(batch)
@@ -286,7 +300,12 @@ class Batcher:
         outcomes = []
         budget, spent = self.prefill_chunk, 0.0
         target_ms = PREFILL_SHARE * decode_ms
-        for stream in list(self.reading):
+        for stream in list(self.reading):  # a copy: a failed read closes its stream
+            if stream.tokens:
+                continue  # read (its first token came from the reader this step)
+            if (self.in_flight is not None and stream is self.in_flight[0]) or (
+                    decode_ms and self._beside_for(stream, rank_of(stream))):
+                continue  # read on the reader's thread, never between the steps
             if budget == 0 or (decode_ms and spent >= target_ms):
                 break
             remaining = len(stream.prompt_ids) - stream.read
@@ -301,6 +320,57 @@ class Batcher:
             if outcome is not None:
                 outcomes.append((stream, outcome))
         return outcomes
+
+    def _start_beside(self, rank_of) -> None:
+        """While streams decode, the oldest long prompt's next chunk starts on the reader's thread
+        (where the reader runs that stream's rank as this runtime does: on a built level)."""
+        if self.reader is None or self.in_flight is not None or not self.batches:
+            return
+        for stream in self.reading:
+            rank = rank_of(stream)
+            if not stream.tokens and self._beside_for(stream, rank):
+                chunk = min(self.prefill_chunk, len(stream.prompt_ids) - stream.read)
+                self.in_flight = (stream, chunk, rank, self._beside.submit(self._read_beside, stream, chunk, rank))
+                return
+
+    def _beside_for(self, stream: Stream, rank: int) -> bool:
+        """Whether ``stream``'s prompt is read by the reader while others decode: a long one, at a
+        rank both runtimes run on a built level (so the reader computes what this runtime would)."""
+        return (self.reader is not None and len(stream.prompt_ids) >= BESIDE_PROMPT
+                and self.reader.level_ready(rank) and self.runtime.level_ready(rank))
+
+    def _read_beside(self, stream: Stream, chunk: int, rank: int):
+        """On the reader's thread: the chunk's call (the stream is not touched here)."""
+        ids = np.array([stream.prompt_ids[stream.read:stream.read + chunk]], np.int64)
+        start = time.perf_counter()
+        logits, cache = self.reader.decode_step(ids, stream.cache, stream.read, rank=rank,
+                                                logits=stream.read + chunk == len(stream.prompt_ids))
+        return logits, cache, (time.perf_counter() - start) * 1e3
+
+    def _collect_beside(self) -> list[Outcome]:
+        """The chunk read beside the last step, once its call returned (waited for when nothing
+        decodes: there is nothing else to do)."""
+        if self.in_flight is None or not (self.in_flight[3].done() or not self.batches):
+            return []
+        (stream, chunk, rank, call), self.in_flight = self.in_flight, None
+        try:
+            logits, cache, elapsed_ms = call.result()
+        except Exception as error:  # this stream's alone
+            stream.cache = None  # a runtime that fails a call has released what it was given
+            if stream.done:
+                return []
+            self.close(stream)
+            return [(stream, error)]
+        if stream.done:  # closed meanwhile
+            for old in (stream.cache, cache):
+                if old is not None:
+                    self.runtime.release_cache(old)
+            stream.cache = None
+            return []
+        stream.cache, stream.read, stream.prefill_ms = cache, stream.read + chunk, stream.prefill_ms + elapsed_ms
+        if stream.read < len(stream.prompt_ids):
+            return []
+        return [(stream, self._emit(stream, logits[0], stream.prefill_ms, rank))]
 
     def _regroup(self, rank_of) -> None:
         """Finished rows and rows whose rank changed leave; streams ready to decode join a batch."""
@@ -357,12 +427,12 @@ class Batcher:
                 into.join(rows)
         self.batches = merged
 
-    def _emit(self, stream: Stream, logits: np.ndarray, latency_ms: float) -> Step:
+    def _emit(self, stream: Stream, logits: np.ndarray, latency_ms: float, rank: int | None = None) -> Step:
         token = self.runtime.choose(logits, stream.sampling, stream.random)
         stream.tokens.append(token)
         stop = token in stream.stops
         stream.done = stop or len(stream.tokens) >= stream.max_new_tokens
-        return Step(token, self.runtime.last_rank, latency_ms, stop)
+        return Step(token, self.runtime.last_rank if rank is None else rank, latency_ms, stop)
 
     def _read(self, stream: Stream, chunk: int, rank: int) -> "tuple[Step | Exception | None, float]":
         """Read the next ``chunk`` tokens of ``stream``'s prompt (its first token after the last),
@@ -387,8 +457,8 @@ class Batcher:
     def _decode(self, batch: Batch) -> list[Outcome]:
         rows = batch.streams
         start = time.perf_counter()
-        try:
-            logits = batch.step()
+        try:  # while the reader reads a prompt on one thread, the step runs on its other (same numbers)
+            logits = batch.step(self.reader if self.in_flight is not None else None)
         except Exception as error:
             if len(rows) == 1:
                 self.close(rows[0])
@@ -405,5 +475,5 @@ class Batcher:
             return outcomes
         latency_ms = (time.perf_counter() - start) * 1e3
         self.last_sizes.append(len(rows))
-        return [(stream, self._emit(stream, logits[index], latency_ms)) for index, stream in enumerate(batch.rows)
-                if stream is not None]
+        return [(stream, self._emit(stream, logits[index], latency_ms, batch.rank))
+                for index, stream in enumerate(batch.rows) if stream is not None]

@@ -164,10 +164,11 @@ class NSNRuntime:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def decode_step(self, token_ids: np.ndarray, cache, past_length: int, logits: bool = True):
-        """One decoder call (``cache`` None at prefill): ``(logits of the last position, new cache)``.
-        ``logits=False``: nobody reads them (a prompt chunk before the last); a runtime may skip the
-        LM head and return None for them."""
+    def decode_step(self, token_ids: np.ndarray, cache, past_length: int, logits: bool = True,
+                    rank: int | None = None):
+        """One decoder call (``cache`` None at prefill) at the current rank or ``rank``: ``(logits
+        of the last position, new cache)``. ``logits=False``: nobody reads them (a prompt chunk
+        before the last); a runtime may skip the LM head and return None for them."""
         raise NotImplementedError
 
     def release_cache(self, cache) -> None:
@@ -188,6 +189,16 @@ class NSNRuntime:
     def host_cache(self, cache) -> list[np.ndarray]:
         """A cache as numpy arrays, to lay out again when sequences join or leave a batch."""
         return [np.asarray(value) for value in cache]
+
+    def level_ready(self, rank: int) -> bool:
+        """Whether ``rank`` runs on a built level (ONNX Runtime's materialised ranks)."""
+        return False
+
+    def prompt_reader(self):
+        """A second runtime of the same model on one thread, to read a long prompt beside the
+        batched decode steps and run those steps on another thread meanwhile (``deploy.batch``);
+        None where there is none."""
+        return None
 
     def writable_cache(self, cache) -> list[np.ndarray] | None:
         """A batch's cache as numpy arrays that write into it, so a sequence joins a free row in

@@ -227,6 +227,98 @@ def test_a_row_that_would_pad_the_others_too_much_decodes_beside_them_at_the_sam
     assert [got[n] for n in range(4)] == expected
 
 
+def test_a_long_prompt_is_read_on_the_reader_beside_the_steps_and_every_request_gets_its_solo_tokens(
+        exported, monkeypatch):
+    """Three streams decode; a long prompt arrives and its chunks are read by a second session (one
+    thread) on a thread of its own while the steps go on, on that session too (the three get a
+    token at every step); a second long prompt whose client leaves while its chunk is being read
+    ends quietly; each request gets the tokens it gets alone, the long one's first token included."""
+    import deploy.batch
+
+    monkeypatch.setattr(deploy.batch, "BESIDE_PROMPT", 30)
+    session = NSNSession(exported("llama")[0].path.parent, intra_op_threads=2)
+    session.prepare(16, wait=True)
+    reader = session.prompt_reader()
+    reader.prepare(16, wait=True)
+    calls = []
+    original = reader.decode_step
+    reader.decode_step = lambda *args, **kwargs: (calls.append(args[0].shape[1]), original(*args, **kwargs))[1]
+    requests, budgets = [[7, 8], [9, 4], [3, 3], list(range(5, 55))], [100, 100, 100, 40]
+    expected = [session.generate(p, n, stop_ids=set()).token_ids for p, n in zip(requests, budgets)]
+    batcher = Batcher(session, prefill_chunk=12, reader=reader)
+    for n, p in enumerate(requests[:3]):
+        batcher.open(p, 100, stop_ids=set(), tag=n)
+    got = {n: [] for n in range(4)}
+    steps_on_reader = []
+    decode_batch = reader.decode_batch
+    reader.decode_batch = lambda *args: (steps_on_reader.append(1), decode_batch(*args))[1]
+
+    def step():
+        for stream, outcome in batcher.step(lambda s: 16):
+            assert not isinstance(outcome, Exception), outcome
+            if stream.tag is not None:
+                got[stream.tag].append(outcome.token)
+            if stream.done:
+                batcher.close(stream)
+
+    for _ in range(3):
+        step()
+    long_one = batcher.open(requests[3], 40, stop_ids=set(), tag=3)
+    left = batcher.open(list(range(50, 90)), 40, stop_ids=set())
+    while not (long_one.tokens and left.done):
+        before = [len(got[n]) for n in range(3)]
+        if batcher.in_flight is not None:
+            batcher.in_flight[3].result()  # the chunk's call is back before the step (as on a slow device)
+        step()
+        assert [len(got[n]) for n in range(3)] == [b + 1 for b in before]  # never stalled by the reading
+        if long_one.tokens and batcher.in_flight is not None and batcher.in_flight[0] is left:
+            batcher.close(left)  # its client went away while its chunk is read
+            assert batcher.streams == 5  # held until the call is back
+    assert calls and set(calls) <= {12, 50 % 12} and len(calls) >= 5  # read by the reader, a chunk at a time
+    assert steps_on_reader  # the steps ran on the reader's other thread meanwhile
+    while batcher.streams:
+        step()
+    assert [got[n] for n in range(4)] == expected and left.done and left.cache is None
+
+
+def test_a_failure_while_the_reader_reads_a_prompt_ends_that_request_alone(exported, monkeypatch):
+    from concurrent import futures
+
+    import deploy.batch
+
+    monkeypatch.setattr(deploy.batch, "BESIDE_PROMPT", 30)
+    session = NSNSession(exported("llama")[0].path.parent, intra_op_threads=2)
+    session.prepare(16, wait=True)
+    reader = session.prompt_reader()
+    reader.prepare(16, wait=True)
+    original = reader.decode_step
+
+    def decode_step(ids, *args, **kwargs):
+        if int(ids[0, 0]) == 60:
+            raise RuntimeError("injected fault")
+        return original(ids, *args, **kwargs)
+
+    reader.decode_step = decode_step
+    expected = session.generate([7, 8], 30, stop_ids=set()).token_ids
+    batcher = Batcher(session, prefill_chunk=12, reader=reader)
+    runner = batcher.open([7, 8], 30, stop_ids=set())
+    batcher.step(lambda s: 16)
+    faulty = batcher.open(list(range(60, 95)), 10, stop_ids=set())
+    tokens, failures = [runner.tokens[0]], []
+    while batcher.streams:
+        if batcher.in_flight is not None:
+            futures.wait([batcher.in_flight[3]])  # the reader's call is back before the step
+        for stream, outcome in batcher.step(lambda s: 16):
+            if isinstance(outcome, Exception):
+                failures.append((stream, str(outcome)))
+            elif stream is runner:
+                tokens.append(outcome.token)
+            if stream.done:
+                batcher.close(stream)
+    assert failures == [(faulty, "injected fault")] and faulty.done and faulty.cache is None
+    assert tokens == expected  # the other request never noticed
+
+
 def test_a_runtime_that_cannot_batch_is_refused_with_the_reason(exported):
     session = NSNSession(exported("llama")[0].path.parent)
     session.input_shapes = {k: v for k, v in session.input_shapes.items() if k != "position_ids"}

@@ -6,6 +6,7 @@ Torch-free: it needs only numpy, onnxruntime and tokenizers, so it runs on a dev
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -232,11 +233,13 @@ class NSNSession(NSNRuntime):
         """Run the graph at the current rank; ``feeds`` holds the task's standard inputs."""
         return dict(zip(outputs or self.output_names, self.run_raw(feeds, outputs)))
 
-    def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int, logits: bool = True):
-        """One decoder call (``cache`` None at prefill): returns ``(logits of the last position, new
-        cache)``; the cache stays as ONNX Runtime values for the next call. ``logits=False`` (a
-        prompt chunk before the last): None for the logits, which a level does not compute."""
-        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, past_length), wanted=logits)
+    def decode_step(self, token_ids: np.ndarray, cache: list | None, past_length: int, logits: bool = True,
+                    rank: int | None = None):
+        """One decoder call (``cache`` None at prefill) at the current rank or ``rank``: returns
+        ``(logits of the last position, new cache)``; the cache stays as ONNX Runtime values for the
+        next call. ``logits=False`` (a prompt chunk before the last): None for the logits, which a
+        level does not compute."""
+        return self._decoded(decoder_feeds(self.input_shapes, token_ids, cache, past_length), rank, wanted=logits)
 
     def _decoded(self, feeds: dict, rank: int | None = None, every_position: bool = False, wanted: bool = True):
         """One decoder call: the logits of the last position of each row (or of every position of the
@@ -259,6 +262,18 @@ class NSNSession(NSNRuntime):
 
     def host_cache(self, cache) -> list[np.ndarray]:
         return [value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value) for value in cache]
+
+    def level_ready(self, rank: int) -> bool:
+        return self.levels is not None and self.levels.ready(rank) is not None
+
+    def prompt_reader(self) -> "NSNSession | None":
+        """A second session of the model on one thread, with its own levels, to read a long prompt
+        at the same time as the decode steps of this one (it doubles the levels' memory). None on
+        a GPU provider, without levels, or on fewer than two threads."""
+        threads = self.intra_op_threads or os.cpu_count() or 1
+        if self.levels is None or self.providers[0] != "CPUExecutionProvider" or threads < 2:
+            return None
+        return NSNSession(self.model_dir, providers=self.providers, intra_op_threads=1, weight_views=True)
 
     def writable_cache(self, cache) -> list[np.ndarray] | None:
         """The cache's own memory as numpy arrays: a layout built here (numpy), or ONNX Runtime's

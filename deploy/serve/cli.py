@@ -71,11 +71,14 @@ def context_limits(runtime) -> tuple[int, int]:
 @click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, type=click.IntRange(1, MAX_PREFILL_CHUNK),
               help="prompt tokens read per step between decode steps (batching): smaller keeps running streams "
                    "smoother while a long prompt arrives, larger reads it sooner")
+@click.option("--no-read-beside", is_flag=True,
+              help="read long prompts between decode steps only (default on ONNX Runtime CPU with 2+ threads: on "
+                   "a second session and thread beside the steps, which doubles the levels' memory)")
 @user_errors
 @needs_extra("serve")
 def serve_command(model_dir, host, port, model_name, policy_path, no_governor, sysfs_root, period_s, rank, api_key,
                   max_queue, max_tokens, max_body_mib, shutdown_timeout, log_path, threads, request_timeout_s, levels,
-                  draft_rank, no_batching, prefill_chunk):
+                  draft_rank, no_batching, prefill_chunk, no_read_beside):
     """Serve MODEL_DIR over the OpenAI API, its rank governed by the device's temperature and battery."""
     import uvicorn
 
@@ -119,7 +122,8 @@ def serve_command(model_dir, host, port, model_name, policy_path, no_governor, s
     def load() -> None:
         try:
             start_model(state, model_dir, policy, sensors, rank, max_queue, period_s, log_path, threads, levels=levels,
-                        draft_rank=draft_rank, batching=not no_batching, prefill_chunk=prefill_chunk)
+                        draft_rank=draft_rank, batching=not no_batching, prefill_chunk=prefill_chunk,
+                        read_beside=not no_read_beside)
         except Exception as error:  # reported by /health and every route; the process keeps answering
             log.error("loading %s failed: %s", model_dir, error)
             state.load_error = str(error)
@@ -174,7 +178,7 @@ def check_host(host: str, api_key: str | None) -> None:
 
 def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period_s, log_path, threads,
                 runtime=None, levels: bool = True, draft_rank: int | None = None, batching: bool = True,
-                prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                prefill_chunk: int = DEFAULT_PREFILL_CHUNK, read_beside: bool = True) -> None:
     """Load the runtime (unless given one), start the scheduler and the governor; ``/health`` turns
     200 after this."""
     from ..governor.cli import thermal_control
@@ -190,8 +194,9 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
                          f"nsn-trt build --draft-tokens K, or serve without --speculative)")
     if draft_rank is None and policy is not None and policy.frontier and runtime.supports_speculation:
         draft_rank = frontier_draft(policy.frontier, runtime)
+    reader = runtime.prompt_reader() if batching and read_beside and runtime.info.task == "text-generation" else None
     scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics, draft_rank=draft_rank,
-                          batching=batching, prefill_chunk=prefill_chunk)
+                          batching=batching, prefill_chunk=prefill_chunk, reader=reader)
     state.scheduler = scheduler
     state.runtime_label = runtime_label(runtime)
     state.prompt_limit, state.context_limit = context_limits(runtime)

@@ -46,7 +46,7 @@ class EventHub:
                 "batch": round(batch, 2),  # sequences per decode call since the last tick
                 "reason": scheduler.reason if scheduler else "loading",
                 "profile_switches": scheduler.profile_switches if scheduler else None,
-                "level": scheduler.runtime.level_state(scheduler.ceiling) if scheduler else None}
+                "level": scheduler.level_state() if scheduler else None}
         if decision is not None:
             binding = min(decision.ceilings, key=lambda c: c["work"]) if decision.ceilings else None
             tick.update(temps_c=decision.readings.get("temps_c") or {}, power_w=decision.readings.get("power_w"),
@@ -78,7 +78,7 @@ class EventHub:
             "governor": state.governor is not None, "chat": state.chat_template is not None,
             "key_required": bool(state.api_key), "sensors": self.sensors, "notes": self.notes,
             "context_length": state.context_limit,
-            "level": scheduler.runtime.level_state(scheduler.ceiling) if scheduler else None,
+            "level": scheduler.level_state() if scheduler else None,
         }
 
     async def stream(self, request, state, poll_s: float = 0.25):

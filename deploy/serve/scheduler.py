@@ -119,19 +119,21 @@ class Scheduler:
 
     def __init__(self, runtime, max_queue: int = 64, metrics=None, max_active: int = MAX_ACTIVE,
                  draft_rank: int | None = None, draft_tokens: int = 4, batching: bool = True,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, reader=None):
         self.runtime, self.max_queue, self.metrics, self.max_active = runtime, max_queue, metrics, max_active
         self.draft_rank, self.draft_tokens = draft_rank, draft_tokens  # self-speculative decoding, when set
         # continuous batching, where the runtime can; with a draft rank, a generation that starts alone
         # drafts instead (a speculative round verifies one sequence: it pays when the device is idle)
-        self.batcher = Batcher(runtime, prefill_chunk) if (
+        self.batcher = Batcher(runtime, prefill_chunk, reader=reader) if (
             batching and runtime.info.task == "text-generation"
             and runtime.supports_batching and (runtime.max_batch or 2) > 1) else None
+        self.reader = reader if self.batcher is not None else None  # reads long prompts beside the steps
         self.batch_size = 0  # sequences decoded in the latest step (the governor reads it)
         self.decode_calls = self.decoded_rows = 0  # totals, for the mean batch the page shows
         if self.batcher is not None:
             note = (f"continuous batching: one decode call per rank for every running generation, prompts read "
-                    f"up to {self.batcher.prefill_chunk} tokens per step")
+                    f"up to {self.batcher.prefill_chunk} tokens per step" + (
+                        ", long ones on a thread of their own beside the steps" if self.reader is not None else ""))
             drafts = "a generation that starts alone"
         else:
             why = ("--no-batching" if not batching else "the engine was built for batch 1 (nsn-trt build --max-batch)"
@@ -154,6 +156,8 @@ class Scheduler:
     def set_rank(self, rank: int) -> None:
         self.ceiling = int(rank)
         self.runtime.prepare(self.ceiling)  # the level is built beside serving; jobs use it once ready
+        if self.reader is not None:
+            self.reader.prepare(self.ceiling)
         if self.metrics is not None:
             self.metrics.ceiling(self.ceiling)
 
@@ -162,6 +166,14 @@ class Scheduler:
         """How long the oldest waiting request has waited (the governor's queue signal)."""
         waiting = self.waiting
         return time.monotonic() - waiting[0].created_s if waiting else 0.0
+
+    def level_state(self) -> dict:
+        """What runs the ceiling (``runtime.level_state``), and under ``reader`` what the long-prompt
+        reader runs it on, where there is one."""
+        state = self.runtime.level_state(self.ceiling)
+        if self.reader is not None:
+            state["reader"] = self.reader.level_state(self.ceiling)["runs_on"]
+        return state
 
     @property
     def model_path(self):
@@ -174,6 +186,8 @@ class Scheduler:
     # ---- what routes call ------------------------------------------------------------------------------
     def start(self) -> None:
         self.runtime.prepare(self.ceiling)
+        if self.reader is not None:
+            self.reader.prepare(self.ceiling)
         if self.draft_rank is not None:
             self.runtime.prepare_draft(self.draft_rank)
         self._thread.start()

@@ -249,13 +249,13 @@ class NSNEngine(NSNRuntime):
                 tensor.buffer.free()
 
     def decode_step(self, token_ids: np.ndarray, cache: "DeviceKVCache | None", past_length: int,
-                    logits: bool = True):
+                    logits: bool = True, rank: int | None = None):
         """One decoder call. The generation's cache is allocated once, at prefill, for the engine's
         maximum context; every later step writes into it and allocates nothing. The engine computes
         the logits whether wanted or not (``logits`` is the runtimes' common signature)."""
         if cache is None:
             cache = self._new_cache(token_ids.shape[0])
-        return self._call(token_ids, cache, past_length, "prefill" if past_length == 0 else "decode")
+        return self._call(token_ids, cache, past_length, "prefill" if past_length == 0 else "decode", rank=rank)
 
     @property
     def supports_batching(self) -> bool:
