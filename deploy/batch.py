@@ -342,10 +342,13 @@ class Batcher:
                 return
 
     def _beside_for(self, stream: Stream, rank: int) -> bool:
-        """Whether ``stream``'s prompt is read by the reader while others decode: a long one, at a
-        rank both runtimes run on a built level (so the reader computes what this runtime would)."""
-        return (self.reader is not None and len(stream.prompt_ids) >= BESIDE_PROMPT
-                and self.reader.level_ready(rank) and self.runtime.level_ready(rank))
+        """Whether ``stream``'s prompt is read by the reader while others decode: a long one."""
+        return len(stream.prompt_ids) >= BESIDE_PROMPT and self._on_reader(rank)
+
+    def _on_reader(self, rank: int) -> bool:
+        """Whether the reader computes at ``rank`` what this runtime would: both run it on a built
+        level (whose numbers do not depend on the thread count)."""
+        return self.reader is not None and self.reader.level_ready(rank) and self.runtime.level_ready(rank)
 
     def _read_beside(self, stream: Stream, chunk: int, rank: int):
         """On the reader's thread: the chunk's call (the stream is not touched here)."""
@@ -466,7 +469,7 @@ class Batcher:
         rows = batch.streams
         start = time.perf_counter()
         try:  # while the reader reads a prompt on one thread, the step runs on its other (same numbers)
-            logits = batch.step(self.reader if self.in_flight is not None else None)
+            logits = batch.step(self.reader if self.in_flight is not None and self._on_reader(batch.rank) else None)
         except Exception as error:
             if len(rows) == 1:
                 self.close(rows[0])
