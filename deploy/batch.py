@@ -321,12 +321,11 @@ class Batcher:
             # a short rest is read whole: a call's fixed cost (the weights' read) is not worth splitting for
             size = min(budget, remaining if remaining <= 2 * paced else paced)  # >= 1: prompts are never empty
             budget -= size
-            outcome, elapsed_ms = self._read(stream, size, rank_of(stream))
+            read, elapsed_ms = self._read(stream, size, rank_of(stream))
             spent += elapsed_ms
             if decode_ms and elapsed_ms > 0:  # the size whose time would have met the target
                 self.chunk = max(1, min(self.prefill_chunk, round(size * target_ms / elapsed_ms)))
-            if outcome is not None:
-                outcomes.append((stream, outcome))
+            outcomes += read
         return outcomes
 
     def _start_beside(self, rank_of) -> None:
@@ -338,7 +337,8 @@ class Batcher:
             rank = rank_of(stream)
             if not stream.tokens and self._beside_for(stream, rank):
                 chunk = min(self.prefill_chunk, len(stream.prompt_ids) - stream.read)
-                self.in_flight = (stream, chunk, rank, self._beside.submit(self._read_beside, stream, chunk, rank))
+                self.in_flight = (stream, chunk, rank, self._beside.submit(
+                    self._chunk_call, self.reader, stream, chunk, rank))
                 return
 
     def _beside_for(self, stream: Stream, rank: int) -> bool:
@@ -350,14 +350,6 @@ class Batcher:
         level (whose numbers do not depend on the thread count)."""
         return self.reader is not None and self.reader.level_ready(rank) and self.runtime.level_ready(rank)
 
-    def _read_beside(self, stream: Stream, chunk: int, rank: int):
-        """On the reader's thread: the chunk's call (the stream is not touched here)."""
-        ids = np.array([stream.prompt_ids[stream.read:stream.read + chunk]], np.int64)
-        start = time.perf_counter()
-        logits, cache = self.reader.decode_step(ids, stream.cache, stream.read, rank=rank,
-                                                logits=stream.read + chunk == len(stream.prompt_ids))
-        return logits, cache, (time.perf_counter() - start) * 1e3
-
     def _collect_beside(self) -> list[Outcome]:
         """The chunk read beside the last step, once its call returned (waited for when nothing
         decodes: there is nothing else to do)."""
@@ -365,23 +357,16 @@ class Batcher:
             return []
         (stream, chunk, rank, call), self.in_flight = self.in_flight, None
         try:
-            logits, cache, elapsed_ms = call.result()
-        except Exception as error:  # this stream's alone
-            stream.cache = None  # a runtime that fails a call has released what it was given
-            if stream.done:
-                return []
-            self.close(stream)
-            return [(stream, error)]
+            result = call.result()
+        except Exception as error:
+            return self._failed(stream, error)
         if stream.done:  # closed meanwhile
-            for old in (stream.cache, cache):
+            for old in (stream.cache, result[1]):
                 if old is not None:
                     self.runtime.release_cache(old)
             stream.cache = None
             return []
-        stream.cache, stream.read, stream.prefill_ms = cache, stream.read + chunk, stream.prefill_ms + elapsed_ms
-        if stream.read < len(stream.prompt_ids):
-            return []
-        return [(stream, self._emit(stream, logits[0], stream.prefill_ms, rank))]
+        return self._advance(stream, chunk, rank, *result)
 
     def _regroup(self, rank_of) -> None:
         """Finished rows and rows whose rank changed leave; streams ready to decode join a batch."""
@@ -438,32 +423,48 @@ class Batcher:
                 into.join(rows)
         self.batches = merged
 
-    def _emit(self, stream: Stream, logits: np.ndarray, latency_ms: float, rank: int | None = None) -> Step:
+    def _emit(self, stream: Stream, logits: np.ndarray, latency_ms: float, rank: int) -> Step:
         token = self.runtime.choose(logits, stream.sampling, stream.random)
         stream.tokens.append(token)
         stop = token in stream.stops
         stream.done = stop or len(stream.tokens) >= stream.max_new_tokens
-        return Step(token, self.runtime.last_rank if rank is None else rank, latency_ms, stop)
+        return Step(token, rank, latency_ms, stop)
 
-    def _read(self, stream: Stream, chunk: int, rank: int) -> "tuple[Step | Exception | None, float]":
-        """Read the next ``chunk`` tokens of ``stream``'s prompt (its first token after the last),
-        and how long that took."""
-        self.runtime.rank = rank
-        ids = np.array([stream.prompt_ids[stream.read:stream.read + chunk]], np.int64)
+    def _read(self, stream: Stream, chunk: int, rank: int) -> tuple[list[Outcome], float]:
+        """Read the next ``chunk`` tokens of ``stream``'s prompt here (its first token after the
+        last, or the exception that ended it), and how long that took."""
         start = time.perf_counter()
         try:
-            last = stream.read + chunk == len(stream.prompt_ids)  # only the last chunk's logits are read
-            logits, stream.cache = self.runtime.decode_step(ids, stream.cache, stream.read, logits=last)
-        except Exception as error:  # this stream's alone: the caller reports it
-            stream.cache = None  # a runtime that fails a call has released what it was given
-            self.close(stream)
-            return error, (time.perf_counter() - start) * 1e3
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        stream.read += chunk
-        stream.prefill_ms += elapsed_ms
+            result = self._chunk_call(self.runtime, stream, chunk, rank)
+        except Exception as error:
+            return self._failed(stream, error), (time.perf_counter() - start) * 1e3
+        return self._advance(stream, chunk, rank, *result), result[2]
+
+    @staticmethod
+    def _chunk_call(runtime, stream: Stream, chunk: int, rank: int):
+        """The call that reads ``stream``'s next ``chunk`` prompt tokens on ``runtime`` (here, or on
+        the reader's thread: the stream is not touched): ``(logits, new cache, ms)``, the logits only
+        for the last chunk."""
+        ids = np.array([stream.prompt_ids[stream.read:stream.read + chunk]], np.int64)
+        start = time.perf_counter()
+        logits, cache = runtime.decode_step(ids, stream.cache, stream.read, rank=rank,
+                                            logits=stream.read + chunk == len(stream.prompt_ids))
+        return logits, cache, (time.perf_counter() - start) * 1e3
+
+    def _advance(self, stream: Stream, chunk: int, rank: int, logits, cache, elapsed_ms: float) -> list[Outcome]:
+        """A chunk read: the stream's cache and progress; its first token once its prompt is read."""
+        stream.cache, stream.read, stream.prefill_ms = cache, stream.read + chunk, stream.prefill_ms + elapsed_ms
         if stream.read < len(stream.prompt_ids):
-            return None, elapsed_ms
-        return self._emit(stream, logits[0], stream.prefill_ms), elapsed_ms
+            return []
+        return [(stream, self._emit(stream, logits[0], stream.prefill_ms, rank))]
+
+    def _failed(self, stream: Stream, error: Exception) -> list[Outcome]:
+        """A read that failed ends its stream alone (not reported if it was closed meanwhile)."""
+        stream.cache = None  # a runtime that fails a call has released what it was given
+        if stream.done:
+            return []
+        self.close(stream)
+        return [(stream, error)]
 
     def _decode(self, batch: Batch) -> list[Outcome]:
         rows = batch.streams

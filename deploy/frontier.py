@@ -20,7 +20,8 @@ Decoders' phases are ``prefill``, ``decode`` (one sequence) and ``decode_batch_N
 sequences decoding together, as the server batches them). Quality is always higher-is-better (for
 decoders, 1 / perplexity). The primary latency of a row is decode ms/token for decoders and the
 batch's ms for encoders. A row is Pareto-optimal when no other row is at least as fast and at
-least as good (strictly better in one, or a lower rank); without quality (a decoder exported without a tokenizer) a higher rank counts as better.
+least as good (strictly better in one, or a lower rank); without quality (a decoder exported
+without a tokenizer) a higher rank counts as better.
 """
 
 from __future__ import annotations

@@ -127,7 +127,6 @@ class Scheduler:
         self.batcher = Batcher(runtime, prefill_chunk, reader=reader) if (
             batching and runtime.info.task == "text-generation"
             and runtime.supports_batching and (runtime.max_batch or 2) > 1) else None
-        self.reader = reader if self.batcher is not None else None  # reads long prompts beside the steps
         self.batch_size = 0  # sequences decoded in the latest step (the governor reads it)
         self.decode_calls = self.decoded_rows = 0  # totals, for the mean batch the page shows
         if self.batcher is not None:
@@ -152,12 +151,21 @@ class Scheduler:
         self.last_latency_ms: float | None = None
         self._thread = threading.Thread(target=self._run, name="nsn-scheduler", daemon=True)
 
+    @property
+    def reader(self):
+        """The second runtime that reads long prompts beside the steps (``deploy.batch``), if any."""
+        return self.batcher.reader if self.batcher is not None else None
+
+    def _prepare(self) -> None:
+        """Build the ceiling's level beside serving (jobs use it once ready), the reader's too."""
+        for runtime in (self.runtime, self.reader):
+            if runtime is not None:
+                runtime.prepare(self.ceiling)
+
     # ---- the governor's interface --------------------------------------------------------------------
     def set_rank(self, rank: int) -> None:
         self.ceiling = int(rank)
-        self.runtime.prepare(self.ceiling)  # the level is built beside serving; jobs use it once ready
-        if self.reader is not None:
-            self.reader.prepare(self.ceiling)
+        self._prepare()
         if self.metrics is not None:
             self.metrics.ceiling(self.ceiling)
 
@@ -185,9 +193,7 @@ class Scheduler:
 
     # ---- what routes call ------------------------------------------------------------------------------
     def start(self) -> None:
-        self.runtime.prepare(self.ceiling)
-        if self.reader is not None:
-            self.reader.prepare(self.ceiling)
+        self._prepare()
         if self.draft_rank is not None:
             self.runtime.prepare_draft(self.draft_rank)
         self._thread.start()
