@@ -258,6 +258,11 @@ class Batcher:
         # thread of its own) at the same time as the decode steps, one chunk in flight at a time
         self.reader = reader
         self._beside = ThreadPoolExecutor(1, thread_name_prefix="nsn-prompt") if reader is not None else None
+        if reader is not None:
+            # a thread's first ONNX Runtime call is slow (SmolLM2: the decode step beside it took
+            # 65-69 ms against 40-45 for the next ones): one token at rank 1 pays it now, not the
+            # first step a long prompt is read beside (its failure, if any, is the first read's too)
+            self._beside.submit(reader.decode_step, np.zeros((1, 1), np.int64), None, 0, logits=False, rank=1)
         self.in_flight: "tuple[Stream, int, int, Future] | None" = None  # (stream, chunk, rank, its call)
 
     def open(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
