@@ -258,11 +258,7 @@ class Batcher:
         # thread of its own) at the same time as the decode steps, one chunk in flight at a time
         self.reader = reader
         self._beside = ThreadPoolExecutor(1, thread_name_prefix="nsn-prompt") if reader is not None else None
-        if reader is not None:
-            # a thread's first ONNX Runtime call is slow (SmolLM2: the decode step beside it took
-            # 65-69 ms against 40-45 for the next ones): one token at rank 1 pays it now, not the
-            # first step a long prompt is read beside (its failure, if any, is the first read's too)
-            self._beside.submit(reader.decode_step, np.zeros((1, 1), np.int64), None, 0, logits=False, rank=1)
+        self._warmed: set[int] = set()  # ranks whose reader level has read a warm-up chunk
         self.in_flight: "tuple[Stream, int, int, Future] | None" = None  # (stream, chunk, rank, its call)
 
     def open(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
@@ -299,6 +295,7 @@ class Batcher:
         outcomes: list[Outcome] = self._collect_beside()
         self._regroup(rank_of)
         self.last_sizes = []
+        self._warm_reader()
         self._start_beside(rank_of)
         start = time.perf_counter()
         for batch in list(self.batches):
@@ -345,6 +342,20 @@ class Batcher:
                 self.in_flight = (stream, chunk, rank, self._beside.submit(
                     self._chunk_call, self.reader, stream, chunk, rank))
                 return
+
+    def _warm_reader(self) -> None:
+        """The reader's first chunk at a rank, on its thread, is slow (the level's memory and the
+        thread's grow to a chunk's size; the decode step beside it took 65-69 ms on SmolLM2 and
+        105-129 ms on the realistic decoder, against ~40 and ~70 for the next ones): once the reader
+        runs a rank that streams decode at, a chunk of zeros is read there first, on its thread,
+        so that no long prompt's first step pays it (a long prompt's chunk waits for it)."""
+        if self.reader is None:
+            return
+        for rank in {batch.rank for batch in self.batches} - self._warmed:
+            if self._on_reader(rank):
+                self._warmed.add(rank)
+                self._beside.submit(self.reader.decode_step, np.zeros((1, self.prefill_chunk), np.int64), None, 0,
+                                    logits=False, rank=rank)
 
     def _beside_for(self, stream: Stream, rank: int) -> bool:
         """Whether ``stream``'s prompt is read by the reader while others decode: a long one."""

@@ -242,7 +242,8 @@ def test_a_long_prompt_is_read_on_the_reader_beside_the_steps_and_every_request_
     reader.prepare(16, wait=True)
     calls = []
     original = reader.decode_step
-    reader.decode_step = lambda *args, **kwargs: (calls.append(args[0].shape[1]), original(*args, **kwargs))[1]
+    reader.decode_step = lambda *args, **kwargs: (calls.append((args[0].shape[1], int(args[0].sum()))),
+                                                   original(*args, **kwargs))[1]
     requests, budgets = [[7, 8], [9, 4], [3, 3], list(range(5, 55))], [100, 100, 100, 40]
     expected = [session.generate(p, n, stop_ids=set()).token_ids for p, n in zip(requests, budgets)]
     batcher = Batcher(session, prefill_chunk=12, reader=reader)
@@ -274,8 +275,8 @@ def test_a_long_prompt_is_read_on_the_reader_beside_the_steps_and_every_request_
         if long_one.tokens and batcher.in_flight is not None and batcher.in_flight[0] is left:
             batcher.close(left)  # its client went away while its chunk is read
             assert batcher.streams == 5  # held until the call is back
-    assert calls[0] == 1  # the reader's thread warmed up by one token when the batcher was made
-    assert set(calls[1:]) <= {12, 50 % 12} and len(calls) >= 6  # read by the reader, a chunk at a time
+    assert calls[0] == (12, 0)  # first a chunk of zeros, read once the streams decoded on the reader's rank
+    assert {size for size, _ in calls[1:]} <= {12, 50 % 12} and len(calls) >= 6  # then the prompts, a chunk at a time
     assert steps_on_reader  # the steps ran on the reader's other thread meanwhile
     while batcher.streams:
         step()
