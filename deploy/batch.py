@@ -128,16 +128,16 @@ class Batch:
 
     def join(self, streams: list[Stream]) -> None:
         """Add ``streams``, each holding its own one-row cache (given back). A stream no longer than
-        the batch takes a free row, written in place where the runtime lets the cache be written
-        (``writable_cache``: ONNX Runtime's); the others make the batch be laid out again (one copy,
-        none when a stream starts a batch alone: its cache becomes the batch's as it is)."""
+        the batch takes a free row, written in place where the runtime can (``write_row``: ONNX
+        Runtime through numpy, a TensorRT engine by copies on the device); the others make the batch
+        be laid out again (one copy, none when a stream starts a batch alone: its cache becomes the
+        batch's as it is)."""
         streams = list(streams)
         free = [index for index, row in enumerate(self.rows) if row is None]
-        views = self.runtime.writable_cache(self.cache) if free else None
-        fitting = [stream for stream in streams if stream.length <= self.width] if views is not None else []
-        for index, stream in zip(free, fitting):
-            for view, own in zip(views, self.runtime.host_cache(stream.cache)):
-                view[index, :, self.width - stream.length:] = own[0]
+        for stream in [stream for stream in streams if stream.length <= self.width]:
+            if not free or not self.runtime.write_row(self.cache, free[0], self.width, stream.cache, stream.length):
+                break
+            index = free.pop(0)
             self.mask[index] = 0
             self.mask[index, self.width - stream.length:] = 1
             self.runtime.release_cache(stream.cache)

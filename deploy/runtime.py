@@ -200,10 +200,11 @@ class NSNRuntime:
         None where there is none."""
         return None
 
-    def writable_cache(self, cache) -> list[np.ndarray] | None:
-        """A batch's cache as numpy arrays that write into it, so a sequence joins a free row in
-        place; None where it lives elsewhere (a device) and must be laid out again."""
-        return None
+    def write_row(self, cache, index: int, width: int, own, length: int) -> bool:
+        """Write a joining sequence's own one-row cache ``own`` (``length`` positions) into row
+        ``index`` of a batch's cache ``width`` positions wide, right-aligned, in place; False where
+        this runtime cannot, and the batch is laid out again."""
+        return False
 
     # ---- encoders -------------------------------------------------------------------------
     def embed(self, texts: list[str] | str | list[list[int]], normalize: bool = True, max_length: int | None = None,

@@ -275,15 +275,17 @@ class NSNSession(NSNRuntime):
             return None
         return NSNSession(self.model_dir, providers=self.providers, intra_op_threads=1, weight_views=True)
 
-    def writable_cache(self, cache) -> list[np.ndarray] | None:
-        """The cache's own memory as numpy arrays: a layout built here (numpy), or ONNX Runtime's
-        outputs where ``OrtValue.numpy()`` views them (it does in the versions tested; where it
-        copies, None, and a joining sequence lays the batch out again)."""
+    def write_row(self, cache, index: int, width: int, own, length: int) -> bool:
+        """Written through numpy into the cache's own memory: a layout built here (numpy), or ONNX
+        Runtime's outputs where ``OrtValue.numpy()`` views them (it does in the versions tested;
+        where it copies, False, and the batch is laid out again)."""
         arrays = self.host_cache(cache)
-        if all(isinstance(value, np.ndarray) or array.ctypes.data == value.data_ptr()
-               for value, array in zip(cache, arrays)) and all(array.flags.writeable for array in arrays):
-            return arrays
-        return None
+        if not all((isinstance(value, np.ndarray) or array.ctypes.data == value.data_ptr()) and array.flags.writeable
+                   for value, array in zip(cache, arrays)):
+            return False
+        for array, row in zip(arrays, self.host_cache(own)):
+            array[index, :, width - length:] = row[0]
+        return True
 
     supports_speculation = True
 

@@ -58,8 +58,10 @@ class Cuda:
         name = props.name.decode().rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
         return {"gpu": name, "compute_capability": f"{props.major}.{props.minor}"}
 
-    def to_device(self, array: np.ndarray, buffer: "DeviceBuffer") -> None:
-        self.call(self.rt.cudaMemcpyAsync(buffer.ptr, array.ctypes.data, array.nbytes,
+    def to_device(self, array: np.ndarray, buffer: "DeviceBuffer", offset: int = 0) -> None:
+        """``array`` (C-contiguous) into ``buffer`` at byte ``offset`` (stream-ordered: the array must
+        live until the stream is synchronised)."""
+        self.call(self.rt.cudaMemcpyAsync(buffer.ptr + offset, array.ctypes.data, array.nbytes,
                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
 
     def to_host(self, buffer: "DeviceBuffer", array: np.ndarray) -> None:

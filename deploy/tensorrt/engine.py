@@ -280,6 +280,15 @@ class NSNEngine(NSNRuntime):
                 self.release_cache(device)
             raise
 
+    def write_row(self, cache, index: int, width: int, own, length: int) -> bool:
+        """Into a batch's cache on the device: copies on the device from a sequence's own device
+        cache (its prompt just read), or uploads of its host rows (it changed batch); nothing is
+        allocated. A batch laid out on the host and not yet uploaded is laid out again."""
+        if not isinstance(cache, DeviceKVCache):
+            return False
+        cache.write_row(index, width, own, length)
+        return True
+
     def host_cache(self, cache) -> list[np.ndarray]:
         if isinstance(cache, DeviceKVCache):
             return [tensor.numpy() for tensor in cache.past()]
@@ -386,6 +395,29 @@ class DeviceKVCache:
             self.cuda.to_device(np.ascontiguousarray(array, dtype=dtype), pair[self.current])
         self.cuda.synchronize()  # the host arrays may go once this returns
         self.rows, self.length = rows, length
+
+    def write_row(self, index: int, width: int, own: "DeviceKVCache | list[np.ndarray]", length: int) -> None:
+        """Row ``index`` of this cache (``width`` positions, the current buffer of each pair) takes
+        ``own``'s ``length`` positions at its right end, one block per head: copied on the device
+        from another (one-row) device cache, or uploaded from host arrays of shape (1, heads,
+        ``length``, dim). The row's other positions keep what they held (the mask hides them)."""
+        if not 0 <= index < self.rows or width != self.length or not 0 < length <= width:
+            raise ValueError(f"row {index} of {self.rows}, {length} positions into {width}: not this cache's "
+                             f"({self.rows} rows, {self.length} positions)")
+        on_device = isinstance(own, DeviceKVCache)
+        if on_device and own.length != length:
+            raise ValueError(f"the joining cache holds {own.length} positions, not {length}")
+        hosts = [] if on_device else [np.ascontiguousarray(array[0], dtype=dtype)
+                                      for array, (_, _, dtype) in zip(own, self.layouts)]
+        for layer, (pair, (heads, dim, dtype)) in enumerate(zip(self.pairs, self.layouts)):
+            target, row = pair[self.current], dim * dtype.itemsize
+            for head in range(heads):
+                offset = ((index * heads + head) * width + width - length) * row
+                if on_device:
+                    self.cuda.copy(target, offset, own.pairs[layer][own.current], head * length * row, length * row)
+                else:
+                    self.cuda.to_device(hosts[layer][head], target, offset)
+        self.cuda.synchronize()  # the host rows may go once this returns
 
     def destinations(self) -> dict[str, DeviceBuffer]:
         """Where the next call writes ``present.*``: the other buffer of each pair."""
