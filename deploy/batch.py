@@ -185,13 +185,10 @@ class Batch:
         when more of its rows are free than used (the free ones dropped), or when the columns that
         no row needs any more hold more positions than its rows use (trimmed, the free rows kept):
         the copies stay few however often streams come and go."""
-        host = None
         for stream in streams:
             index = self.rows.index(stream)
             if not stream.done:
-                host = host or self.runtime.host_cache(self.cache)
-                stream.cache = [np.ascontiguousarray(array[index:index + 1, :, self.width - stream.length:])
-                                for array in host]
+                stream.cache = self.runtime.read_row(self.cache, index, self.width, stream.length)
             self.rows[index] = None
             self.mask[index] = 0
         live = self.streams

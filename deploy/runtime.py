@@ -200,6 +200,11 @@ class NSNRuntime:
         None where there is none."""
         return None
 
+    def read_row(self, cache, index: int, width: int, length: int) -> list[np.ndarray]:
+        """Row ``index``'s last ``length`` positions of a batch's cache ``width`` positions wide, as
+        a one-row cache on the host (a sequence leaving its batch to go on in another)."""
+        return [np.ascontiguousarray(array[index:index + 1, :, width - length:]) for array in self.host_cache(cache)]
+
     def write_row(self, cache, index: int, width: int, own, length: int) -> bool:
         """Write a joining sequence's own one-row cache ``own`` (``length`` positions) into row
         ``index`` of a batch's cache ``width`` positions wide, right-aligned, in place; False where

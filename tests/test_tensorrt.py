@@ -355,23 +355,26 @@ def test_a_sequence_joins_a_free_row_of_the_engines_batch_in_place_with_its_solo
     """Rows as slots on the engine: a stream that leaves frees its row; one whose prompt was just
     read takes it by copies on the device, and one that changed rank takes another by uploads of
     its host rows, without the batch being laid out again and without allocating device memory
-    (only each new prompt's own cache); every stream gets the tokens it gets through the same
-    steps on ONNX Runtime, and nothing leaks."""
+    (only each new prompt's own cache); one leaving for another rank downloads its own row only;
+    every stream gets the tokens it gets through the same steps on ONNX Runtime; nothing leaks."""
     from deploy.batch import Batch, Batcher
     from deploy.tensorrt.engine import DeviceKVCache
 
     engine, session, cudart = built("llama", "1-5,6-16", dataclasses.replace(BOUNDS, max_batch=4, opt_batch=2))
     session.rank = 12
-    layouts, written = [], []
-    lay_out, write_row = Batch._lay_out, DeviceKVCache.write_row
+    layouts, written, downloads = [], [], []
+    lay_out, write_row, host_cache = Batch._lay_out, DeviceKVCache.write_row, NSNEngine.host_cache
     monkeypatch.setattr(Batch, "_lay_out", lambda self, joining, *free: (
         layouts.append(type(self.runtime).__name__), lay_out(self, joining, *free))[1])
     monkeypatch.setattr(DeviceKVCache, "write_row", lambda self, index, width, own, length: (
         written.append("device" if isinstance(own, DeviceKVCache) else "host"), write_row(self, index, width, own, length))[1])
+    monkeypatch.setattr(NSNEngine, "host_cache", lambda self, cache: (downloads.append(
+        isinstance(cache, DeviceKVCache) and cache.rows), host_cache(self, cache))[1])  # a whole cache downloaded
 
     def run(runtime):
-        """Three streams at rank 12 (the second stops after 3 tokens), one at rank 8 until step 14;
-        a fifth arrives at step 6 (4 tokens). The tokens per stream, and device allocations per step."""
+        """Three streams at rank 12 (the second stops after 3 tokens, the third goes to rank 8 at step
+        16), one at rank 8 until step 14; a fifth arrives at step 6 (4 tokens). The tokens per
+        stream, and device allocations per step."""
         batcher = Batcher(runtime)
         budgets = {"a": 20, "b": 3, "c": 20, "d": 20, "e": 4}
         prompts = {"a": PROMPT, "b": [5, 9], "c": [11, 4, 2, 8, 1], "d": [7, 3, 3], "e": [6]}
@@ -384,7 +387,7 @@ def test_a_sequence_joins_a_free_row_of_the_engines_batch_in_place_with_its_solo
             if step == 6:
                 batcher.open(prompts["e"], budgets["e"], stop_ids=set(), tag="e")
             before = cudart.malloc_calls if cudart is not None and runtime is engine else 0
-            for stream, outcome in batcher.step(lambda stream: 8 if stream.tag == "d" and step < 14 else 12):
+            for stream, outcome in batcher.step(lambda stream: 8 if (stream.tag == "d" and step < 14) or (stream.tag == "c" and step >= 16) else 12):
                 assert not isinstance(outcome, Exception), outcome
                 got[stream.tag].append(outcome.token)
                 if stream.done:
@@ -398,12 +401,15 @@ def test_a_sequence_joins_a_free_row_of_the_engines_batch_in_place_with_its_solo
     assert got == expected and all(len(got[tag]) == n for tag, n in {"a": 20, "b": 3, "c": 20, "d": 20, "e": 4}.items())
     # "e" took "b"'s row by copies on the device, "d" (rank 8 until step 14) "e"'s by uploads
     assert written == ["device", "host"], written
-    # the only layouts: the rank-12 batch's first (step 2) and "d" starting its rank-8 batch alone (no copy)
-    assert layouts == ["NSNEngine", "NSNEngine"], layouts
+    # the only layouts: the rank-12 batch's first (step 2), and "d" and later "c" each starting a
+    # rank-8 batch alone (no copy); "c" left a batch of three with only its own row downloaded
+    assert layouts == ["NSNEngine"] * 3, layouts
+    assert not any(rows and rows > 1 for rows in downloads), downloads
     if cudart is not None:
         # device memory is allocated where prompts are read (each its own cache: steps 1 and 6) and
-        # for the batch's buffers (step 2), never at a join or a leave
-        assert [step for step, count in enumerate(allocated, start=1) if count] == [1, 2, 6], allocated
+        # for a batch's buffers (step 2 at rank 12; step 16 at rank 8, where "c" goes on), never at
+        # a join or a leave
+        assert [step for step, count in enumerate(allocated, start=1) if count] == [1, 2, 6, 16], allocated
     engine.close()
     if cudart is not None:
         assert cudart.allocations == {}, "device memory leaked"

@@ -64,8 +64,9 @@ class Cuda:
         self.call(self.rt.cudaMemcpyAsync(buffer.ptr + offset, array.ctypes.data, array.nbytes,
                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
 
-    def to_host(self, buffer: "DeviceBuffer", array: np.ndarray) -> None:
-        self.call(self.rt.cudaMemcpyAsync(array.ctypes.data, buffer.ptr, array.nbytes,
+    def to_host(self, buffer: "DeviceBuffer", array: np.ndarray, offset: int = 0) -> None:
+        """``buffer`` from byte ``offset`` into ``array`` (C-contiguous; stream-ordered)."""
+        self.call(self.rt.cudaMemcpyAsync(array.ctypes.data, buffer.ptr + offset, array.nbytes,
                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
 
     def copy(self, target: "DeviceBuffer", target_offset: int, source: "DeviceBuffer", source_offset: int,
