@@ -16,8 +16,7 @@ into the row in place. The cache is laid out again (one copy) only when a joinin
 longer than the batch is wide, when more rows are free than used, or when columns no row needs
 any more hold more positions than the rows use; never at every step. (SmolLM2, 16 streams of
 32 + 32 tokens arriving in turn, in one process: layouts 128 -> 22, their time 2.4 -> 0.3 s of
-~10 s.) On a runtime whose cache lives on a device (TensorRT) a leave frees a row the same way,
-and a join lays the cache out again.
+~10 s.) A TensorRT engine does the same in its device buffers (``write_row`` / ``read_row``).
 
 Rows of very different lengths would pad each other: a stream that would pad a batch by more than
 a call's worth of positions decodes in a batch of its own at the same rank (``Batcher``).
@@ -310,8 +309,9 @@ class Batcher:
         for stream in list(self.reading):  # a copy: a failed read closes its stream
             if stream.tokens:
                 continue  # read (its first token came from the reader this step)
+            rank = rank_of(stream)
             if (self.in_flight is not None and stream is self.in_flight[0]) or (
-                    decode_ms and self._beside_for(stream, rank_of(stream))):
+                    decode_ms and self._beside_for(stream, rank)):
                 continue  # read on the reader's thread, never between the steps
             if budget == 0 or (decode_ms and spent >= target_ms):
                 break
@@ -320,7 +320,7 @@ class Batcher:
             # a short rest is read whole: a call's fixed cost (the weights' read) is not worth splitting for
             size = min(budget, remaining if remaining <= 2 * paced else paced)  # >= 1: prompts are never empty
             budget -= size
-            read, elapsed_ms = self._read(stream, size, rank_of(stream))
+            read, elapsed_ms = self._read(stream, size, rank)
             spent += elapsed_ms
             if decode_ms and elapsed_ms > 0:  # the size whose time would have met the target
                 self.chunk = max(1, min(self.prefill_chunk, round(size * target_ms / elapsed_ms)))

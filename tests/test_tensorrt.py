@@ -366,8 +366,8 @@ def test_a_sequence_joins_a_free_row_of_the_engines_batch_in_place_with_its_solo
     lay_out, write_row, host_cache = Batch._lay_out, DeviceKVCache.write_row, NSNEngine.host_cache
     monkeypatch.setattr(Batch, "_lay_out", lambda self, joining, *free: (
         layouts.append(type(self.runtime).__name__), lay_out(self, joining, *free))[1])
-    monkeypatch.setattr(DeviceKVCache, "write_row", lambda self, index, width, own, length: (
-        written.append("device" if isinstance(own, DeviceKVCache) else "host"), write_row(self, index, width, own, length))[1])
+    monkeypatch.setattr(DeviceKVCache, "write_row", lambda self, index, own, length: (
+        written.append("device" if isinstance(own, DeviceKVCache) else "host"), write_row(self, index, own, length))[1])
     monkeypatch.setattr(NSNEngine, "host_cache", lambda self, cache: (downloads.append(
         isinstance(cache, DeviceKVCache) and cache.rows), host_cache(self, cache))[1])  # a whole cache downloaded
 
@@ -382,12 +382,15 @@ def test_a_sequence_joins_a_free_row_of_the_engines_batch_in_place_with_its_solo
         for tag in "abcd":
             batcher.open(prompts[tag], budgets[tag], stop_ids=set(), tag=tag)
         allocated, step = [], 0
+
+        def rank_at(stream):
+            return 8 if (stream.tag == "d" and step < 14) or (stream.tag == "c" and step >= 16) else 12
         while batcher.streams and step < 40:
             step += 1
             if step == 6:
                 batcher.open(prompts["e"], budgets["e"], stop_ids=set(), tag="e")
             before = cudart.malloc_calls if cudart is not None and runtime is engine else 0
-            for stream, outcome in batcher.step(lambda stream: 8 if (stream.tag == "d" and step < 14) or (stream.tag == "c" and step >= 16) else 12):
+            for stream, outcome in batcher.step(rank_at):
                 assert not isinstance(outcome, Exception), outcome
                 got[stream.tag].append(outcome.token)
                 if stream.done:

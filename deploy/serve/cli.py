@@ -194,10 +194,8 @@ def start_model(state, model_dir: Path, policy, sensors, rank, max_queue, period
                          f"nsn-trt build --draft-tokens K, or serve without --speculative)")
     if draft_rank is None and policy is not None and policy.frontier and runtime.supports_speculation:
         draft_rank = frontier_draft(policy.frontier, runtime)
-    reader = runtime.prompt_reader() if (batching and read_beside and runtime.info.task == "text-generation"
-                                         and runtime.supports_batching) else None
     scheduler = Scheduler(runtime, max_queue=max_queue, metrics=state.metrics, draft_rank=draft_rank,
-                          batching=batching, prefill_chunk=prefill_chunk, reader=reader)
+                          batching=batching, prefill_chunk=prefill_chunk, read_beside=read_beside)
     state.scheduler = scheduler
     state.runtime_label = runtime_label(runtime)
     state.prompt_limit, state.context_limit = context_limits(runtime)

@@ -119,12 +119,13 @@ class Scheduler:
 
     def __init__(self, runtime, max_queue: int = 64, metrics=None, max_active: int = MAX_ACTIVE,
                  draft_rank: int | None = None, draft_tokens: int = 4, batching: bool = True,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, reader=None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, read_beside: bool = False):
         self.runtime, self.max_queue, self.metrics, self.max_active = runtime, max_queue, metrics, max_active
         self.draft_rank, self.draft_tokens = draft_rank, draft_tokens  # self-speculative decoding, when set
         # continuous batching, where the runtime can; with a draft rank, a generation that starts alone
-        # drafts instead (a speculative round verifies one sequence: it pays when the device is idle)
-        self.batcher = Batcher(runtime, prefill_chunk, reader=reader) if (
+        # drafts instead (a speculative round verifies one sequence: it pays when the device is idle);
+        # ``read_beside``: long prompts are read by a second runtime, where the runtime has one
+        self.batcher = Batcher(runtime, prefill_chunk, reader=runtime.prompt_reader() if read_beside else None) if (
             batching and runtime.info.task == "text-generation"
             and runtime.supports_batching and (runtime.max_batch or 2) > 1) else None
         self.batch_size = 0  # sequences decoded in the latest step (the governor reads it)

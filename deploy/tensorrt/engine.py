@@ -283,7 +283,7 @@ class NSNEngine(NSNRuntime):
     def read_row(self, cache, index: int, width: int, length: int) -> list[np.ndarray]:
         """From a batch's cache on the device, only that row's positions are downloaded."""
         if isinstance(cache, DeviceKVCache):
-            return cache.read_row(index, width, length)
+            return cache.read_row(index, length)
         return super().read_row(cache, index, width, length)
 
     def write_row(self, cache, index: int, width: int, own, length: int) -> bool:
@@ -292,7 +292,7 @@ class NSNEngine(NSNRuntime):
         allocated. A batch laid out on the host and not yet uploaded is laid out again."""
         if not isinstance(cache, DeviceKVCache):
             return False
-        cache.write_row(index, width, own, length)
+        cache.write_row(index, own, length)
         return True
 
     def host_cache(self, cache) -> list[np.ndarray]:
@@ -402,35 +402,34 @@ class DeviceKVCache:
         self.cuda.synchronize()  # the host arrays may go once this returns
         self.rows, self.length = rows, length
 
-    def read_row(self, index: int, width: int, length: int) -> list[np.ndarray]:
-        """Row ``index``'s last ``length`` positions (of ``width``), downloaded one block per head into
-        host arrays of shape (1, heads, ``length``, dim)."""
-        self._check_row(index, width, length)
+    def read_row(self, index: int, length: int) -> list[np.ndarray]:
+        """Row ``index``'s last ``length`` positions, downloaded one block per head into host arrays
+        of shape (1, heads, ``length``, dim)."""
+        self._check_row(index, length)
         arrays = []
         for pair, (heads, dim, dtype) in zip(self.pairs, self.layouts):
             array, row = np.empty((1, heads, length, dim), dtype), dim * dtype.itemsize
             for head in range(heads):
-                self.cuda.to_host(pair[self.current], array[0, head], self._at(index * heads + head, width, length, row))
+                self.cuda.to_host(pair[self.current], array[0, head], self._at(index * heads + head, length, row))
             arrays.append(array)
         self.cuda.synchronize()
         return arrays
 
-    @staticmethod
-    def _at(block: int, width: int, length: int, row: int) -> int:
-        """The byte offset of the last ``length`` positions of (row, head) ``block``, ``width`` wide."""
-        return (block * width + width - length) * row
+    def _at(self, block: int, length: int, row: int) -> int:
+        """The byte offset of the last ``length`` positions of (row, head) ``block``."""
+        return ((block + 1) * self.length - length) * row
 
-    def _check_row(self, index: int, width: int, length: int) -> None:
-        if not 0 <= index < self.rows or width != self.length or not 0 < length <= width:
-            raise ValueError(f"row {index} of {self.rows}, {length} positions of {width}: not this cache's "
-                             f"({self.rows} rows, {self.length} positions)")
+    def _check_row(self, index: int, length: int) -> None:
+        if not 0 <= index < self.rows or not 0 < length <= self.length:
+            raise ValueError(f"row {index}, {length} positions: not in this cache ({self.rows} rows, {self.length} "
+                             f"positions)")
 
-    def write_row(self, index: int, width: int, own: "DeviceKVCache | list[np.ndarray]", length: int) -> None:
-        """Row ``index`` of this cache (``width`` positions, the current buffer of each pair) takes
-        ``own``'s ``length`` positions at its right end, one block per head: copied on the device
-        from another (one-row) device cache, or uploaded from host arrays of shape (1, heads,
-        ``length``, dim). The row's other positions keep what they held (the mask hides them)."""
-        self._check_row(index, width, length)
+    def write_row(self, index: int, own: "DeviceKVCache | list[np.ndarray]", length: int) -> None:
+        """Row ``index`` of this cache (the current buffer of each pair) takes ``own``'s ``length``
+        positions at its right end, one block per head: copied on the device from another (one-row)
+        device cache, or uploaded from host arrays of shape (1, heads, ``length``, dim). The row's
+        other positions keep what they held (the mask hides them)."""
+        self._check_row(index, length)
         on_device = isinstance(own, DeviceKVCache)
         if on_device and own.length != length:
             raise ValueError(f"the joining cache holds {own.length} positions, not {length}")
@@ -439,7 +438,7 @@ class DeviceKVCache:
         for layer, (pair, (heads, dim, dtype)) in enumerate(zip(self.pairs, self.layouts)):
             target, row = pair[self.current], dim * dtype.itemsize
             for head in range(heads):
-                offset = self._at(index * heads + head, width, length, row)
+                offset = self._at(index * heads + head, length, row)
                 if on_device:
                     self.cuda.copy(target, offset, own.pairs[layer][own.current], head * length * row, length * row)
                 else:
